@@ -1,0 +1,102 @@
+"""YAML experiment configs: `configs/base.yaml` defaults <- experiment file <- `key=value` overrides.
+
+A config may name a parent with `base: other.yaml` (relative to its folder); `configs/base.yaml` is the
+root of every chain. The resolved config is dumped beside the outputs so a run can be re-created.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import yaml
+
+from .errors import WBCError
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = ROOT / "configs"
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.exists():
+        raise WBCError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise WBCError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise WBCError(f"{path}: a config must be a mapping")
+    return data
+
+
+def _chain(path: Path, seen: tuple = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise WBCError(f"{path}: config inherits from itself")
+    data = _read_yaml(path)
+    parent = data.pop("base", None)
+    if parent is None:
+        root = CONFIG_DIR / "base.yaml"
+        base = {} if path == root.resolve() else _chain(root, seen + (path,))
+    else:
+        base = _chain((path.parent / parent), seen + (path,))
+    return deep_merge(base, data)
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    if "=" not in text:
+        raise WBCError(f"override '{text}' is not key=value")
+    key, val = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(val) if val != "" else None
+
+
+def set_dotted(cfg: dict, keys: list[str], value) -> None:
+    node = cfg
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise WBCError(f"override {'.'.join(keys)}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def get_dotted(cfg: dict, dotted: str, default=None):
+    node = cfg
+    for k in dotted.split("."):
+        if not isinstance(node, dict) or k not in node:
+            return default
+        node = node[k]
+    return node
+
+
+def load_config(path=None, overrides: list[str] | tuple = ()) -> dict:
+    """Resolve a config. `path=None` gives the defaults. The run name defaults to the file's stem."""
+    path = Path(path) if path else CONFIG_DIR / "base.yaml"
+    cfg = _chain(path)
+    cfg.setdefault("name", path.stem)
+    for o in overrides:
+        keys, val = parse_override(o)
+        set_dotted(cfg, keys, val)
+    # The data root: explicit override > WBC_DATA > config.
+    if os.environ.get("WBC_DATA") and not any(o.startswith("data.root=") for o in overrides):
+        cfg.setdefault("data", {})["root"] = os.environ["WBC_DATA"]
+    return cfg
+
+
+def dump_config(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False)
+
+
+def resolve_path(p) -> Path:
+    """Relative paths in configs are relative to the repository root, not the caller's cwd."""
+    p = Path(os.path.expanduser(str(p)))
+    return p if p.is_absolute() else ROOT / p

@@ -1,0 +1,1 @@
+"""Data: the WBCBench layout, a synthetic sample dataset, image cache, augmentation, damage, stain."""

@@ -1,0 +1,132 @@
+"""Read and validate a dataset in the WBCBench 2026 layout.
+
+    <root>/phase1/            phase1_label.csv   ID,labels,split
+    <root>/phase2/train/      phase2_train.csv   ID,labels,split
+    <root>/phase2/eval/       phase2_eval.csv    ID,labels,split
+    <root>/phase2/test/       phase2_test.csv    ID,labels[,split]   (labels empty)
+
+Optional columns (patient, patient_hash, original_image_id, severity) are kept when present.
+Every problem is raised as a one-line WBCError naming the file and row.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..config import resolve_path
+from ..errors import WBCError, where
+
+# split name -> (csv file, image folder)
+SPLITS = {
+    "phase1": ("phase1_label.csv", "phase1"),
+    "phase2_train": ("phase2_train.csv", "phase2/train"),
+    "phase2_eval": ("phase2_eval.csv", "phase2/eval"),
+    "phase2_test": ("phase2_test.csv", "phase2/test"),
+}
+LABELLED = ("phase1", "phase2_train", "phase2_eval")
+GROUP_COLUMNS = ("patient", "patient_hash", "original_image_id")
+OPTIONAL_COLUMNS = GROUP_COLUMNS + ("severity",)
+
+
+def data_root(cfg: dict) -> Path:
+    root = cfg.get("data", {}).get("root") or os.environ.get("WBC_DATA")
+    if not root:
+        raise WBCError("no data root: pass DATA=<folder>, set WBC_DATA, or set data.root in the config")
+    root = resolve_path(root)
+    if not root.is_dir():
+        raise WBCError(f"{root}: data root is not a folder")
+    return root
+
+
+def dataset_name(cfg: dict) -> str:
+    return cfg.get("data", {}).get("name") or data_root(cfg).name
+
+
+def read_split(root, split: str, check_images: bool = True) -> pd.DataFrame:
+    """One split as a DataFrame: ID, labels, split, path, plus optional columns. Labels '' when unknown."""
+    if split not in SPLITS:
+        raise WBCError(f"unknown split '{split}' (known: {', '.join(SPLITS)})")
+    root = Path(root)
+    csv_name, folder = SPLITS[split]
+    csv = root / csv_name
+    if not csv.exists():
+        raise WBCError(f"{csv}: split file not found")
+    try:
+        df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
+        raise WBCError(f"{csv}: not a readable CSV ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    df.columns = [c.strip() for c in df.columns]
+    need = ["ID", "labels"]
+    missing = [c for c in need if c not in df.columns]
+    if missing:
+        raise WBCError(f"{csv}:1: missing column(s) {', '.join(missing)} (found {', '.join(df.columns)})")
+    if len(df) == 0:
+        raise WBCError(f"{csv}: split '{split}' is empty")
+    df["ID"] = df["ID"].str.strip()
+    df["labels"] = df["labels"].str.strip()
+    blank = df["ID"] == ""
+    if blank.any():
+        raise WBCError(f"{where(csv, int(np.flatnonzero(blank)[0]) + 2)}: empty ID")
+    dup = df["ID"].duplicated()
+    if dup.any():
+        i = int(np.flatnonzero(dup)[0])
+        raise WBCError(f"{where(csv, i + 2)}: duplicate ID {df['ID'].iloc[i]}")
+    if split in LABELLED:
+        unl = df["labels"] == ""
+        if unl.any():
+            raise WBCError(f"{where(csv, int(np.flatnonzero(unl)[0]) + 2)}: empty label in a labelled split")
+    df["split"] = split
+    df["row"] = np.arange(len(df)) + 2
+    df["path"] = [str(root / folder / i) for i in df["ID"]]
+    if check_images:
+        exists = np.array([os.path.isfile(p) for p in df["path"]])
+        if not exists.all():
+            i = int(np.flatnonzero(~exists)[0])
+            raise WBCError(f"{where(csv, i + 2)}: image not found: {df['path'].iloc[i]}")
+    df["csv"] = str(csv)
+    keep = ["ID", "labels", "split", "path", "csv", "row"] + [c for c in OPTIONAL_COLUMNS if c in df.columns]
+    return df[keep].reset_index(drop=True)
+
+
+def read_splits(root, splits, check_images: bool = True) -> pd.DataFrame:
+    frames = [read_split(root, s, check_images) for s in splits]
+    df = pd.concat(frames, ignore_index=True)
+    dup = df["ID"].duplicated()
+    if dup.any():
+        r = df[dup].iloc[0]
+        raise WBCError(f"{where(r['csv'], r['row'])}: duplicate ID {r['ID']} (also in another split)")
+    return df
+
+
+def class_list(cfg: dict, root=None) -> list[str]:
+    """Classes from the config, else the sorted label codes of the labelled splits."""
+    classes = cfg.get("data", {}).get("classes")
+    if classes:
+        return [str(c) for c in classes]
+    root = Path(root) if root is not None else data_root(cfg)
+    labels = set()
+    for s in LABELLED:
+        if (root / SPLITS[s][0]).exists():
+            labels |= set(read_split(root, s, check_images=False)["labels"])
+    labels.discard("")
+    if not labels:
+        raise WBCError(f"{root}: no labelled images found")
+    return sorted(labels)
+
+
+def check_labels(df: pd.DataFrame, classes: list[str]) -> None:
+    """Every non-empty label must be a known class code."""
+    bad = (df["labels"] != "") & ~df["labels"].isin(classes)
+    if bad.any():
+        r = df[bad].iloc[0]
+        raise WBCError(f"{where(r['csv'], r['row'])}: unknown label '{r['labels']}' (classes: {', '.join(classes)})")
+
+
+def group_column(df: pd.DataFrame) -> str | None:
+    for c in GROUP_COLUMNS:
+        if c in df.columns and (df[c] != "").any():
+            return c
+    return None

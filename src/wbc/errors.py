@@ -1,0 +1,10 @@
+"""One exception type for bad input: the CLI prints it as one line and exits non-zero."""
+
+
+class WBCError(Exception):
+    """Bad input or state the user can fix (file, row and reason in the message)."""
+
+
+def where(path, row=None) -> str:
+    """`path` or `path:row` for error messages; row is the 1-based line in the file (header = 1)."""
+    return f"{path}" if row is None else f"{path}:{row}"

@@ -1,0 +1,151 @@
+"""Atomic writes (temp file in the same folder, then rename) and ID-keyed probability files.
+
+Probability files are the contract between pipeline steps (train/embed -> ensemble -> refine -> submit):
+a CSV with `ID`, optional `fold`, optional `labels` (ground truth, empty when unknown) and one
+`prob_<CLASS>` column per class, in class order.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .errors import WBCError
+
+PROB_PREFIX = "prob_"
+
+
+@contextlib.contextmanager
+def atomic_path(path, suffix: str | None = None):
+    """Yield a temporary path next to `path`; rename it over `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or path.suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def write_csv(path, df: pd.DataFrame) -> None:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def torch_save(path, obj) -> None:
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def torch_load(path):
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@dataclass
+class Probs:
+    """Class probabilities keyed by image ID (rows aligned with `ids`)."""
+
+    ids: np.ndarray  # str, shape (n,)
+    probs: np.ndarray  # float, shape (n, n_classes), rows sum to 1
+    classes: list[str]
+    folds: np.ndarray | None = None  # int, shape (n,), for out-of-fold files
+    labels: np.ndarray | None = None  # str, shape (n,), '' when unknown
+
+    def __post_init__(self):
+        self.ids = np.asarray(self.ids).astype(str)
+        self.probs = np.asarray(self.probs, dtype=np.float64)
+        if self.probs.shape != (len(self.ids), len(self.classes)):
+            raise WBCError(f"probabilities have shape {self.probs.shape}, expected ({len(self.ids)}, {len(self.classes)})")
+        if self.folds is not None:
+            self.folds = np.asarray(self.folds).astype(int)
+        if self.labels is not None:
+            self.labels = np.asarray(pd.Series(self.labels).fillna("").astype(str))
+
+    def to_frame(self) -> pd.DataFrame:
+        cols = {"ID": self.ids}
+        if self.folds is not None:
+            cols["fold"] = self.folds
+        if self.labels is not None:
+            cols["labels"] = self.labels
+        df = pd.DataFrame(cols)
+        probs = pd.DataFrame(self.probs, columns=[PROB_PREFIX + c for c in self.classes])
+        return pd.concat([df, probs], axis=1)
+
+    def label_index(self) -> np.ndarray:
+        """Integer targets; -1 where the label is unknown."""
+        if self.labels is None:
+            return np.full(len(self.ids), -1)
+        lut = {c: i for i, c in enumerate(self.classes)}
+        return np.array([lut.get(lbl, -1) for lbl in self.labels])
+
+    def subset(self, mask_or_idx) -> "Probs":
+        take = np.asarray(mask_or_idx)
+        return Probs(self.ids[take], self.probs[take], list(self.classes),
+                     None if self.folds is None else self.folds[take],
+                     None if self.labels is None else self.labels[take])
+
+    def align(self, ids) -> "Probs":
+        """Rows reordered to `ids`; every ID must be present."""
+        pos = pd.Series(np.arange(len(self.ids)), index=self.ids)
+        missing = [i for i in ids if i not in pos.index]
+        if missing:
+            raise WBCError(f"{len(missing)} IDs missing from predictions, e.g. {missing[0]}")
+        return self.subset(pos.loc[list(ids)].to_numpy())
+
+
+def save_probs(path, p: Probs) -> None:
+    write_csv(path, p.to_frame())
+
+
+def load_probs(path) -> Probs:
+    path = Path(path)
+    if not path.exists():
+        raise WBCError(f"{path}: prediction file not found")
+    df = pd.read_csv(path, dtype={"ID": str, "labels": str}, keep_default_na=False)
+    if "ID" not in df.columns:
+        raise WBCError(f"{path}: no ID column")
+    pcols = [c for c in df.columns if c.startswith(PROB_PREFIX)]
+    if not pcols:
+        raise WBCError(f"{path}: no {PROB_PREFIX}<class> columns")
+    dup = df["ID"].duplicated()
+    if dup.any():
+        row = int(np.flatnonzero(dup.to_numpy())[0]) + 2
+        raise WBCError(f"{path}:{row}: duplicate ID {df['ID'].iloc[row - 2]}")
+    return Probs(df["ID"].to_numpy(), df[pcols].to_numpy(float), [c[len(PROB_PREFIX):] for c in pcols],
+                 df["fold"].to_numpy() if "fold" in df.columns else None,
+                 df["labels"].to_numpy() if "labels" in df.columns else None)

@@ -1,0 +1,60 @@
+"""Macro-F1 (the leaderboard score), per-class F1, balanced accuracy and a confusion-matrix PNG."""
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score
+
+
+def macro_f1(y_true, y_pred, n_classes: int) -> float:
+    """Macro-F1 over every class in 0..n_classes-1 (a class never predicted nor present scores 0 only
+    if it occurs in y_true or y_pred; absent classes are left out, as sklearn's labels= handling)."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    labels = np.unique(np.concatenate([y_true, y_pred]))
+    return float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0))
+
+
+def per_class_f1(y_true, y_pred, n_classes: int) -> np.ndarray:
+    return f1_score(y_true, y_pred, labels=np.arange(n_classes), average=None, zero_division=0)
+
+
+def summary(y_true, y_pred, classes: list[str]) -> dict:
+    n = len(classes)
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    return {
+        "macro_f1": macro_f1(y_true, y_pred, n),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)) if len(y_true) else 0.0,
+        "accuracy": float((y_true == y_pred).mean()) if len(y_true) else 0.0,
+        "per_class_f1": dict(zip(classes, map(float, per_class_f1(y_true, y_pred, n)))),
+        "support": dict(zip(classes, map(int, np.bincount(y_true, minlength=n)))),
+        "n": int(len(y_true)),
+    }
+
+
+def save_confusion_png(path, y_true, y_pred, classes: list[str], title: str = "") -> None:
+    """Row-normalised confusion matrix with counts, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .io import atomic_path
+
+    n = len(classes)
+    cm = confusion_matrix(y_true, y_pred, labels=np.arange(n))
+    norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * n, 1 + 0.55 * n), dpi=110)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(n):
+        for j in range(n):
+            if cm[i, j]:
+                ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xticks(range(n), classes, rotation=90)
+    ax.set_yticks(range(n), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or f"macro-F1 {macro_f1(y_true, y_pred, n):.4f}")
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
