@@ -1,0 +1,16 @@
+"""Shared command-line plumbing: every sub-command takes `--config` and trailing `key=value` overrides."""
+from __future__ import annotations
+
+import argparse
+
+from .config import load_config
+
+
+def add_config_args(p: argparse.ArgumentParser, default: str | None = None) -> argparse.ArgumentParser:
+    p.add_argument("--config", "-c", default=default, help="experiment YAML (default: configs/base.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.epochs=3")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> dict:
+    return load_config(args.config, args.overrides)
