@@ -82,7 +82,8 @@ def load_config(path=None, overrides: list[str] | tuple = ()) -> dict:
     """Resolve a config. `path=None` gives the defaults. The run name defaults to the file's stem."""
     path = Path(path) if path else CONFIG_DIR / "base.yaml"
     cfg = _chain(path)
-    cfg.setdefault("name", path.stem)
+    if not cfg.get("name"):
+        cfg["name"] = path.stem
     for o in overrides:
         keys, val = parse_override(o)
         set_dotted(cfg, keys, val)
@@ -100,3 +101,8 @@ def resolve_path(p) -> Path:
     """Relative paths in configs are relative to the repository root, not the caller's cwd."""
     p = Path(os.path.expanduser(str(p)))
     return p if p.is_absolute() else ROOT / p
+
+
+def run_dir(cfg: dict) -> Path:
+    """Where a run's outputs live: <output_dir>/<name>."""
+    return resolve_path(cfg.get("output_dir", "outputs")) / cfg["name"]

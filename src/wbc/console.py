@@ -7,7 +7,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-console = Console(stderr=False)
+console = Console(soft_wrap=True)  # long lines stay whole in logs
 
 
 def progress(transient: bool = True) -> Progress:

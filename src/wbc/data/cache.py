@@ -1,0 +1,110 @@
+"""Decoded, resized images in a uint8 memmap per split, so data loading never re-decodes JPEGs.
+
+`cache/<dataset>_<size>[_stain][_restored]/<split>.u8` holds an (N, S, S, 3) RGB array in the row order
+of `<split>.ids`. A cache is rebuilt when the split's IDs change. Builds write to a temp file and rename.
+"""
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from ..config import resolve_path
+from ..console import progress
+from ..errors import WBCError, where
+from ..io import atomic_path, write_json
+from .layout import dataset_name
+
+cv2.setNumThreads(1)  # threads come from the pool below; nested OpenCV threads only contend
+
+
+def read_image(path, csv=None, row=None) -> np.ndarray:
+    """RGB uint8 HxWx3; a missing or undecodable file is a one-line error naming the CSV row."""
+    buf = np.fromfile(str(path), dtype=np.uint8) if Path(path).is_file() else None
+    ctx = f"{where(csv, row)}: " if csv else ""
+    if buf is None:
+        raise WBCError(f"{ctx}image not found: {path}")
+    img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
+    if img is None:
+        raise WBCError(f"{ctx}unreadable image: {path}")
+    if path.__str__().lower().endswith((".jpg", ".jpeg")) and not _jpeg_complete(buf):
+        raise WBCError(f"{ctx}truncated JPEG: {path}")
+    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+
+
+def _jpeg_complete(buf: np.ndarray) -> bool:
+    # OpenCV silently decodes truncated JPEGs (grey bottom rows); a complete file ends with EOI (FFD9),
+    # possibly followed by padding.
+    tail = buf[-64:].tobytes()
+    return b"\xff\xd9" in tail
+
+
+def resize(img: np.ndarray, size: int) -> np.ndarray:
+    if img.shape[0] == size and img.shape[1] == size:
+        return img
+    interp = cv2.INTER_AREA if min(img.shape[:2]) > size else cv2.INTER_CUBIC
+    return cv2.resize(img, (size, size), interpolation=interp)
+
+
+def cache_dir(cfg: dict) -> Path:
+    d = cfg["data"]
+    tag = f"{dataset_name(cfg)}_{d['image_size']}" + ("_stain" if d.get("stain_norm") else "") + \
+        ("_restored" if d.get("restore") else "")
+    return resolve_path(d.get("cache_dir", "cache")) / tag
+
+
+def decode_all(df: pd.DataFrame, size: int, workers: int = 4, desc: str = "decode") -> np.ndarray:
+    """Decode and resize every image of `df` (columns path, csv, row) into one array."""
+    out = np.empty((len(df), size, size, 3), np.uint8)
+
+    def work(i):
+        r = df.iloc[i]
+        out[i] = resize(read_image(r["path"], r.get("csv"), r.get("row")), size)
+
+    with progress() as bar, ThreadPoolExecutor(workers) as pool:
+        task = bar.add_task(desc, total=len(df), info="")
+        for _ in pool.map(work, range(len(df))):
+            bar.advance(task)
+    return out
+
+
+def split_images(cfg: dict, df: pd.DataFrame, split: str, transform=None) -> np.ndarray:
+    """(N, S, S, 3) uint8 array for one split's rows of `df`, from the cache (built on first use).
+
+    `transform(images, split) -> images` post-processes a fresh build (stain normalisation, restoration).
+    """
+    sub = df[df["split"] == split]
+    d = cache_dir(cfg)
+    arr_path, ids_path = d / f"{split}.u8", d / f"{split}.ids.json"
+    size = int(cfg["data"]["image_size"])
+    ids = sub["ID"].tolist()
+    if arr_path.exists() and ids_path.exists():
+        cached = json.loads(ids_path.read_text())
+        if cached == ids:
+            return np.memmap(arr_path, np.uint8, "r", shape=(len(ids), size, size, 3))
+    images = decode_all(sub.reset_index(drop=True), size, desc=f"cache {split}")
+    if transform is not None:
+        images = transform(images, split)
+    with atomic_path(arr_path, suffix=".u8") as tmp:
+        images.tofile(tmp)
+    write_json(ids_path, ids)
+    return np.memmap(arr_path, np.uint8, "r", shape=(len(ids), size, size, 3))
+
+
+def load_images(cfg: dict, df: pd.DataFrame, transform=None) -> np.ndarray:
+    """Images for every row of `df` (any mix of splits), in `df`'s row order."""
+    parts, order = [], []
+    for split in df["split"].unique():
+        mask = (df["split"] == split).to_numpy()
+        parts.append(split_images(cfg, df, split, transform))
+        order.append(np.flatnonzero(mask))
+    if len(parts) == 1:
+        return parts[0]
+    out = np.empty((len(df),) + parts[0].shape[1:], np.uint8)
+    for arr, idx in zip(parts, order):
+        out[idx] = arr
+    return out

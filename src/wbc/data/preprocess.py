@@ -1,0 +1,52 @@
+"""Optional preprocessing applied once, when the image cache is built: Macenko stain normalisation
+(reference fitted on the training pool) and Pix2Pix restoration of images the damage gate flags."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import resolve_path
+from ..io import write_json
+
+
+def build_preprocess(cfg: dict, pool_images_fn=None):
+    """`f(images, split) -> images` for `cache.split_images`, or None when nothing is enabled.
+
+    `pool_images_fn()` returns clean training images to fit the stain reference on (phase1 by default).
+    """
+    d = cfg["data"]
+    steps = []
+    if d.get("restore"):
+        from ..restore import Restorer
+
+        restorer = Restorer.load(resolve_path(d["restore_dir"]))
+
+        def restore(images, split):
+            if not split.startswith("phase2"):
+                return images  # phase1 is clean
+            out, _, _ = restorer(images)
+            return out
+
+        steps.append(restore)
+    if d.get("stain_norm"):
+        from .cache import cache_dir
+        from .stain import MacenkoNormalizer
+
+        norm = MacenkoNormalizer()
+        ref = pool_images_fn()
+        rng = np.random.default_rng(cfg.get("seed", 0))
+        norm.fit(ref[rng.permutation(len(ref))[:256]])
+        write_json(cache_dir(cfg) / "stain_reference.json", norm.state_dict())
+
+        def stain(images, split):
+            return np.stack([norm.transform(im) for im in images])
+
+        steps.append(stain)
+    if not steps:
+        return None
+
+    def run(images, split):
+        for step in steps:
+            images = step(images, split)
+        return images
+
+    return run

@@ -1,0 +1,99 @@
+"""K-fold splits of the training pool, committed as `folds/<dataset>.csv` (ID,labels,fold[,group]).
+
+StratifiedGroupKFold when the data has groups (patient, or the original image of damaged copies), so no
+group straddles folds; StratifiedKFold otherwise. A fixed seed makes the file reproducible.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+from .config import resolve_path
+from .console import console, print_table
+from .errors import WBCError
+from .io import write_csv
+from .data.layout import check_labels, class_list, data_root, dataset_name, group_column, read_splits
+
+
+def make_folds(df: pd.DataFrame, n_folds: int, seed: int, group_col: str | None = None) -> np.ndarray:
+    """Fold index per row of `df` (columns labels[, group_col])."""
+    y = df["labels"].to_numpy()
+    with warnings.catch_warnings():
+        # Classes rarer than K: sklearn spreads them one per fold and warns; we warn once ourselves.
+        warnings.simplefilter("ignore", UserWarning)
+        if group_col:
+            splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+            splits = splitter.split(np.zeros(len(y)), y, df[group_col].to_numpy())
+        else:
+            splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+            splits = splitter.split(np.zeros(len(y)), y)
+        fold = np.full(len(y), -1)
+        for k, (_, val) in enumerate(splits):
+            fold[val] = k
+    return fold
+
+
+def folds_path(cfg: dict) -> Path:
+    f = cfg.get("folds", {}).get("file")
+    return resolve_path(f) if f else resolve_path("folds") / f"{dataset_name(cfg)}.csv"
+
+
+def build_folds(cfg: dict) -> pd.DataFrame:
+    root = data_root(cfg)
+    classes = class_list(cfg, root)
+    pool = read_splits(root, cfg["data"]["train_splits"])
+    check_labels(pool, classes)
+    k = int(cfg["folds"]["n_folds"])
+    counts = pool["labels"].value_counts()
+    if len(pool) < k:
+        raise WBCError(f"training pool has {len(pool)} images, fewer than {k} folds")
+    rare = counts[counts < k]
+    if len(rare):
+        console.print(f"[yellow]warning:[/] classes rarer than {k} folds appear in only some folds: "
+                      + ", ".join(f"{c} ({n})" for c, n in rare.items()), highlight=False)
+    gcol = group_column(pool)
+    out = pool[["ID", "labels"]].copy()
+    out["fold"] = make_folds(pool, k, int(cfg["folds"]["seed"]), gcol)
+    if gcol:
+        out["group"] = pool[gcol].to_numpy()
+    return out
+
+
+def fold_table(folds: pd.DataFrame, classes: list[str]) -> None:
+    k = int(folds["fold"].max()) + 1
+    ct = pd.crosstab(folds["labels"], folds["fold"]).reindex(index=classes, columns=range(k), fill_value=0)
+    rows = [[c] + [int(v) for v in ct.loc[c]] + [int(ct.loc[c].sum())] for c in classes]
+    rows.append(["total"] + [int(v) for v in ct.sum(0)] + [int(ct.values.sum())])
+    print_table("images per class and fold", ["class"] + [f"fold {i}" for i in range(k)] + ["all"], rows)
+
+
+def load_folds(cfg: dict) -> pd.DataFrame:
+    path = folds_path(cfg)
+    if not path.exists():
+        raise WBCError(f"{path}: folds file not found (run `make folds`)")
+    df = pd.read_csv(path, dtype={"ID": str, "labels": str})
+    for c in ("ID", "labels", "fold"):
+        if c not in df.columns:
+            raise WBCError(f"{path}:1: missing column {c}")
+    return df
+
+
+def register(sub) -> None:
+    from .cli_common import add_config_args, config_from_args
+
+    p = add_config_args(sub.add_parser("folds", help="write folds/<dataset>.csv"))
+
+    def run(args):
+        cfg = config_from_args(args)
+        folds = build_folds(cfg)
+        path = folds_path(cfg)
+        write_csv(path, folds)
+        fold_table(folds, class_list(cfg))
+        console.print(f"wrote {path} ({len(folds)} images, {folds['fold'].nunique()} folds"
+                      + (", grouped" if "group" in folds else "") + ")")
+
+    p.set_defaults(func=run)

@@ -1,0 +1,83 @@
+"""`create_model(cfg)`: any timm backbone by name, with hub, local-file or no pretrained weights."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+
+from ..config import resolve_path
+from ..errors import WBCError
+
+
+def load_state_file(path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise WBCError(f"{path}: pretrained_file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        sd = load_file(str(path))
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "model_ema"):  # common checkpoint wrappers
+        if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
+            sd = sd[key]
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def load_pretrained_file(model: torch.nn.Module, path) -> list[str]:
+    """Load a local state_dict, skipping the classifier when its shape differs (new class count).
+
+    Returns the keys left at their initial values. Any other mismatch is an error: silent partial loads
+    are how 'pretrained' runs end up training from scratch.
+    """
+    sd = load_state_file(path)
+    own = model.state_dict()
+    head = set(model.get_classifier().state_dict().keys()) if hasattr(model, "get_classifier") else set()
+    head_keys = {k for k in own if any(k.endswith("." + h) or k == h for h in head)}
+    skipped = []
+    for k in list(sd):
+        if k in own and own[k].shape != sd[k].shape:
+            if k in head_keys:
+                sd.pop(k)
+                skipped.append(k)
+            else:
+                raise WBCError(f"{path}: shape of {k} is {tuple(sd[k].shape)}, model has {tuple(own[k].shape)}")
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    body_missing = [k for k in missing if k not in head_keys]
+    if body_missing or unexpected:
+        first = (body_missing or unexpected)[0]
+        raise WBCError(f"{path}: weights do not fit {type(model).__name__} "
+                       f"({len(body_missing)} missing, {len(unexpected)} unexpected keys, e.g. {first})")
+    return sorted(set(missing) | set(skipped))
+
+
+def create_model(model_cfg: dict, num_classes: int) -> torch.nn.Module:
+    kwargs = dict(model_cfg.get("kwargs") or {})
+    for k in ("drop_rate", "drop_path_rate"):
+        if model_cfg.get(k) is not None:
+            kwargs[k] = model_cfg[k]
+    if "drop_path_rate" in kwargs and not _accepts_drop_path(model_cfg["arch"]):
+        kwargs.pop("drop_path_rate")
+    try:
+        model = timm.create_model(model_cfg["arch"], pretrained=bool(model_cfg.get("pretrained")),
+                                  num_classes=num_classes, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise WBCError(f"model.arch: unknown timm model '{model_cfg['arch']}'") from None
+        raise
+    if model_cfg.get("pretrained_file"):
+        load_pretrained_file(model, resolve_path(model_cfg["pretrained_file"]))
+    return model
+
+
+def _accepts_drop_path(arch: str) -> bool:
+    # A few timm families (e.g. plain VGG) take no drop_path_rate keyword.
+    return not arch.startswith(("vgg", "alexnet"))
+
+
+def model_data_config(model: torch.nn.Module) -> dict:
+    """Input normalisation the backbone was (pre)trained with (timm's pretrained_cfg)."""
+    cfg = timm.data.resolve_data_config({}, model=model)
+    return {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}

@@ -1,0 +1,47 @@
+"""Batched inference with dihedral test-time augmentation on the device (used by validation and predict)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..console import progress
+from ..data.dataset import normalize
+
+# The 8 dihedral views, ordered so the first n are a sensible subset for n = 1, 2, 4, 8.
+_VIEWS = [(0, False), (0, True), (1, False), (2, False), (3, False), (1, True), (2, True), (3, True)]
+
+
+def view(x: torch.Tensor, k: int) -> torch.Tensor:
+    rot, flip = _VIEWS[k]
+    x = torch.rot90(x, rot, dims=(2, 3)) if rot else x
+    return torch.flip(x, dims=(3,)) if flip else x
+
+
+def autocast(device: torch.device, amp: str):
+    enabled = device.type == "cuda" and amp in ("bf16", "fp16")
+    dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
+
+
+@torch.no_grad()
+def predict_probs(model, images: np.ndarray, device, mean, std, tta: int = 1, batch_size: int = 128,
+                   amp: str = "bf16", channels_last: bool = False, desc: str = "predict") -> np.ndarray:
+    """Class probabilities averaged over `tta` dihedral views, for uint8 (N, H, W, 3) images."""
+    if tta not in (1, 2, 4, 8):
+        raise ValueError(f"tta must be 1, 2, 4 or 8, got {tta}")
+    model.eval()
+    out = []
+    with progress() as bar:
+        task = bar.add_task(desc, total=len(images), info="")
+        for s in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size])).permute(0, 3, 1, 2)
+            x = normalize(x.to(device, non_blocking=True), mean, std)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            acc = 0
+            with autocast(device, amp):
+                for k in range(tta):
+                    acc = acc + model(view(x, k)).float().softmax(1)
+            out.append((acc / tta).cpu().numpy())
+            bar.advance(task, len(x))
+    return np.concatenate(out) if out else np.zeros((0, 0))

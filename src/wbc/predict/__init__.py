@@ -1,0 +1,1 @@
+"""Predictions: TTA views, per-fold OOF / eval / test probabilities, fold merging."""

@@ -1,0 +1,28 @@
+"""`predict`: fill in missing per-fold predictions, then merge folds into run-level files."""
+from __future__ import annotations
+
+
+def register(sub) -> None:
+    from ..cli_common import add_config_args, config_from_args
+
+    p = add_config_args(sub.add_parser("predict", help="per-fold OOF/eval/test predictions, merged over folds"))
+    p.add_argument("--force", action="store_true", help="re-predict folds that already have predictions")
+
+    def run(args):
+        from ..config import run_dir
+        from ..train.inputs import load_fold_data
+        from .fold import predict_fold
+        from .merge import fold_dirs, merge_run
+
+        cfg = config_from_args(args)
+        run = run_dir(cfg)
+        data = None
+        for d in fold_dirs(run):
+            if (d / "best.pt").exists() and (args.force or not (d / "oof.csv").exists()):
+                data = data or load_fold_data(cfg)
+                predict_fold(cfg, int(d.name[4:]), data)
+        from ..folds import load_folds
+
+        merge_run(run, expected_ids=load_folds(cfg)["ID"])
+
+    p.set_defaults(func=run)

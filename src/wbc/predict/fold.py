@@ -1,0 +1,52 @@
+"""Per-fold predictions: the fold model's probabilities for its held-out pool images (OOF), eval and test."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..config import run_dir
+from ..console import print_table
+from ..io import Probs, save_probs, torch_load
+from ..metrics import save_confusion_png, summary
+from ..models.factory import create_model, model_data_config
+from ..models.inference import predict_probs
+from ..train.inputs import FoldData, Rows
+from ..train.loop import pick_device
+
+
+def predict_fold(cfg: dict, fold: int, data: FoldData, device=None, weights: str = "best.pt") -> dict:
+    """Probabilities of fold `fold`'s model for its held-out pool images, the eval split and the test split."""
+    device = device or pick_device(cfg)
+    out = run_dir(cfg) / f"fold{fold}"
+    classes, n_cls = data.classes, len(data.classes)
+    model = create_model({**cfg["model"], "pretrained": False, "pretrained_file": None}, n_cls)
+    model.load_state_dict(torch_load(out / weights))
+    model.to(device)
+    norm = model_data_config(model)
+    p = cfg["predict"]
+    amp = cfg["train"].get("amp", "none")
+    kw = dict(device=device, mean=norm["mean"], std=norm["std"], tta=int(p["tta"]), batch_size=int(p["batch_size"]),
+              amp=amp)
+    va = data.pool["fold"].to_numpy() == fold
+    pool_va = data.pool[va]
+    oof = Probs(pool_va["ID"], predict_probs(model, Rows(data.pool_images, np.flatnonzero(va)), desc="oof", **kw),
+                classes, np.full(int(va.sum()), fold), pool_va["labels"])
+    save_probs(out / "oof.csv", oof)
+    lut = {c: i for i, c in enumerate(classes)}
+    y = oof.labels
+    result = {"fold": fold, "oof": summary(np.array([lut[v] for v in y]), oof.probs.argmax(1), classes)}
+    save_confusion_png(out / "confusion_oof.png", np.array([lut[v] for v in y]), oof.probs.argmax(1), classes,
+                       f"{cfg['name']} fold {fold} OOF")
+    if data.holdout_images is not None:
+        ev = Probs(data.holdout["ID"], predict_probs(model, data.holdout_images, desc="eval", **kw), classes,
+                   labels=data.holdout["labels"])
+        save_probs(out / "eval.csv", ev)
+        result["eval"] = summary(ev.label_index(), ev.probs.argmax(1), classes)
+    if data.test_images is not None:
+        te = Probs(data.test["ID"], predict_probs(model, data.test_images, desc="test", **kw), classes,
+                   labels=data.test["labels"])
+        save_probs(out / "test.csv", te)
+    rows = [["OOF (this fold)", result["oof"]["macro_f1"]]]
+    if "eval" in result:
+        rows.append(["phase2_eval", result["eval"]["macro_f1"]])
+    print_table(f"{cfg['name']} fold {fold} (TTA x{p['tta']})", ["split", "macro-F1"], rows)
+    return result

@@ -1,0 +1,69 @@
+"""Merge per-fold predictions: OOF concatenated (every pool ID once), eval / test averaged over folds."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..console import console, print_table
+from ..errors import WBCError
+from ..io import Probs, load_probs, save_probs, write_json
+from ..metrics import save_confusion_png, summary
+
+
+def fold_dirs(run: Path) -> list[Path]:
+    return sorted((p for p in run.glob("fold*") if p.is_dir() and p.name[4:].isdigit()), key=lambda p: int(p.name[4:]))
+
+
+def mean_probs(parts: list[Probs], what: str) -> Probs:
+    ref = parts[0]
+    for p in parts[1:]:
+        if set(p.ids) != set(ref.ids) or p.classes != ref.classes:
+            raise WBCError(f"{what}: folds disagree on IDs or classes")
+    aligned = [p.align(ref.ids) for p in parts]
+    return Probs(ref.ids, np.mean([p.probs for p in aligned], 0), ref.classes, labels=ref.labels)
+
+
+def merge_run(run: Path, expected_ids=None) -> dict:
+    """Write run/{oof,eval,test}.csv and run/report.json from run/fold*/; return the report."""
+    dirs = fold_dirs(run)
+    if not dirs:
+        raise WBCError(f"{run}: no fold*/ folders (train a fold first)")
+    oofs = [load_probs(d / "oof.csv") for d in dirs if (d / "oof.csv").exists()]
+    if not oofs:
+        raise WBCError(f"{run}: no fold has oof.csv yet")
+    oof = Probs(np.concatenate([o.ids for o in oofs]), np.concatenate([o.probs for o in oofs]), oofs[0].classes,
+                np.concatenate([o.folds for o in oofs]), np.concatenate([o.labels for o in oofs]))
+    if len(set(oof.ids)) != len(oof.ids):
+        raise WBCError(f"{run}: an ID appears in the OOF of two folds (folds file changed between runs?)")
+    classes = oof.classes
+    report = {"run": run.name, "folds": sorted(set(oof.folds.tolist())), "n_oof": len(oof.ids)}
+    if expected_ids is not None:
+        missing = sorted(set(expected_ids) - set(oof.ids))
+        report["oof_complete"] = not missing
+        if missing:
+            console.print(f"[yellow]OOF covers {len(oof.ids)}/{len(set(expected_ids))} pool images "
+                          f"(folds {report['folds']} done)[/]")
+    save_probs(run / "oof.csv", oof)
+    y = oof.label_index()
+    report["oof"] = summary(y, oof.probs.argmax(1), classes)
+    report["oof_per_fold_macro_f1"] = {int(k): summary(y[oof.folds == k], oof.probs[oof.folds == k].argmax(1),
+                                                         classes)["macro_f1"] for k in report["folds"]}
+    save_confusion_png(run / "confusion_oof.png", y, oof.probs.argmax(1), classes, f"{run.name} OOF")
+    for split in ("eval", "test"):
+        parts = [load_probs(d / f"{split}.csv") for d in dirs if (d / f"{split}.csv").exists()]
+        if not parts:
+            continue
+        merged = mean_probs(parts, f"{run}/fold*/{split}.csv")
+        save_probs(run / f"{split}.csv", merged)
+        if split == "eval":
+            ye = merged.label_index()
+            report["eval"] = summary(ye, merged.probs.argmax(1), classes)
+            save_confusion_png(run / "confusion_eval.png", ye, merged.probs.argmax(1), classes, f"{run.name} eval")
+    write_json(run / "report.json", report)
+    cols = ["class", "OOF F1"] + (["eval F1"] if "eval" in report else [])
+    rows = [[c, report["oof"]["per_class_f1"][c]] + ([report["eval"]["per_class_f1"][c]] if "eval" in report else [])
+            for c in classes]
+    rows.append(["macro-F1", report["oof"]["macro_f1"]] + ([report["eval"]["macro_f1"]] if "eval" in report else []))
+    print_table(f"{run.name}: folds {report['folds']}", cols, rows)
+    return report

@@ -1,0 +1,1 @@
+"""Fold training: losses, samplers and the training loop."""

@@ -1,0 +1,25 @@
+"""`train-fold` command."""
+from __future__ import annotations
+
+import os
+
+
+def register(sub) -> None:
+    from ..cli_common import add_config_args, config_from_args
+
+    p = add_config_args(sub.add_parser("train-fold", help="train one fold, then predict OOF / eval / test"))
+    p.add_argument("--fold", type=int, required=True)
+    p.add_argument("--resume", action="store_true", default=os.environ.get("RESUME") == "1",
+                   help="continue from fold<k>/state.pt (also RESUME=1)")
+
+    def run(args):
+        from ..predict.fold import predict_fold  # the command orchestrates; the library flows one way
+        from .inputs import load_fold_data
+        from .loop import train_fold
+
+        cfg = config_from_args(args)
+        data = load_fold_data(cfg)
+        train_fold(cfg, args.fold, resume=args.resume, data=data)
+        predict_fold(cfg, args.fold, data)
+
+    p.set_defaults(func=run)

@@ -1,0 +1,266 @@
+"""Train one fold: `train_fold(cfg, fold)` -> best/last checkpoints, metrics.jsonl, OOF/eval/test probabilities.
+
+Resumable: `state.pt` after every epoch holds model, EMA, optimizer, scheduler, scaler, RNG states and the
+epoch; `resume=True` continues exactly where a killed run stopped (same sampler draws and augmentations,
+which are seeded per epoch / per sample). On CPU a resumed run matches an uninterrupted one bit for bit;
+on GPU cuDNN / atomics kernels are not deterministic, so runs agree only statistically.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from ..config import dump_config, run_dir
+from ..console import console, progress
+from ..data.augment import build_transform
+from ..data.dataset import CellDataset, normalize
+from ..errors import WBCError
+from ..io import torch_load, torch_save, write_json, write_text
+from ..metrics import macro_f1
+from ..models.factory import create_model, model_data_config
+from ..models.inference import autocast, predict_probs
+from .inputs import FoldData, Rows, load_fold_data
+from .losses import build_loss
+from .sampling import build_sampler
+
+
+class StopTraining(Exception):
+    """Raised by an `on_epoch` callback to end a run early (e.g. an Optuna pruner)."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(cfg: dict) -> torch.device:
+    want = cfg.get("device", "auto")
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want == "cuda" and not torch.cuda.is_available():
+        raise WBCError("device=cuda but no CUDA device is available")
+    return torch.device(want)
+
+
+def fold_dir(cfg: dict, fold: int) -> Path:
+    return run_dir(cfg) / f"fold{fold}"
+
+
+def _lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float):
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    return f
+
+
+def _optimizer(params, lr: float, weight_decay: float, model=None):
+    import timm.optim
+
+    if model is not None:  # no weight decay on norms / biases
+        return timm.optim.create_optimizer_v2(model, "adamw", lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def _loader(ds, sampler, batch_size: int, workers: int, device, shuffle_seed: int, drop_last: bool = True):
+    g = torch.Generator().manual_seed(shuffle_seed)
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=sampler is None, generator=g,
+                      num_workers=workers, pin_memory=device.type == "cuda", drop_last=drop_last,
+                      persistent_workers=False)  # workers re-fork each epoch and see the new epoch
+
+
+def _rng_state() -> dict:
+    # tensors and ints only, so the state loads with weights_only=True
+    return {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+            "numpy_pos": int(np.random.get_state()[2]),
+            "python": list(random.getstate()[1]),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"], 0, 0.0))
+    random.setstate((3, tuple(int(v) for v in s["python"]), None))
+    if torch.cuda.is_available() and len(s["cuda"]):
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def train_fold(cfg: dict, fold: int, on_epoch: Callable[[int, dict], None] | None = None,
+               resume: bool = False, data: FoldData | None = None) -> dict:
+    """Train `fold` of the K-fold split, then predict its held-out images, eval and test."""
+    t = cfg["train"]
+    out = fold_dir(cfg, fold)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir(cfg) / "config.yaml", dump_config(cfg))
+    seed = int(cfg.get("seed", 0)) + fold
+    seed_everything(seed)
+    device = pick_device(cfg)
+    data = data or load_fold_data(cfg)
+    if fold not in set(data.pool["fold"]):
+        raise WBCError(f"fold {fold} not in the folds file (folds: {sorted(set(data.pool['fold']))})")
+    classes, n_cls = data.classes, len(data.classes)
+    lut = {c: i for i, c in enumerate(classes)}
+    y_all = data.pool["labels"].map(lut).to_numpy()
+    tr_idx = np.flatnonzero(data.pool["fold"].to_numpy() != fold)
+    va_idx = np.flatnonzero(data.pool["fold"].to_numpy() == fold)
+    counts = np.bincount(y_all[tr_idx], minlength=n_cls)
+
+    model = create_model(cfg["model"], n_cls).to(device)
+    norm = model_data_config(model)
+    if t.get("channels_last") and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    ema = None
+    if t.get("ema"):
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=float(t["ema_decay"]))
+    fwd = torch.compile(model) if t.get("compile") else model
+
+    ds = CellDataset(Rows(data.pool_images, tr_idx), y_all[tr_idx], build_transform(cfg, train=True), seed)
+    bs = min(int(t["batch_size"]), len(tr_idx))
+    epochs1, epochs2 = int(t["epochs"]), int(t.get("stage2", {}).get("epochs", 0) or 0)
+    steps_per_epoch = len(tr_idx) // bs
+
+    def stage_objects(stage: int):
+        if stage == 1:
+            sampler = build_sampler(y_all[tr_idx], n_cls, t["sampler"], seed=seed)
+            opt = _optimizer(None, float(t["lr"]), float(t["weight_decay"]), model)
+            total, warm, lr0 = epochs1 * steps_per_epoch, int(t["warmup_epochs"]) * steps_per_epoch, float(t["lr"])
+            loss = build_loss(t["loss"], counts)
+        else:  # decoupled: re-train a fresh classifier on the frozen backbone with balanced sampling
+            s2 = t["stage2"]
+            sampler = build_sampler(y_all[tr_idx], n_cls, {"type": s2.get("sampler", "balanced")}, seed=seed + 1)
+            model.zero_grad(set_to_none=True)  # stale stage-1 grads must not reach clipping
+            model.requires_grad_(False)
+            model.reset_classifier(n_cls)
+            model.get_classifier().to(device).requires_grad_(True)
+            opt = _optimizer(model.get_classifier().parameters(), float(s2["lr"]), 0.0)
+            total, warm, lr0 = epochs2 * steps_per_epoch, 0, float(s2["lr"])
+            loss = build_loss({"type": "ce", "label_smoothing": t["loss"].get("label_smoothing", 0.0)}, counts)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(max(total, 1), warm, float(t["min_lr"]) / lr0))
+        return sampler, opt, sched, loss
+
+    stage = 1 if epochs1 > 0 else 2
+    sampler, opt, sched, loss_fn = stage_objects(stage)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and t.get("amp") == "fp16")
+    start, best, history = 0, -1.0, []
+
+    state_path = out / "state.pt"
+    if resume and state_path.exists():
+        st = torch_load(state_path)
+        if st["stage"] == 2 and stage == 1:
+            stage = 2
+            sampler, opt, sched, loss_fn = stage_objects(2)
+        model.load_state_dict(st["model"])
+        if ema is not None and st.get("ema") is not None:
+            ema.load_state_dict(st["ema"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        scaler.load_state_dict(st["scaler"])
+        _set_rng_state(st["rng"])
+        start, best = int(st["epoch"]) + 1, float(st["best"])
+        history = _read_metrics(out / "metrics.jsonl")[:start]
+        console.print(f"resumed {out} at epoch {start}")
+    elif resume:
+        console.print(f"nothing to resume in {out}; starting fresh")
+
+    eval_model = lambda: ema.module if ema is not None and stage == 1 else model  # noqa: E731
+    total_epochs = epochs1 + epochs2
+    for epoch in range(start, total_epochs):
+        if stage == 1 and epoch >= epochs1:
+            stage = 2
+            if ema is not None:  # stage 2 starts from the averaged backbone
+                model.load_state_dict(ema.module.state_dict())
+            sampler, opt, sched, loss_fn = stage_objects(2)
+        t0 = time.perf_counter()
+        ds.set_epoch(epoch)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        loader = _loader(ds, sampler, bs, int(t["num_workers"]), device, seed * 1000 + epoch)
+        train_loss, n_seen = _train_epoch(fwd, model, ema if stage == 1 else None, loader, opt, sched, scaler,
+                                          loss_fn, device, norm, t, stage, desc=f"fold {fold} ep {epoch}")
+        t_train = time.perf_counter() - t0
+        val_probs = predict_probs(eval_model(), Rows(data.pool_images, va_idx), device, norm["mean"], norm["std"],
+                                  tta=int(t.get("val_tta", 1)), batch_size=int(cfg["predict"]["batch_size"]),
+                                  amp=t.get("amp", "none"), channels_last=bool(t.get("channels_last")) and
+                                  device.type == "cuda", desc="validate")
+        y_va = y_all[va_idx]
+        f1 = macro_f1(y_va, val_probs.argmax(1), n_cls)
+        val_loss = float(-np.log(np.clip(val_probs[np.arange(len(y_va)), y_va], 1e-12, None)).mean())
+        rec = {"epoch": epoch, "stage": stage, "train_loss": train_loss, "val_loss": val_loss,
+               "val_macro_f1": f1, "lr": opt.param_groups[0]["lr"], "train_img_per_s": n_seen / t_train,
+               "epoch_s": time.perf_counter() - t0}
+        history.append(rec)
+        improved = f1 > best
+        if improved:
+            best = f1
+            torch_save(out / "best.pt", eval_model().state_dict())
+        torch_save(out / "last.pt", eval_model().state_dict())
+        torch_save(state_path, {"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                "scaler": scaler.state_dict(), "rng": _rng_state(), "epoch": epoch,
+                                "best": best, "stage": stage})
+        write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+        console.print(f"fold {fold} epoch {epoch} stage {stage}: loss {train_loss:.4f} val_loss {val_loss:.4f} "
+                      f"val_macro_f1 {f1:.4f}{' *' if improved else ''} ({rec['train_img_per_s']:.0f} img/s)",
+                      highlight=False)
+        if on_epoch is not None:
+            on_epoch(epoch, rec)
+
+    write_json(out / "train_result.json", {"fold": fold, "best_macro_f1": best, "epochs": len(history)})
+    return {"fold": fold, "best_macro_f1": best, "history": history}
+
+
+def _train_epoch(fwd, model, ema, loader, opt, sched, scaler, loss_fn, device, norm, t, stage, desc):
+    model.train()
+    if stage == 2:  # frozen backbone: BN statistics stay as trained
+        model.eval()
+        model.get_classifier().train()
+    total, n = 0.0, 0
+    cl = bool(t.get("channels_last")) and device.type == "cuda"
+    with progress() as bar:
+        task = bar.add_task(desc, total=len(loader), info="")
+        for x, y in loader:
+            x = normalize(x.to(device, non_blocking=True), norm["mean"], norm["std"])
+            if cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = y.to(device, non_blocking=True)
+            with autocast(device, t.get("amp", "none")):
+                if stage == 2:
+                    with torch.no_grad():
+                        feats = model.forward_head(model.forward_features(x), pre_logits=True)
+                    logits = model.get_classifier()(feats.float())
+                else:
+                    logits = fwd(x)
+            loss = loss_fn(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if t.get("grad_clip"):
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
+                                               float(t["grad_clip"]))
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            if ema is not None:
+                ema.update(model)
+            total += loss.item() * len(y)
+            n += len(y)
+            bar.update(task, advance=1, info=f"loss {total / n:.4f}")
+    return total / max(n, 1), n
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,35 @@
+import pytest
+
+from wbc.config import CONFIG_DIR, dump_config, load_config
+from wbc.errors import WBCError
+
+
+def test_chain_and_overrides():
+    cfg = load_config(CONFIG_DIR / "swin_tiny.yaml", ["train.epochs=3", "train.sampler.type=balanced"])
+    assert cfg["name"] == "swin_tiny"
+    assert cfg["model"]["arch"] == "swin_tiny_patch4_window7_224"  # own file
+    assert cfg["train"]["ema_decay"] == 0.998  # from convnext_tiny.yaml (its base)
+    assert cfg["predict"]["batch_size"] == 128  # from base.yaml
+    assert cfg["train"]["epochs"] == 3 and cfg["train"]["sampler"]["type"] == "balanced"
+    assert load_config(CONFIG_DIR / "swin_tiny.yaml", ["name=x"])["name"] == "x"
+
+
+def test_dump_round_trip(tmp_path):
+    cfg = load_config(CONFIG_DIR / "tiny_cpu.yaml", ["train.lr=0.5"])
+    p = tmp_path / "c.yaml"
+    p.write_text(dump_config(cfg))
+    again = load_config(p)
+    assert again["train"]["lr"] == 0.5 and again["model"] == cfg["model"]
+
+
+def test_bad_override_and_missing_file(tmp_path):
+    with pytest.raises(WBCError, match="not key=value"):
+        load_config(None, ["train.epochs"])
+    with pytest.raises(WBCError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_wbc_data_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("WBC_DATA", str(tmp_path))
+    assert load_config(None)["data"]["root"] == str(tmp_path)
+    assert load_config(None, ["data.root=/x"])["data"]["root"] == "/x"

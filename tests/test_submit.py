@@ -1,0 +1,42 @@
+import json
+
+import pandas as pd
+import pytest
+
+from wbc.errors import WBCError
+from wbc.submit import validate_submission, write_submission
+
+CLASSES = ["A", "B", "C"]
+
+
+def frame(ids, labels):
+    return pd.DataFrame({"ID": ids, "labels": labels})
+
+
+@pytest.mark.parametrize("ids,labels,msg", [
+    (["1", "2"], ["A", "B"], "1 test IDs missing, e.g. 3"),
+    (["1", "2", "3", "4"], ["A", "B", "C", "A"], ":5: ID 4 is not in the test split"),
+    (["1", "2", "2", "3"], ["A", "B", "B", "C"], ":4: duplicate ID 2"),
+    (["1", "2", "3"], ["A", "B", "Z"], ":4: label 'Z' is not a class code"),
+])
+def test_validation_refuses(ids, labels, msg):
+    with pytest.raises(WBCError, match=msg):
+        validate_submission(frame(ids, labels), ["1", "2", "3"], CLASSES, "sub.csv")
+
+
+def test_wrong_columns():
+    with pytest.raises(WBCError, match="columns must be ID,labels"):
+        validate_submission(pd.DataFrame({"id": ["1"], "label": ["A"]}), ["1"], CLASSES)
+
+
+def test_write_in_test_order_with_sidecar(tmp_path):
+    (tmp_path / "phase2_test.csv").write_text("ID,labels\n3,\n1,\n2,\n")
+    path = write_submission(tmp_path, ["1", "2", "3"], ["A", "B", "C"], "x", CLASSES, {"cv_macro_f1": 0.5},
+                            out_dir=tmp_path / "subs")
+    df = pd.read_csv(path, dtype=str)
+    assert list(df["ID"]) == ["3", "1", "2"] and list(df["labels"]) == ["C", "A", "B"]
+    side = json.loads((tmp_path / "subs" / "x.json").read_text())
+    assert side["cv_macro_f1"] == 0.5 and side["predicted_counts"] == {"A": 1, "B": 1, "C": 1}
+    with pytest.raises(WBCError):
+        write_submission(tmp_path, ["1", "2"], ["A", "B"], "bad", CLASSES, {}, out_dir=tmp_path / "subs")
+    assert not (tmp_path / "subs" / "bad.csv").exists()

@@ -1,0 +1,100 @@
+"""A real (tiny) training run on CPU: it learns, it resumes exactly, its OOF covers the pool."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from wbc.config import run_dir
+from wbc.folds import build_folds
+from wbc.io import load_probs, torch_load, write_csv
+from wbc.predict.fold import predict_fold
+from wbc.predict.merge import merge_run
+from wbc.train.inputs import load_fold_data
+from wbc.train.loop import StopTraining, train_fold
+
+
+@pytest.fixture
+def cfg2(sample_root, make_cfg):
+    """Two folds, so a test can cover the whole pool quickly."""
+    def make(*overrides):
+        cfg = make_cfg(sample_root, "folds.n_folds=2", *overrides)
+        write_csv(cfg["folds"]["file"], build_folds(cfg))
+        return cfg
+    return make
+
+
+def test_learns_above_chance(cfg2):
+    cfg = cfg2("train.epochs=6")
+    res = train_fold(cfg, 0)
+    hist = res["history"]
+    n_cls = len(load_fold_data(cfg).classes)
+    assert hist[-1]["train_loss"] < hist[0]["train_loss"]
+    assert res["best_macro_f1"] > 2.0 / n_cls  # chance is ~1/n_classes
+    lines = (run_dir(cfg) / "fold0" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == list(range(6))
+    sd = torch.load(run_dir(cfg) / "fold0" / "best.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in sd.values())
+
+
+def test_resume_is_exact(cfg2):
+    # EMA, a stage-2 classifier re-training and augmentation all have state that must survive a kill.
+    over = ["train.epochs=2", "train.stage2.epochs=1", "train.ema=true", "train.ema_decay=0.9",
+            "train.loss.type=focal", "train.sampler.type=balanced"]
+    full = cfg2(*over, "name=full")
+    data = load_fold_data(full)
+    train_fold(full, 0, data=data)
+
+    part = cfg2(*over, "name=part")
+
+    def kill(epoch, rec):
+        if epoch == 1:
+            raise StopTraining
+
+    with pytest.raises(StopTraining):
+        train_fold(part, 0, on_epoch=kill, data=data)
+    state = torch_load(run_dir(part) / "fold0" / "state.pt")
+    assert state["epoch"] == 1
+    train_fold(part, 0, resume=True, data=data)
+
+    a = torch_load(run_dir(full) / "fold0" / "last.pt")
+    b = torch_load(run_dir(part) / "fold0" / "last.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ma = [json.loads(x) for x in (run_dir(full) / "fold0" / "metrics.jsonl").read_text().splitlines()]
+    mb = [json.loads(x) for x in (run_dir(part) / "fold0" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["val_macro_f1"] for m in ma] == [m["val_macro_f1"] for m in mb]
+    assert [m["stage"] for m in mb] == [1, 1, 2]
+
+
+def test_oof_covers_pool_and_merges(cfg2):
+    cfg = cfg2("train.epochs=1", "predict.tta=8")
+    data = load_fold_data(cfg)
+    for k in (0, 1):
+        train_fold(cfg, k, data=data)
+        predict_fold(cfg, k, data)
+    folds = pd.read_csv(cfg["folds"]["file"], dtype=str)
+    rep = merge_run(run_dir(cfg), expected_ids=folds["ID"])
+    assert rep["oof_complete"]
+    oof = load_probs(run_dir(cfg) / "oof.csv")
+    assert sorted(oof.ids) == sorted(folds["ID"]) and len(set(oof.ids)) == len(oof.ids)
+    fmap = dict(zip(folds["ID"], folds["fold"].astype(int)))
+    assert all(fmap[i] == f for i, f in zip(oof.ids, oof.folds))
+    np.testing.assert_allclose(oof.probs.sum(1), 1, atol=1e-5)
+    test = load_probs(run_dir(cfg) / "test.csv")
+    assert sorted(test.ids) == sorted(data.test["ID"])
+    f0, f1 = (load_probs(run_dir(cfg) / f"fold{k}" / "test.csv").align(test.ids).probs for k in (0, 1))
+    np.testing.assert_allclose(test.probs, (f0 + f1) / 2, atol=1e-6)  # fold mean
+    ev = load_probs(run_dir(cfg) / "eval.csv")
+    assert sorted(ev.ids) == sorted(data.holdout["ID"]) and "eval" in rep
+    assert (run_dir(cfg) / "confusion_oof.png").stat().st_size > 1000
+
+
+def test_tta_views_are_the_dihedral_group():
+    from wbc.models.inference import view
+
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    views = {tuple(view(x, k).flatten().tolist()) for k in range(8)}
+    assert len(views) == 8
