@@ -13,6 +13,7 @@ COMMAND_MODULES = [
     "wbc.data.cli",
     "wbc.folds",
     "wbc.train.cli",
+    "wbc.train.benchmark",
     "wbc.predict.cli",
     "wbc.embed.cli",
     "wbc.restore.cli",

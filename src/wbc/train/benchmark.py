@@ -1,0 +1,118 @@
+"""Training throughput of the real `train-fold` input pipeline vs a plain timm loop on GPU-resident data.
+
+Both sides use the same model, batch size, precision and channels_last; the pipeline side runs the
+trainer's own epoch function over cached images with its augmentation and data-loader workers. The ratio
+says whether the input pipeline starves the accelerator (target >= 0.9).
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from ..config import run_dir
+from ..console import console, print_table
+from ..data.augment import build_transform
+from ..data.dataset import CellDataset, normalize
+from ..io import write_json
+from ..models.factory import create_model, model_data_config
+from ..models.inference import autocast
+from .inputs import load_fold_data
+from .loop import _loader, _optimizer, _train_epoch, pick_device, seed_everything
+from .losses import build_loss
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _model(cfg, n_cls, device):
+    m = create_model({**cfg["model"], "pretrained": False, "pretrained_file": None}, n_cls).to(device)
+    if cfg["train"].get("channels_last") and device.type == "cuda":
+        m = m.to(memory_format=torch.channels_last)
+    return m
+
+
+def benchmark(cfg: dict, steps: int = 50, warmup: int = 10) -> dict:
+    seed_everything(int(cfg.get("seed", 0)))
+    device = pick_device(cfg)
+    t = cfg["train"]
+    data = load_fold_data(cfg, with_test=False)
+    n_cls = len(data.classes)
+    bs = int(t["batch_size"])
+    lut = {c: i for i, c in enumerate(data.classes)}
+    y = data.pool["labels"].map(lut).to_numpy()
+    counts = np.bincount(y, minlength=n_cls)
+    loss_fn = build_loss(t["loss"], counts)
+    cl = bool(t.get("channels_last")) and device.type == "cuda"
+
+    # The trainer's path: cached uint8 images -> augmentation in workers -> device normalisation -> step.
+    model = _model(cfg, n_cls, device)
+    norm = model_data_config(model)
+    opt = _optimizer(None, float(t["lr"]), float(t["weight_decay"]), model)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    fwd = torch.compile(model) if t.get("compile") else model
+    idx = np.random.default_rng(0).integers(0, len(y), (warmup + steps) * bs)
+    ds = CellDataset(data.pool_images, y, build_transform(cfg, train=True), 0)
+
+    def pipeline_run(n_batches):
+        sub = torch.utils.data.Subset(ds, idx[: n_batches * bs].tolist())
+        loader = _loader(sub, None, bs, int(t["num_workers"]), device, 0)
+        _sync(device)
+        t0 = time.perf_counter()
+        _, n = _train_epoch(fwd, model, None, loader, opt, sched, scaler, loss_fn, device, norm, t, 1, "pipeline")
+        _sync(device)
+        return n / (time.perf_counter() - t0)
+
+    pipeline_run(warmup)
+    pipe = pipeline_run(steps)  # includes worker start-up, as every real epoch does
+
+    # The plain loop: the same images, pre-normalised and resident on the device.
+    model = _model(cfg, n_cls, device)
+    opt = _optimizer(None, float(t["lr"]), float(t["weight_decay"]), model)
+    fwd = torch.compile(model) if t.get("compile") else model
+    x_all = normalize(torch.from_numpy(np.ascontiguousarray(data.pool_images[np.sort(idx[: steps * bs][:4096])]))
+                      .permute(0, 3, 1, 2).to(device), norm["mean"], norm["std"])
+    y_all = torch.as_tensor(y[np.sort(idx[: steps * bs][:4096])], device=device)
+    if cl:
+        x_all = x_all.contiguous(memory_format=torch.channels_last)
+
+    def plain_run(n_batches):
+        model.train()
+        _sync(device)
+        t0 = time.perf_counter()
+        for i in range(n_batches):
+            j = torch.randint(0, len(x_all), (bs,), device=device)
+            with autocast(device, t.get("amp", "none")):
+                loss = loss_fn(fwd(x_all[j]).float(), y_all[j])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        _sync(device)
+        return n_batches * bs / (time.perf_counter() - t0)
+
+    plain_run(warmup)
+    plain = plain_run(steps)
+    res = {"arch": cfg["model"]["arch"], "image_size": cfg["data"]["image_size"], "batch_size": bs,
+           "amp": t.get("amp"), "channels_last": cl, "num_workers": int(t["num_workers"]), "device": str(device),
+           "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "steps": steps,
+           "pipeline_img_per_s": pipe, "plain_img_per_s": plain, "ratio": pipe / plain}
+    print_table("training throughput", ["path", "img/s"],
+                [["train-fold pipeline", pipe], ["plain loop, data on device", plain], ["ratio", pipe / plain]],
+                "{:.2f}")
+    out = run_dir(cfg) / "throughput.json"
+    write_json(out, res)
+    console.print(f"wrote {out}")
+    return res
+
+
+def register(sub) -> None:
+    from ..cli_common import add_config_args, config_from_args
+
+    p = add_config_args(sub.add_parser("benchmark-throughput", help="train-fold img/s vs a plain preloaded loop"))
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=10)
+    p.set_defaults(func=lambda a: benchmark(config_from_args(a), a.steps, a.warmup))

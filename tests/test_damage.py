@@ -1,0 +1,119 @@
+"""Damage simulator: shape/dtype, identity at severity 0, determinism, strictly ordered severities, Compose use."""
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from wbc.data import damage as D
+
+
+def smear(size: int, seed: int) -> np.ndarray:
+    """A cell-like test image: a pale background, some discs, a dark nucleus, a little texture."""
+    r = np.random.default_rng(seed)
+    img = np.full((size, size, 3), (240, 222, 212), np.float32)
+    for _ in range(6):
+        cv2.circle(img, tuple(int(v) for v in r.integers(0, size, 2)), int(size * 0.12), (222, 182, 190), -1)
+    cv2.circle(img, (size // 2, size // 2), int(size * 0.22), (200, 180, 214), -1)
+    cv2.ellipse(img, (size // 2, size // 2), (int(size * 0.12), int(size * 0.07)), 30, 0, 360, (84, 46, 132), -1)
+    img += r.normal(0, 3, img.shape)
+    return np.clip(cv2.GaussianBlur(img, (3, 3), 0.8), 0, 255).astype(np.uint8)
+
+
+def psnr(a, b) -> float:
+    mse = np.mean((a.astype(float) - b.astype(float)) ** 2)
+    return np.inf if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+IMG = smear(96, 0)
+
+
+def test_kinds_and_groups():
+    assert D.KINDS == ("gaussian_noise", "color_noise", "salt_pepper", "iso_noise", "gaussian_blur", "defocus_blur",
+                       "motion_blur", "gain", "gamma", "vignette", "color_cast", "jpeg")
+    assert set(D.NOISE) | set(D.BLUR) | set(D.LIGHTING) | {"jpeg"} == set(D.KINDS)
+    assert not set(D.NOISE) & set(D.BLUR) and not set(D.BLUR) & set(D.LIGHTING)
+
+
+@pytest.mark.parametrize("kind", D.KINDS)
+def test_apply_keeps_shape_dtype_and_is_seeded(kind):
+    img = smear(72, 1)[:, :50]  # not square
+    out = D.apply(img, kind, 2, np.random.default_rng(3))
+    assert out.shape == img.shape and out.dtype == np.uint8
+    assert not np.array_equal(out, img)
+    assert np.array_equal(out, D.apply(img, kind, 2, np.random.default_rng(3)))
+    assert np.array_equal(img, smear(72, 1)[:, :50])  # input untouched
+    same = D.apply(img, kind, 0, np.random.default_rng(3))
+    assert np.array_equal(same, img) and same is not img
+
+
+def test_different_seeds_differ():
+    a = D.damage(IMG, 2, np.random.default_rng(0))
+    assert np.array_equal(a, D.damage(IMG, 2, np.random.default_rng(0)))
+    assert not np.array_equal(a, D.damage(IMG, 2, np.random.default_rng(1)))
+
+
+@pytest.mark.parametrize("kind", D.KINDS + ("composite",))
+def test_psnr_strictly_falls_with_severity(kind):
+    for img in (IMG, smear(224, 1)):
+        for seed in range(8):
+            ps = []
+            for sev in range(1, D.MAX_SEVERITY + 1):
+                rng = np.random.default_rng(seed)
+                out = D.damage(img, sev, rng) if kind == "composite" else D.apply(img, kind, sev, rng)
+                ps.append(psnr(img, out))
+            assert all(a > b for a, b in zip(ps, ps[1:])), (kind, seed, ps)
+
+
+def test_composite_identity_and_kind_choice():
+    out = D.damage(IMG, 0, np.random.default_rng(0))
+    assert np.array_equal(out, IMG) and out is not IMG
+    # Only gain allowed: the output is the input times one factor (unclipped pixels).
+    out = D.damage(IMG, 2, np.random.default_rng(0), kinds=["gain"]).astype(float)
+    ok = (out > 5) & (out < 250)
+    ratio = out[ok] / IMG.astype(float)[ok]
+    assert abs(ratio.mean() - 1) > 0.2 and ratio.std() < 0.02
+    # Blur alone keeps the mean colour; adding a lighting group changes it.
+    blur = D.damage(IMG, 3, np.random.default_rng(0), kinds=D.BLUR)
+    assert np.abs(blur.mean((0, 1)) - IMG.mean((0, 1))).max() < 1
+    both = [D.damage(IMG, 3, np.random.default_rng(s), kinds=D.BLUR + ("gain",)) for s in range(3)]
+    assert all(np.abs(b.mean((0, 1)) - IMG.mean((0, 1))).max() > 10 for b in both)
+    one = D.damage(IMG, 3, np.random.default_rng(0), n_ops=1)
+    assert one.shape == IMG.shape
+    with pytest.raises(ValueError, match="unknown damage kind"):
+        D.damage(IMG, 1, np.random.default_rng(0), kinds=["sparkle"])
+    with pytest.raises(ValueError, match="n_ops"):
+        D.damage(IMG, 1, np.random.default_rng(0), n_ops=4)
+    with pytest.raises(ValueError, match="severity"):
+        D.damage(IMG, 5, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="uint8 HxWx3"):
+        D.apply(IMG.astype(np.float32), "gain", 1, np.random.default_rng(0))
+
+
+def test_transform_in_compose_is_reproducible():
+    import albumentations as A
+
+    def run(seed):
+        t = A.Compose([A.HorizontalFlip(p=0.5), D.DamageTransform(max_severity=3, p=0.8)], seed=seed)
+        return [t(image=IMG)["image"] for _ in range(6)]
+
+    a, b, c = run(5), run(5), run(6)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert any(not np.array_equal(x, y) for x, y in zip(a, c))
+    assert sum(not np.array_equal(x, IMG) and not np.array_equal(x, IMG[:, ::-1]) for x in a) >= 3
+    off = A.Compose([D.DamageTransform(p=0.0)], seed=0)
+    assert np.array_equal(off(image=IMG)["image"], IMG)
+    t = D.DamageTransform(max_severity=2, kinds=D.NOISE, p=1.0)
+    t.set_random_seed(0)
+    assert {t.get_params()["severity"] for _ in range(50)} == {1, 2}
+    with pytest.raises(ValueError):
+        D.DamageTransform(max_severity=9)
+
+
+def test_fast_enough():
+    img = smear(224, 2)
+    t = time.perf_counter()
+    for i, kind in enumerate(D.KINDS * 3):
+        D.apply(img, kind, 3, np.random.default_rng(i))
+    per_op = (time.perf_counter() - t) / (3 * len(D.KINDS))
+    assert per_op < 0.015  # ~1.5 ms on a free core; loose for a shared CI machine

@@ -1,0 +1,140 @@
+"""Long-tail losses against hand computations; class-rebalancing sampler laws and reproducibility."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from wbc.errors import WBCError
+from wbc.train.losses import build_loss, class_weights, log_prior
+from wbc.train.sampling import build_sampler, class_sampling_weights
+
+LOGITS = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [-0.5, 1.5, 0.0]])
+TARGET = torch.tensor([0, 2, 1])
+COUNTS = np.array([60, 30, 10])
+
+
+def _loss(**cfg):
+    return build_loss({"label_smoothing": 0.0, **cfg}, COUNTS)
+
+
+def _log_softmax_rows(logits):
+    return [[z - math.log(sum(math.exp(v) for v in row)) for z in row] for row in logits.tolist()]
+
+
+def test_ce_matches_hand_computation():
+    logp = _log_softmax_rows(LOGITS)
+    hand = -sum(logp[i][y] for i, y in enumerate(TARGET.tolist())) / 3
+    assert _loss(type="ce")(LOGITS, TARGET).item() == pytest.approx(hand, rel=1e-6)
+
+    eps = 0.1  # smoothed target: (1 - eps) on the label, eps / C spread over every class
+    hand_ls = sum(-(1 - eps) * logp[i][y] - eps / 3 * sum(logp[i]) for i, y in enumerate(TARGET.tolist())) / 3
+    assert _loss(type="ce", label_smoothing=eps)(LOGITS, TARGET).item() == pytest.approx(hand_ls, rel=1e-6)
+
+
+def test_weighted_smoothed_ce_matches_torch():
+    loss = _loss(type="ce", label_smoothing=0.1, class_weight="inverse", class_weight_power=1.0)
+    w = torch.tensor(class_weights(COUNTS, "inverse", power=1.0), dtype=torch.float32)
+    ref = F.cross_entropy(LOGITS, TARGET, weight=w, label_smoothing=0.1)
+    assert loss(LOGITS, TARGET).item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_focal_matches_hand_computation():
+    gamma = 2.0
+    alpha = class_weights(COUNTS, "inverse", power=0.5)
+    logp = _log_softmax_rows(LOGITS)
+    terms = [-alpha[y] * (1 - math.exp(logp[i][y])) ** gamma * logp[i][y] for i, y in enumerate(TARGET.tolist())]
+    hand = sum(terms) / sum(alpha[y] for y in TARGET.tolist())
+    loss = _loss(type="focal", focal_gamma=gamma, class_weight="inverse", class_weight_power=0.5)
+    assert loss(LOGITS, TARGET).item() == pytest.approx(hand, rel=1e-5)
+    # gamma = 0 is plain cross-entropy
+    assert _loss(type="focal", focal_gamma=0.0)(LOGITS, TARGET).item() == pytest.approx(
+        F.cross_entropy(LOGITS, TARGET).item(), rel=1e-6)
+
+
+def test_balanced_softmax_is_ce_on_logits_plus_log_prior():
+    prior = torch.log(torch.tensor(COUNTS / COUNTS.sum(), dtype=torch.float32))
+    ref = F.cross_entropy(LOGITS + prior, TARGET)
+    assert _loss(type="balanced_softmax")(LOGITS, TARGET).item() == pytest.approx(ref.item(), rel=1e-6)
+    assert ref.item() != pytest.approx(F.cross_entropy(LOGITS, TARGET).item(), rel=1e-3)
+
+
+def test_logit_adjusted_scales_the_prior_by_tau():
+    prior = torch.tensor(log_prior(COUNTS), dtype=torch.float32)
+    ref = F.cross_entropy(LOGITS + 0.5 * prior, TARGET)
+    assert _loss(type="logit_adjusted", tau=0.5)(LOGITS, TARGET).item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_soft_targets_mix_the_hard_losses():
+    loss = _loss(type="ce")
+    other = torch.tensor([1, 1, 0])
+    lam = 0.7
+    soft = lam * F.one_hot(TARGET, 3).float() + (1 - lam) * F.one_hot(other, 3).float()
+    expected = lam * loss(LOGITS, TARGET) + (1 - lam) * loss(LOGITS, other)
+    assert loss(LOGITS, soft).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_class_weight_values():
+    np.testing.assert_allclose(class_weights([1, 2, 4], "inverse", power=1.0), [12 / 7, 6 / 7, 3 / 7])
+    np.testing.assert_allclose(class_weights([1, 4, 16], "inverse", power=0.5), [12 / 7, 6 / 7, 3 / 7])
+    # effective numbers (1 - 0.5^n) / 0.5 = 1, 1.5, 1.75 -> weights 1, 2/3, 4/7, scaled to mean 1
+    inv = np.array([1, 2 / 3, 4 / 7])
+    np.testing.assert_allclose(class_weights([1, 2, 3], "effective", beta=0.5), inv / inv.mean())
+    np.testing.assert_allclose(class_weights([5, 0, 7], "none"), [1, 1, 1])
+    assert np.isfinite(class_weights([5, 0, 7], "inverse")).all()  # an absent class gets no infinite weight
+    with pytest.raises(WBCError, match="class_weight"):
+        class_weights([1, 2], "bogus")
+    with pytest.raises(WBCError, match="train.loss.type"):
+        build_loss({"type": "bogus"}, COUNTS)
+
+
+LABELS = np.repeat(np.arange(4), [900, 90, 9, 1])  # 900:1 long tail
+
+
+@pytest.mark.parametrize("kind, mass", [
+    ("none", [900, 90, 9, 1]),
+    ("sqrt", [30, 90 ** 0.5, 3, 1]),
+    ("power", [900 ** 0.25, 90 ** 0.25, 9 ** 0.25, 1]),
+    ("balanced", [1, 1, 1, 1]),
+    ("effective", [(1 - 0.99 ** n) / 0.01 for n in (900, 90, 9, 1)]),
+])
+def test_class_mass_follows_the_law(kind, mass):
+    w = class_sampling_weights(LABELS, 4, kind, power=0.25, beta=0.99)
+    per_class = np.bincount(LABELS, weights=w, minlength=4)
+    np.testing.assert_allclose(per_class, np.array(mass) / np.sum(mass), rtol=1e-9)
+    # uniform within a class
+    assert np.ptp(w[LABELS == 0]) == 0
+
+
+def test_sampler_draws_match_the_target_distribution():
+    sampler = build_sampler(LABELS, 4, {"type": "sqrt"}, num_samples=100_000, seed=3)
+    freq = np.bincount(LABELS[np.fromiter(sampler, int)], minlength=4) / 100_000
+    target = np.array([30, 90 ** 0.5, 3, 1]) / (34 + 90 ** 0.5)
+    np.testing.assert_allclose(freq, target, atol=0.005)
+
+
+def test_sampler_is_a_function_of_seed_and_epoch():
+    assert build_sampler(LABELS, 4, {"type": "none"}) is None
+    a = build_sampler(LABELS, 4, {"type": "balanced"}, seed=7)
+    assert len(a) == len(LABELS) and len(list(a)) == len(LABELS)  # one epoch = the dataset length
+    epochs = []
+    for epoch in range(3):
+        a.set_epoch(epoch)
+        epochs.append(list(a))
+    assert epochs[0] != epochs[1] != epochs[2]
+    assert list(a) == epochs[2]  # re-iterating an epoch repeats it
+
+    resumed = build_sampler(LABELS, 4, {"type": "balanced"}, seed=7)
+    resumed.set_epoch(2)
+    assert list(resumed) == epochs[2]
+    other_seed = build_sampler(LABELS, 4, {"type": "balanced"}, seed=8)
+    other_seed.set_epoch(2)
+    assert list(other_seed) != epochs[2]
+
+
+def test_sampler_rejects_bad_labels():
+    with pytest.raises(WBCError, match=r"\[0, 4\)"):
+        class_sampling_weights(np.array([0, 1, 4]), 4, "sqrt")
+    with pytest.raises(WBCError, match="sampler type"):
+        class_sampling_weights(LABELS, 4, "bogus")
