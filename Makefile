@@ -9,14 +9,19 @@ DATA ?=
 NAME ?=
 SPLIT ?= phase2_test
 ARGS ?=
+ENSEMBLE ?= configs/ensemble/sample.yaml
+STUDY ?= configs/tune_train.yaml
+STORAGE ?=
+TRIALS ?=
 export NO_ALBUMENTATIONS_UPDATE := 1
+export PYTHONUNBUFFERED := 1
 # DATA= wins over the config's data.root (as does the WBC_DATA environment variable).
 OVR := $(if $(DATA),data.root=$(DATA)) $(ARGS)
 WBC := $(PY) -m wbc
 
 .DEFAULT_GOAL := help
 .PHONY: help setup test sample-data folds train-fold train-all predict submit check-submission convert-effnet \
-        demo benchmark-throughput
+        demo benchmark-throughput ensemble tune-train
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-22s\033[0m %s\n", $$1, $$2}'
@@ -59,3 +64,10 @@ demo: ## the whole chain on the sample data, on CPU (a few minutes)
 
 benchmark-throughput: ## training img/s of train-fold vs a plain timm loop on preloaded data (GPU)
 	$(WBC) benchmark-throughput -c $(CONFIG) $(OVR)
+
+ensemble: ## blend runs, tune the macro-F1 decision rule with Optuna, write the submission (ENSEMBLE=configs/ensemble/<name>.yaml)
+	$(WBC) ensemble -c $(ENSEMBLE) $(OVR)
+
+tune-train: ## Optuna study of training-time class handling on pruned fold runs (STUDY=, STORAGE=, TRIALS=; one per GPU)
+	$(WBC) tune-train -c $(CONFIG) --study-config $(STUDY) $(if $(STORAGE),--storage $(STORAGE)) \
+	    $(if $(TRIALS),--n-trials $(TRIALS)) $(OVR)

@@ -27,7 +27,7 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
     if not path.exists():
         raise WBCError(f"{path}: config file not found")
     try:
@@ -43,7 +43,7 @@ def _chain(path: Path, seen: tuple = ()) -> dict:
     path = path.resolve()
     if path in seen:
         raise WBCError(f"{path}: config inherits from itself")
-    data = _read_yaml(path)
+    data = read_yaml(path)
     parent = data.pop("base", None)
     if parent is None:
         root = CONFIG_DIR / "base.yaml"

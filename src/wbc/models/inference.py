@@ -34,7 +34,7 @@ def predict_probs(model, images: np.ndarray, device, mean, std, tta: int = 1, ba
     with progress() as bar:
         task = bar.add_task(desc, total=len(images), info="")
         for s in range(0, len(images), batch_size):
-            x = torch.from_numpy(np.ascontiguousarray(images[s:s + batch_size])).permute(0, 3, 1, 2)
+            x = torch.from_numpy(np.array(images[s:s + batch_size])).permute(0, 3, 1, 2)  # copy: memmaps are read-only
             x = normalize(x.to(device, non_blocking=True), mean, std)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)

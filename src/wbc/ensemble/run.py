@@ -1,0 +1,165 @@
+"""`make ensemble`: blend members, tune the decision rule on OOF, estimate it honestly, write predictions,
+the report and the submission. Outputs go to `<output_dir>/ensemble/<name>/` (see docs/ensemble.md)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..config import dump_config, resolve_path
+from ..console import console
+from ..errors import WBCError
+from ..io import save_probs, write_csv, write_json, write_text
+from ..metrics import save_confusion_png
+from .blend import SPACES, blend, check_members, load_member, resolve_weights
+from .decision import apply_rule, class_prior
+from .report import print_per_class, print_rule, print_summary, step_scores
+from .tune import RuleSpace, make_storage, n_finished, nested_estimate, tune_rule
+
+KEYS = {
+    "ensemble": {"members", "blend", "tuning", "submit", "submit_dir"},
+    "ensemble.blend": {"space", "weights"},
+    "ensemble.tuning": {"n_trials", "seed", "nested", "nested_trials", "storage"} | set(RuleSpace.__dataclass_fields__),
+}
+
+
+def _check_keys(ens: dict) -> None:
+    for section, known in KEYS.items():
+        node = ens if section == "ensemble" else ens.get(section.split(".")[1]) or {}
+        if not isinstance(node, dict):
+            raise WBCError(f"{section}: must be a mapping")
+        unknown = sorted(set(node) - known)
+        if unknown:
+            raise WBCError(f"{section}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+
+
+def _member_names(members) -> list[str]:
+    short = [Path(m.name).name for m in members]
+    return short if len(set(short)) == len(short) else [m.name for m in members]
+
+
+def rule_steps(rule: dict) -> list[tuple[str, dict]]:
+    """The tuned rule built up one part at a time: bias, then thresholds, then quota (those it uses)."""
+    steps = [("+bias", dict(rule, thresholds={}, quota=0.0))]
+    if rule["thresholds"]:
+        steps.append(("+thresholds", dict(rule, quota=0.0)))
+    if rule["quota"] > 0:
+        steps.append(("+quota", rule))
+    return steps
+
+
+def _pred_frame(ids, pred, classes) -> pd.DataFrame:
+    return pd.DataFrame({"ID": ids, "labels": np.asarray(classes)[pred]})
+
+
+def run_ensemble(cfg: dict) -> dict:
+    ens = cfg.get("ensemble") or {}
+    _check_keys(ens)
+    if not ens.get("members"):
+        raise WBCError("ensemble.members: list the run folders to blend (e.g. outputs/<run>)")
+    name = cfg["name"]
+    out = resolve_path(cfg.get("output_dir") or "outputs") / "ensemble" / name
+    bcfg, tcfg = ens.get("blend") or {}, ens.get("tuning") or {}
+    space = bcfg.get("space", "prob")
+    if space not in SPACES:
+        raise WBCError(f"ensemble.blend.space: '{space}' is not one of {', '.join(SPACES)}")
+
+    members = check_members([load_member(m) for m in ens["members"]])
+    names = _member_names(members)
+    wspec = bcfg.get("weights", "fit")
+    weights, how = resolve_weights(wspec, members, space)
+    oof, ev, test = blend(members, weights, space)
+    classes, n_cls = oof.classes, len(oof.classes)
+    y = oof.label_index()
+    prior = class_prior(y, n_cls)
+
+    rspace = RuleSpace.from_cfg(tcfg)
+    seed = int(tcfg.get("seed", cfg.get("seed", 42)))
+    n_trials = int(tcfg.get("n_trials", 200))
+    storage_spec = tcfg.get("storage") or f"journal:{out / 'optuna.journal'}"
+    storage = make_storage(storage_spec)
+    console.print(f"[bold]ensemble {name}[/]: {len(members)} member(s), {len(y)} OOF / "
+                  f"{0 if ev is None else len(ev.ids)} eval / {len(test.ids)} test rows; storage {storage_spec}")
+    rule, study = tune_rule(oof.probs, y, classes, rspace, storage=storage, study_prefix=f"ensemble-{name}",
+                            n_trials=n_trials, seed=seed, prior=prior)
+    nested = None
+    if tcfg.get("nested", True):
+        nested = nested_estimate([m.oof.probs for m in members], y, oof.folds, classes, rspace,
+                                 weights=weights if wspec != "fit" else None, blend_space=space, storage=storage,
+                                 study_prefix=f"ensemble-{name}-nested", seed=seed,
+                                 n_trials=int(tcfg.get("nested_trials") or n_trials))
+
+    steps = rule_steps(rule)
+    final_step = steps[-1][0]
+
+    def step_preds(split: str, probs: np.ndarray) -> dict:
+        preds = {n: getattr(m, split).probs.argmax(1) for n, m in zip(names, members)}
+        preds["blend"] = probs.argmax(1)
+        preds.update({s: apply_rule(probs, r) for s, r in steps})
+        return preds
+
+    oof_preds = step_preds("oof", oof.probs)
+    scores = {"oof": step_scores(y, oof_preds, classes), "oof_nested": None if nested is None else nested["macro_f1"]}
+    eval_labelled = ev is not None and (ev.labels != "").all()
+    if ev is not None:
+        eval_preds = step_preds("eval", ev.probs)
+        if eval_labelled:
+            scores["eval"] = step_scores(ev.label_index(), eval_preds, classes)
+    test_pred = apply_rule(test.probs, rule)
+
+    weights_by_name = dict(zip(names, map(float, weights)))
+    decision = {
+        "rule": rule,
+        "tuned_params": study.best_params,
+        "blend": {"space": space, "weights": weights_by_name, "how": how},
+        "members": [str(m.path) for m in members],
+        "study": {"storage": storage_spec, "name": study.study_name, "finished_trials": n_finished(study),
+                  "best_value": study.best_value, "seed": seed},
+    }
+    report = {
+        "name": name,
+        "final_step": final_step,
+        "members": [{"name": n, "path": str(m.path), "weight": float(w)} for n, m, w in zip(names, members, weights)],
+        "scores": scores,
+        "nested": None if nested is None else {k: v for k, v in nested.items() if k != "pred"},
+        "n": {"oof": len(y), "eval": 0 if ev is None else len(ev.ids), "test": len(test.ids)},
+    }
+
+    save_probs(out / "oof.csv", oof)
+    write_csv(out / "oof_pred.csv", _pred_frame(oof.ids, oof_preds[final_step], classes))
+    save_confusion_png(out / "confusion_oof.png", y, oof_preds[final_step], classes,
+                       title=f"OOF, tuned rule (in-sample) macro-F1 {scores['oof'][final_step]['macro_f1']:.4f}")
+    if ev is not None:
+        save_probs(out / "eval.csv", ev)
+        write_csv(out / "eval_pred.csv", _pred_frame(ev.ids, eval_preds[final_step], classes))
+        if eval_labelled:
+            save_confusion_png(out / "confusion_eval.png", ev.label_index(), eval_preds[final_step], classes,
+                               title=f"phase2_eval, tuned rule macro-F1 {scores['eval'][final_step]['macro_f1']:.4f}")
+    save_probs(out / "test.csv", test)
+    write_csv(out / "test_pred.csv", _pred_frame(test.ids, test_pred, classes))
+    write_json(out / "decision.json", decision)
+    write_json(out / "report.json", report)
+    write_text(out / "config.yaml", dump_config(cfg))
+
+    print_per_class("OOF per-class F1 (in-sample)", y, scores["oof"], classes)
+    if "eval" in scores:
+        print_per_class("phase2_eval per-class F1", ev.label_index(), scores["eval"], classes)
+    print_summary(report)
+    print_rule(rule, weights_by_name, study.best_params)
+
+    if ens.get("submit", True):
+        from ..data.layout import data_root
+        from ..submit import write_submission
+
+        sidecar = {"step": "ensemble", "name": name, "members": decision["members"], "blend": decision["blend"],
+                   "decision": str(out / "decision.json"), "oof_macro_f1": scores["oof"][final_step]["macro_f1"],
+                   "oof_nested_macro_f1": scores["oof_nested"],
+                   "eval_macro_f1": scores["eval"][final_step]["macro_f1"] if "eval" in scores else None}
+        path = write_submission(data_root(cfg), test.ids, [classes[i] for i in test_pred], name, classes, sidecar,
+                                out_dir=resolve_path(ens.get("submit_dir") or "submissions"))
+        report["submission"] = str(path)
+        write_json(out / "report.json", report)
+        console.print(f"submission: {path}")
+    console.print(f"ensemble outputs: {out}")
+    return report

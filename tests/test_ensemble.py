@@ -1,0 +1,335 @@
+"""Ensemble: member checks, blend weights, decision rule, Optuna tuning (bias recovery, nested honesty,
+resume) and the `ensemble` command end to end on synthetic run folders."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+import yaml
+from scipy.special import softmax
+
+from wbc.__main__ import main
+from wbc.config import load_config
+from wbc.ensemble import apply_rule, load_rule
+from wbc.ensemble.blend import check_members, combine, fit_weights, load_member, resolve_weights
+from wbc.ensemble.decision import class_prior, make_rule
+from wbc.ensemble.run import run_ensemble
+from wbc.ensemble.tune import RuleSpace, macro_f1_fast, make_storage, n_finished, nested_estimate, tune_rule
+from wbc.errors import WBCError
+from wbc.io import Probs, load_probs, save_probs
+from wbc.metrics import macro_f1
+
+CLASSES = ["BA", "EO", "LY", "MO", "NE"]
+COUNTS = [12, 24, 60, 40, 120]  # long tail
+
+
+def _probs(rng, y, n_cls, strength, bias=None):
+    z = rng.normal(0, 1, (len(y), n_cls))
+    z[np.arange(len(y)), y] += strength
+    return softmax(z + (0 if bias is None else bias), axis=1)
+
+
+def _make_run(root, name, seed, strength, n_folds=3, eval_n=60, test_n=40, bias=None):
+    """A run folder as `make predict` writes it: oof.csv (with fold, labels), eval.csv, test.csv."""
+    rng = np.random.default_rng(seed)
+    data_rng = np.random.default_rng(0)  # same IDs, labels and folds for every member
+    y = np.repeat(np.arange(len(CLASSES)), COUNTS)
+    ids = np.array([f"img{i:04d}.jpg" for i in range(len(y))])
+    folds = data_rng.permutation(len(y)) % n_folds
+    y_ev = data_rng.integers(0, len(CLASSES), eval_n)
+    run = root / name
+    lab = np.array(CLASSES)
+    save_probs(run / "oof.csv", Probs(ids, _probs(rng, y, 5, strength, bias), CLASSES, folds, lab[y]))
+    save_probs(run / "eval.csv", Probs([f"ev{i:03d}.jpg" for i in range(eval_n)],
+                                       _probs(rng, y_ev, 5, strength, bias), CLASSES, labels=lab[y_ev]))
+    save_probs(run / "test.csv", Probs([f"te{i:03d}.jpg" for i in range(test_n)],
+                                       _probs(rng, data_rng.integers(0, 5, test_n), 5, strength, bias), CLASSES,
+                                       labels=[""] * test_n))
+    return run
+
+
+@pytest.fixture()
+def runs(tmp_path):
+    # Member b is biased towards the head class: the rule has something to correct.
+    return (_make_run(tmp_path / "outputs", "run_a", 1, 2.0),
+            _make_run(tmp_path / "outputs", "run_b", 2, 1.2, bias=np.array([0, 0, 0.3, 0, 0.8])))
+
+
+# ---------------------------------------------------------------- decision rule
+
+def test_apply_rule_bias_thresholds_quota():
+    p = np.array([[0.6, 0.3, 0.1],
+                  [0.5, 0.1, 0.4],
+                  [0.7, 0.1, 0.2],
+                  [0.2, 0.7, 0.1],
+                  [0.8, 0.05, 0.15]])
+    classes = ["a", "b", "c"]
+    prior = np.array([0.5, 0.3, 0.2])
+    assert apply_rule(p, make_rule(classes, [0, 0, 0], {}, 0.0, prior)).tolist() == [0, 0, 0, 1, 0]
+    # log(0.4) + 0.3 > log(0.5): row 1 flips to c; nothing else does
+    assert apply_rule(p, make_rule(classes, [0, 0, 0.3], {}, 0.0, prior)).tolist() == [0, 2, 0, 1, 0]
+    # threshold 0.2 on c: rows with p_c >= 0.2 become c, whatever the argmax
+    assert apply_rule(p, make_rule(classes, [0, 0, 0], {"c": 0.2}, 0.0, prior)).tolist() == [0, 2, 2, 1, 0]
+    # quota 1.0: c expects floor(0.2 * 5) = 1 row, b floor(0.3 * 5) = 1 (has one): c takes its best candidate
+    assert apply_rule(p, make_rule(classes, [0, 0, 0], {}, 1.0, prior)).tolist() == [0, 2, 0, 1, 0]
+    # quota 0.5: targets round down to 0, no change
+    assert apply_rule(p, make_rule(classes, [0, 0, 0], {}, 0.5, prior)).tolist() == [0, 0, 0, 1, 0]
+    # everything predicted c: b (rarest first) takes its best row, c keeps its best, a takes 3 of the rest
+    p2 = np.array([[0.30, 0.20, 0.50], [0.35, 0.05, 0.60], [0.10, 0.40, 0.50],
+                   [0.25, 0.15, 0.60], [0.05, 0.05, 0.90], [0.20, 0.30, 0.50]])
+    pred = apply_rule(p2, make_rule(classes, [0, 0, 0], {}, 1.0, [0.6, 0.2, 0.2]))
+    assert pred.tolist() == [0, 0, 1, 0, 2, 2]
+    with pytest.raises(WBCError, match="3 classes"):
+        apply_rule(p[:, :2], make_rule(classes, [0, 0, 0], {}, 0.0, prior))
+
+
+def test_load_rule_roundtrip_and_errors(tmp_path):
+    rule = make_rule(["a", "b"], [0.1, -0.2], {"b": 0.3}, 0.5, [0.7, 0.3])
+    (tmp_path / "decision.json").write_text(json.dumps({"rule": rule, "blend": {}}))
+    assert load_rule(tmp_path / "decision.json") == rule
+    (tmp_path / "bad.json").write_text(json.dumps({"blend": {}}))
+    with pytest.raises(WBCError, match="bad.json: no decision rule"):
+        load_rule(tmp_path / "bad.json")
+    with pytest.raises(WBCError, match="not found"):
+        load_rule(tmp_path / "missing.json")
+
+
+def test_fast_macro_f1_matches_metrics():
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        y, pred = rng.integers(0, 6, 200), rng.integers(0, 4, 200)
+        assert macro_f1_fast(y, pred, 6) == pytest.approx(macro_f1(y, pred, 6), abs=1e-12)
+
+
+# ---------------------------------------------------------------- tuning
+
+def test_tuning_undoes_a_planted_prior_shift():
+    rng = np.random.default_rng(0)
+    n_cls, n = 4, 1500
+    shift = np.array([1.5, 0.0, -1.0, -0.5])
+    y = rng.integers(0, n_cls, n)
+    probs = _probs(rng, y, n_cls, 1.5, shift)
+    classes = [f"c{i}" for i in range(n_cls)]
+    storage = optuna.storages.InMemoryStorage()  # persistence is tested below; this is about the search
+    rule, study = tune_rule(probs, y, classes, RuleSpace(tau_max=0, bias_range=3), storage=storage,
+                            study_prefix="shift", n_trials=100, seed=0)
+    bias = np.array([rule["bias"][c] for c in classes])
+    # biases are defined up to a constant: compare centred
+    np.testing.assert_allclose(bias - bias.mean(), -(shift - shift.mean()), atol=0.5)
+    # and the tuned rule generalises to fresh data from the same shifted model
+    y2 = rng.integers(0, n_cls, n)
+    p2 = _probs(rng, y2, n_cls, 1.5, shift)
+    plain, tuned = macro_f1_fast(y2, p2.argmax(1), n_cls), macro_f1_fast(y2, apply_rule(p2, rule), n_cls)
+    assert tuned > plain + 0.15
+    assert study.best_value >= macro_f1_fast(y, probs.argmax(1), n_cls)  # the argmax start point is trial 0
+
+
+def test_nested_estimate_is_not_above_in_sample_on_noise():
+    rng = np.random.default_rng(1)
+    n_cls, n = 4, 600
+    y = rng.integers(0, n_cls, n)
+    probs = rng.dirichlet(np.ones(n_cls), n)  # no signal at all
+    folds = np.arange(n) % 3
+    classes = [f"c{i}" for i in range(n_cls)]
+    space = RuleSpace(tau_max=0, bias_range=2, thresholds_k=1, quota=True)
+    storage = optuna.storages.InMemoryStorage()
+    _, study = tune_rule(probs, y, classes, space, storage=storage, study_prefix="in", n_trials=30, seed=0)
+    nested = nested_estimate([probs], y, folds, classes, space, weights=np.ones(1), blend_space="prob",
+                             storage=storage, study_prefix="nested", n_trials=30, seed=0)
+    assert study.best_value > macro_f1_fast(y, probs.argmax(1), n_cls)  # tuning fits the noise in-sample
+    assert nested["macro_f1"] <= study.best_value
+    assert abs(nested["macro_f1"] - 1 / n_cls) < 0.06  # held out, it is chance
+    assert sorted(nested["fold_macro_f1"]) == [0, 1, 2] and (nested["pred"] >= 0).all()
+
+
+def test_resumed_study_continues_its_trials(tmp_path):
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 3, 300)
+    probs = _probs(rng, y, 3, 1.0)
+    spec = f"sqlite:///{tmp_path / 'study.db'}"
+    args = dict(study_prefix="resume", seed=0, prior=class_prior(y, 3))
+    _, first = tune_rule(probs, y, ["a", "b", "c"], RuleSpace(), storage=make_storage(spec), n_trials=6, **args)
+    before = [(t.number, t.params) for t in first.trials]
+    # a new process: fresh storage object on the same file, a larger budget
+    _, resumed = tune_rule(probs, y, ["a", "b", "c"], RuleSpace(), storage=make_storage(spec), n_trials=12, **args)
+    assert resumed.study_name == first.study_name
+    assert n_finished(resumed) == 12
+    assert [(t.number, t.params) for t in resumed.trials[:6]] == before
+    # at its budget, rerunning adds nothing; different inputs get a different study
+    _, again = tune_rule(probs, y, ["a", "b", "c"], RuleSpace(), storage=make_storage(spec), n_trials=12, **args)
+    assert len(again.trials) == 12
+    _, other = tune_rule(probs[::-1].copy(), y, ["a", "b", "c"], RuleSpace(), storage=make_storage(spec),
+                         n_trials=2, **args)
+    assert other.study_name != first.study_name and len(other.trials) == 2
+
+
+# ---------------------------------------------------------------- blending and member checks
+
+def test_blend_weights_sum_to_one_and_favour_the_informative_member():
+    rng = np.random.default_rng(3)
+    y = np.repeat(np.arange(4), [20, 40, 80, 160])
+    good, noise = _probs(rng, y, 4, 3.0), rng.dirichlet(np.ones(4), len(y))
+    for space in ("prob", "logit"):
+        w = fit_weights([good, noise, good], y, space)
+        assert w.sum() == pytest.approx(1.0, abs=1e-12) and (w >= 0).all()
+        assert w[1] < 0.1  # the noise member is (nearly) dropped
+        blended = combine([good, noise, good], w, space)
+        np.testing.assert_allclose(blended.sum(1), 1.0, atol=1e-9)
+    members = [None, None]
+    w, _ = resolve_weights([3, 1], members, "prob")
+    np.testing.assert_allclose(w, [0.75, 0.25])
+    with pytest.raises(WBCError, match="2 non-negative weights"):
+        resolve_weights([1, -1], members, "prob")
+
+
+def _edit_oof(run, fn):
+    df = pd.read_csv(run / "oof.csv", dtype={"ID": str, "labels": str}, keep_default_na=False)
+    fn(df)
+    df.to_csv(run / "oof.csv", index=False)
+
+
+def _drop_row(df):
+    df.drop(index=5, inplace=True)
+
+
+def _rename_id(df):
+    df.loc[7, "ID"] = "intruder.jpg"
+
+
+def _move_fold(df):
+    df.loc[9, "fold"] = (df.loc[9, "fold"] + 1) % 3
+
+
+@pytest.mark.parametrize("edit, match", [
+    (_drop_row, r"run_b/oof.csv: IDs differ .*1 ID\(s\) of .*missing, e.g. img0005"),
+    (_rename_id, r"run_b/oof.csv: IDs differ .*intruder.jpg"),
+    (_move_fold, r"run_b/oof.csv:11: ID img0009.jpg has fold [012], but fold [012] in .*run_a/oof.csv"),
+])
+def test_mismatched_members_are_refused(runs, edit, match):
+    a, b = runs
+    _edit_oof(b, edit)
+    with pytest.raises(WBCError, match=match):
+        check_members([load_member(a), load_member(b)])
+
+
+def test_members_with_other_classes_are_refused(runs):
+    a, b = runs
+    for f in ("oof.csv", "eval.csv", "test.csv"):
+        df = pd.read_csv(b / f, dtype={"ID": str, "labels": str}, keep_default_na=False)
+        df.rename(columns={"prob_MO": "prob_XX"}).replace({"labels": {"MO": "XX"}}).to_csv(b / f, index=False)
+    with pytest.raises(WBCError, match=r"run_b/oof.csv: classes BA, EO, LY, XX, NE differ from BA, EO, LY, MO, NE"):
+        check_members([load_member(a), load_member(b)])
+
+
+def test_members_must_hold_probabilities(runs):
+    a, _ = runs
+    df = pd.read_csv(a / "test.csv", dtype={"ID": str, "labels": str}, keep_default_na=False)
+    df.loc[3, "prob_NE"] += 2.0  # e.g. logits instead of probabilities
+    df.to_csv(a / "test.csv", index=False)
+    with pytest.raises(WBCError, match=r"run_a/test.csv:5: probabilities of ID te003.jpg are not a distribution"):
+        load_member(a)
+
+
+def test_member_checks_eval_and_class_order(runs):
+    a, b = runs
+    # the same classes in another column order are realigned, not refused
+    df = pd.read_csv(b / "test.csv", dtype={"ID": str, "labels": str}, keep_default_na=False)
+    df[["ID", "labels"] + [f"prob_{c}" for c in CLASSES[::-1]]].to_csv(b / "test.csv", index=False)
+    m = check_members([load_member(a), load_member(b)])
+    np.testing.assert_allclose(m[1].test.probs, load_probs(b / "test.csv").probs[:, ::-1])
+    (b / "eval.csv").unlink()
+    with pytest.raises(WBCError, match=r"run_b/eval.csv: missing, but .*run_a/eval.csv exists"):
+        check_members([load_member(a), load_member(b)])
+    (a / "eval.csv").unlink()
+    # eval images that were also trained on would make the eval score dishonest
+    leak = load_probs(a / "oof.csv").subset(np.arange(3))
+    for run in (a, b):
+        save_probs(run / "eval.csv", Probs(leak.ids, leak.probs, CLASSES, labels=leak.labels))
+    with pytest.raises(WBCError, match="also in the OOF pool"):
+        check_members([load_member(a), load_member(b)])
+
+
+# ---------------------------------------------------------------- the command
+
+def _data_root(tmp_path, test_ids):
+    root = tmp_path / "data"
+    root.mkdir()
+    pd.DataFrame({"ID": test_ids, "labels": ""}).to_csv(root / "phase2_test.csv", index=False)
+    return root
+
+
+def test_ensemble_command_end_to_end(tmp_path, runs):
+    a, b = runs
+    test_ids = list(load_probs(a / "test.csv").ids)
+    root = _data_root(tmp_path, test_ids)
+    cfg_file = tmp_path / "demo.yaml"
+    cfg_file.write_text(yaml.safe_dump({"ensemble": {
+        "members": [str(a), str(b)], "blend": {"space": "prob", "weights": "fit"},
+        "tuning": {"n_trials": 8, "seed": 0, "thresholds_k": 1, "quota": True, "nested": True,
+                   "storage": f"journal:{tmp_path / 'ens.journal'}"},
+        "submit_dir": str(tmp_path / "subs")}}))
+    argv = ["ensemble", "--config", str(cfg_file), f"output_dir={tmp_path / 'out'}", f"data.root={root}"]
+    assert main(argv) == 0
+    out = tmp_path / "out" / "ensemble" / "demo"
+    for f in ("oof.csv", "eval.csv", "test.csv", "oof_pred.csv", "eval_pred.csv", "test_pred.csv", "decision.json",
+              "report.json", "confusion_oof.png", "confusion_eval.png"):
+        assert (out / f).is_file(), f
+
+    decision = json.loads((out / "decision.json").read_text())
+    assert sum(decision["blend"]["weights"].values()) == pytest.approx(1.0)
+    assert decision["blend"]["weights"]["run_a"] > decision["blend"]["weights"]["run_b"]  # the stronger member
+    rule = load_rule(out / "decision.json")
+
+    oof = load_probs(out / "oof.csv")
+    assert oof.folds is not None and (oof.labels != "").all() and len(oof.ids) == sum(COUNTS)
+    expected = combine([load_probs(a / "oof.csv").probs, load_probs(b / "oof.csv").probs],
+                       list(decision["blend"]["weights"].values()), "prob")
+    np.testing.assert_allclose(oof.probs, expected, atol=1e-9)
+
+    # every decision file is the rule applied to the blended probabilities of the same IDs
+    for split in ("oof", "eval", "test"):
+        p = load_probs(out / f"{split}.csv")
+        pred = pd.read_csv(out / f"{split}_pred.csv", dtype=str, keep_default_na=False)
+        assert pred["ID"].tolist() == list(p.ids)
+        assert pred["labels"].tolist() == [CLASSES[i] for i in apply_rule(p.probs, rule)]
+
+    report = json.loads((out / "report.json").read_text())
+    final = report["final_step"]
+    ev = load_probs(out / "eval.csv")
+    eval_pred = pd.read_csv(out / "eval_pred.csv", dtype=str, keep_default_na=False)["labels"]
+    assert report["scores"]["eval"][final]["macro_f1"] == pytest.approx(
+        macro_f1(ev.label_index(), eval_pred.map(CLASSES.index), 5))
+    in_sample = report["scores"]["oof"][final]["macro_f1"]
+    assert in_sample >= report["scores"]["oof"]["blend"]["macro_f1"]  # the plain argmax is a start point
+    assert 0 < report["scores"]["oof_nested"] <= 1 and sorted(report["nested"]["fold_macro_f1"]) == ["0", "1", "2"]
+    assert set(report["scores"]["oof"]) >= {"run_a", "run_b", "blend", "+bias"}
+
+    sub = pd.read_csv(tmp_path / "subs" / "demo.csv", dtype=str, keep_default_na=False)
+    test_pred = pd.read_csv(out / "test_pred.csv", dtype=str, keep_default_na=False)
+    assert sub["ID"].tolist() == test_ids
+    assert sub.set_index("ID")["labels"].to_dict() == test_pred.set_index("ID")["labels"].to_dict()
+    assert json.loads((tmp_path / "subs" / "demo.json").read_text())["oof_macro_f1"] == pytest.approx(in_sample)
+
+    # a rerun resumes the finished studies: no new trials, the same rule
+    finished = decision["study"]["finished_trials"]
+    report2 = run_ensemble(load_config(cfg_file, argv[3:]))
+    decision2 = json.loads((out / "decision.json").read_text())
+    assert decision2["study"]["finished_trials"] == finished == 8
+    assert decision2["rule"] == decision["rule"]
+    assert report2["scores"]["oof_nested"] == report["scores"]["oof_nested"]
+
+
+def test_ensemble_command_reports_bad_members(tmp_path, runs, capsys):
+    a, b = runs
+    _edit_oof(b, lambda df: df.drop(index=0, inplace=True))
+    cfg_file = tmp_path / "bad.yaml"
+    cfg_file.write_text(yaml.safe_dump({"ensemble": {"members": [str(a), str(b)], "submit": False}}))
+    assert main(["ensemble", "--config", str(cfg_file), f"output_dir={tmp_path / 'out'}"]) == 2
+    assert "run_b/oof.csv: IDs differ" in capsys.readouterr().out
+    assert not (tmp_path / "out" / "ensemble" / "bad").exists()  # nothing half-written
+    cfg_file.write_text(yaml.safe_dump({"ensemble": {"members": [str(a)], "tuning": {"n_trails": 5}}}))
+    assert main(["ensemble", "--config", str(cfg_file)]) == 2
+    assert "unknown key(s) n_trails" in capsys.readouterr().out

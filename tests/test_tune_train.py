@@ -1,0 +1,136 @@
+"""tune-train: an Optuna study whose trials are (here: fake, deterministic) fold trainings, with pruning on
+per-epoch validation macro-F1, resume, and parallel workers sharing one journal file."""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+
+import optuna
+import pytest
+
+from wbc.__main__ import main
+from wbc.ensemble import tune_train
+from wbc.ensemble.tune_train import load_study_config, run_tune_train
+from wbc.errors import WBCError
+
+EPOCHS = 5
+STUDY = {
+    "n_trials": 10,
+    "n_startup_trials": 3,
+    "seed": 0,
+    "fold": 1,
+    "epochs": EPOCHS,
+    "pruner": {"type": "median", "n_startup_trials": 2, "n_warmup_steps": 1},
+    "fixed": {"train.sampler.type": "power"},
+    "search_space": {
+        "train.loss.class_weight_power": {"type": "float", "low": 0.0, "high": 1.0},
+        "train.loss.type": {"type": "categorical", "choices": ["ce", "focal"]},
+        "train.loss.focal_gamma": {"type": "float", "low": 0.5, "high": 3.0, "when": {"train.loss.type": "focal"}},
+        "augment.strength": {"type": "float", "low": 0.3, "high": 1.5},
+    },
+}
+
+
+def quality(cfg: dict) -> float:
+    """The fake model's final macro-F1: best at class_weight_power 0.3, focal gamma 1, strength 1."""
+    q = 0.9 - (cfg["train"]["loss"]["class_weight_power"] - 0.3) ** 2 - 0.2 * (cfg["augment"]["strength"] - 1) ** 2
+    if cfg["train"]["loss"]["type"] == "focal":
+        q += 0.05 - 0.05 * (cfg["train"]["loss"]["focal_gamma"] - 1.0) ** 2
+    return q
+
+
+def fake_train_fold(cfg: dict, fold: int, on_epoch=None) -> dict:
+    """Deterministic stand-in for wbc.train.loop.train_fold: rising val macro-F1 towards `quality`."""
+    assert fold == STUDY["fold"] and cfg["train"]["sampler"]["type"] == "power"
+    assert cfg["train"]["epochs"] == EPOCHS and cfg["name"].startswith("tt_")
+    best = 0.0
+    for epoch in range(cfg["train"]["epochs"]):
+        f1 = quality(cfg) * (1 - 0.5 ** (epoch + 1))
+        best = max(best, f1)
+        on_epoch(epoch, {"val_macro_f1": f1, "val_loss": 1 - f1})
+    return {"fold": fold, "best_macro_f1": best}
+
+
+def _run(tmp_path, n_trials, storage=None, **kw):
+    return run_tune_train(None, [f"output_dir={tmp_path / 'out'}"], STUDY, n_trials=n_trials, study_name="tt",
+                          storage=storage or f"journal:{tmp_path / 'tt.journal'}", train_fn=fake_train_fold, **kw)
+
+
+def test_trials_prune_resume_and_record_results(tmp_path, monkeypatch):
+    monkeypatch.setenv("WBC_WORKER", "w0")  # the worker tag seeds the sampler
+    study = _run(tmp_path, 10)
+    trials = study.trials
+    assert len(trials) == 10 and [t.number for t in trials] == list(range(10))
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert pruned and complete and len(pruned) + len(complete) == 10
+    assert all(len(t.intermediate_values) == EPOCHS for t in complete)
+    assert all(len(t.intermediate_values) < EPOCHS for t in pruned)  # stopped early: the point of pruning
+    for t in complete:  # the trial's value is the training's best macro-F1 for the sampled config
+        cfg = {"train": {"loss": {"class_weight_power": t.params["train.loss.class_weight_power"],
+                                  "type": t.params["train.loss.type"],
+                                  "focal_gamma": t.params.get("train.loss.focal_gamma", 0.0)}},
+               "augment": {"strength": t.params["augment.strength"]}}
+        assert t.value == pytest.approx(quality(cfg) * (1 - 0.5 ** EPOCHS))
+    # focal gamma is sampled only for focal trials
+    assert all(("train.loss.focal_gamma" in t.params) == (t.params["train.loss.type"] == "focal") for t in trials)
+    assert len({t.user_attrs["run"] for t in trials}) == 10
+
+    resumed = _run(tmp_path, 16)
+    assert len(resumed.trials) == 16
+    assert [(t.number, t.params, t.state) for t in resumed.trials[:10]] == [(t.number, t.params, t.state) for t in trials]
+    assert len(_run(tmp_path, 16).trials) == 16  # at its budget: nothing more
+
+    out = tmp_path / "out" / "tune_train" / "tt"
+    best = json.loads((out / "best.json").read_text())
+    assert best["value"] == pytest.approx(resumed.best_value)
+    assert "train.sampler.type=power" in best["overrides"]
+    assert f"train.loss.class_weight_power={best['params']['train.loss.class_weight_power']}" in best["overrides"]
+    assert len((out / "trials.csv").read_text().splitlines()) == 17
+
+
+def _worker(tmp_path, tag):
+    import os
+
+    os.environ["WBC_WORKER"] = tag
+    _run(tmp_path, 12)
+
+
+def test_parallel_workers_share_the_journal(tmp_path):
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_worker, args=(tmp_path, f"gpu{i}")) for i in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    study = optuna.load_study(study_name="tt", storage=tune_train.make_storage(f"journal:{tmp_path / 'tt.journal'}"))
+    finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    assert 12 <= len(finished) <= 13  # the total budget is shared; a worker may finish one trial in flight
+    assert {t.user_attrs["worker"] for t in finished} == {"gpu0", "gpu1"}
+    assert sorted(t.number for t in study.trials) == list(range(len(study.trials)))
+    # differently seeded workers do not repeat each other's trials
+    params = [tuple(sorted(t.params.items())) for t in finished]
+    assert len(set(params)) == len(params)
+
+
+def test_cli_and_bad_study_configs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WBC_WORKER", "w0")
+    monkeypatch.setattr(tune_train, "_default_train_fn", lambda: fake_train_fold)
+    cfg_file = tmp_path / "study.yaml"
+    cfg_file.write_text(json.dumps(STUDY))  # JSON is YAML
+    storage = f"sqlite:///{tmp_path / 'tt.db'}"
+    argv = ["tune-train", "--study-config", str(cfg_file), "--storage", storage, "--n-trials", "4",
+            "--study-name", "tt", f"output_dir={tmp_path / 'out'}"]
+    assert main(argv) == 0
+    study = optuna.load_study(study_name="tt", storage=storage)
+    assert len(study.trials) == 4 and study.trials[0].user_attrs["run"] == "tt_t0000"
+
+    bad = dict(STUDY, search_space={"train.loss.focal_gama": {"type": "float", "low": 0, "high": 1}})
+    with pytest.raises(WBCError, match="'train.loss.focal_gama' is not a key of the training config"):
+        run_tune_train(None, [], bad, storage=storage, train_fn=fake_train_fold)
+    cfg_file.write_text(json.dumps(dict(STUDY, n_trails=3)))
+    with pytest.raises(WBCError, match="unknown key\\(s\\) n_trails"):
+        load_study_config(cfg_file)
+    assert main(argv[:1] + ["--study-config", str(cfg_file)]) == 2
+    assert "unknown key(s) n_trails" in capsys.readouterr().out
