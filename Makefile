@@ -13,6 +13,7 @@ ENSEMBLE ?= configs/ensemble/sample.yaml
 STUDY ?= configs/tune_train.yaml
 STORAGE ?=
 TRIALS ?=
+RESTORER ?= configs/restorer.yaml
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 # DATA= wins over the config's data.root (as does the WBC_DATA environment variable).
@@ -21,7 +22,8 @@ WBC := $(PY) -m wbc
 
 .DEFAULT_GOAL := help
 .PHONY: help setup test sample-data folds train-fold train-all predict submit check-submission convert-effnet \
-        demo benchmark-throughput ensemble tune-train
+        demo benchmark-throughput ensemble tune-train \
+        train-restorer restore
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-22s\033[0m %s\n", $$1, $$2}'
@@ -71,3 +73,9 @@ ensemble: ## blend runs, tune the macro-F1 decision rule with Optuna, write the 
 tune-train: ## Optuna study of training-time class handling on pruned fold runs (STUDY=, STORAGE=, TRIALS=; one per GPU)
 	$(WBC) tune-train -c $(CONFIG) --study-config $(STUDY) $(if $(STORAGE),--storage $(STORAGE)) \
 	    $(if $(TRIALS),--n-trials $(TRIALS)) $(OVR)
+
+train-restorer: ## fit the damage gate and train the Pix2Pix restorer -> outputs/restorer/ (RESTORER=configs/restorer.yaml)
+	$(WBC) train-restorer -c $(RESTORER) $(OVR)
+
+restore: ## restored copies of SPLIT (default phase2_test), keyed by ID -> outputs/restored/<dataset>/<split>/
+	$(WBC) restore -c $(RESTORER) --split $(SPLIT) $(OVR)

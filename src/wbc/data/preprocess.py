@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from ..config import resolve_path
 from ..io import write_json
@@ -18,7 +19,7 @@ def build_preprocess(cfg: dict, pool_images_fn=None):
     if d.get("restore"):
         from ..restore import Restorer
 
-        restorer = Restorer.load(resolve_path(d["restore_dir"]))
+        restorer = Restorer.load(resolve_path(d["restore_dir"]), device="cuda" if torch.cuda.is_available() else "cpu")
 
         def restore(images, split):
             if not split.startswith("phase2"):

@@ -1,0 +1,159 @@
+"""Damage gate, Pix2Pix training steps, Restorer contract, checkpoints and the two CLI commands (CPU, tiny)."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from wbc.__main__ import main
+from wbc.data.damage import damage
+from wbc.restore.pairs import PairDataset, simulate, to_tensor
+from wbc.restore.pix2pix import Pix2Pix, Restorer, build_generator, train_pix2pix
+from wbc.restore.score import Gate, damage_score, fit_gate
+
+TINY = {"encoder": "tu-mobilenetv3_small_050", "decoder_channels": [32, 16, 16, 8, 8], "ndf": 8, "epochs": 2,
+        "batch_size": 4, "lr": 1e-3, "lambda_l1": 100, "gan_mode": "vanilla", "num_workers": 0}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Two contended cores: intra-op threads waiting on each other cost more than they give.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def cells(n: int, size: int = 96, seed: int = 0) -> np.ndarray:
+    """Smooth synthetic smears: cream background, pink red cells, one purple-nucleated white cell."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, size, size, 3), np.uint8)
+    for k in range(n):
+        img = np.full((size, size, 3), (232, 214, 200), np.uint8)
+        for _ in range(6):
+            c = tuple(int(v) for v in rng.integers(0, size, 2))
+            cv2.circle(img, c, size // 8, (215, 160, 165), -1)
+        c = tuple(int(v) for v in size // 2 + rng.integers(-size // 10, size // 10, 2))
+        cv2.circle(img, c, size // 5, (190, 160, 210), -1)
+        cv2.ellipse(img, c, (size // 8, size // 11), float(rng.uniform(0, 180)), 0, 360, (110, 60, 150), -1)
+        img = cv2.GaussianBlur(img, (0, 0), 1.2).astype(np.float32)
+        out[k] = np.clip(img + rng.normal(0, 1.5, img.shape), 0, 255).round().astype(np.uint8)
+    return out
+
+
+def damaged(images: np.ndarray, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack([damage(im, int(rng.integers(1, 4)), rng) for im in images])
+
+
+def test_fit_gate_threshold_maximises_balanced_accuracy():
+    # Cut at 1.05: 3/4 clean pass + 3/3 caught (0.875) beats 1.2..3.0: 4/4 + 2/3 (0.833).
+    assert fit_gate([0.1, 0.5, 1.0, 1.2], [3.0, 4.0, 1.1]) == pytest.approx(1.05)
+    assert fit_gate([0.0, 1.0], [2.0, 5.0]) == pytest.approx(1.5)
+
+
+def test_gate_separates_clean_from_damaged_synthetic_cells(tmp_path):
+    clean = cells(48, seed=1)
+    gate = Gate.fit(clean[:24], damaged(clean[:24], seed=2))
+    assert gate.stats["balanced_accuracy"] > 0.9
+    scores, flags = gate(np.concatenate([clean[24:], damaged(clean[24:], seed=3)]))
+    held_clean, held_dmg = flags[:24], flags[24:]
+    assert (1 - held_clean.mean() + held_dmg.mean()) / 2 > 0.85
+    assert np.median(scores[24:]) > np.median(scores[:24])
+    gate.save(tmp_path / "gate.json")
+    again = Gate.load(tmp_path / "gate.json")
+    assert again.threshold == gate.threshold and np.allclose(again.scores(clean[24:27]), scores[:3])
+    assert damage_score(clean[0]) >= 0
+
+
+def test_pairs_are_deterministic_for_seed_epoch_and_index():
+    imgs = cells(3, size=64)
+    a, b = PairDataset(imgs, seed=5), PairDataset(imgs, seed=5)
+    for x, y in zip(a[1], b[1]):
+        assert torch.equal(x, y)
+    b.set_epoch(1)
+    assert not torch.equal(a[1][0], b[1][0])
+    assert a[0][0].shape == (3, 64, 64) and a[0][0].min() >= -1 and a[0][0].max() <= 1
+    assert np.array_equal(simulate(imgs, 2, 9), simulate(imgs, 2, 9))
+
+
+def test_generator_steps_lower_l1_on_a_fixed_batch():
+    torch.manual_seed(0)
+    clean = cells(4, size=64, seed=4)
+    dmg = simulate(clean, 2, 0, kinds=("gain",))
+    x, y = to_tensor(dmg), to_tensor(clean)
+    model = Pix2Pix(TINY, torch.device("cpu"))
+    losses = [model.step(x, y)["l1"] for _ in range(8)]
+    assert losses[0] == pytest.approx(float((x - y).abs().mean()), abs=0.01)  # starts as the identity
+    assert min(losses[-3:]) < 0.8 * losses[0]
+
+
+def test_restorer_keeps_size_dtype_and_passes_clean_images_through():
+    clean = cells(8, size=96, seed=6)
+    gate = Gate.fit(clean, damaged(clean, seed=7))
+    odd = np.stack([cv2.resize(im, (88, 72)) for im in clean[:4]])  # not a multiple of 32: padded, cropped back
+    batch = np.concatenate([odd[:2], simulate(odd[2:], 3, 1, kinds=("gaussian_noise",))])
+    restorer = Restorer(build_generator(TINY), gate)
+    out, scores, mask = restorer(batch)
+    assert out.shape == batch.shape and out.dtype == np.uint8 and scores.shape == (4,)
+    assert mask.tolist() == [False, False, True, True]
+    assert np.array_equal(out[:2], batch[:2])
+    out, _, mask = Restorer(build_generator(TINY), gate, image_size=64)(batch)  # works at 64, back to 72x88
+    assert out.shape == batch.shape and out.dtype == np.uint8 and np.array_equal(out[~mask], batch[~mask])
+
+
+def test_checkpoints_load_weights_only_and_training_resumes(tmp_path):
+    imgs = cells(8, size=64, seed=8)
+    rc = {**TINY, "epochs": 1, "steps_per_epoch": 2}
+    G = train_pix2pix(rc, imgs, tmp_path, torch.device("cpu"), seed=0)
+    for name in ("generator.pt", "state.pt"):
+        torch.load(tmp_path / name, map_location="cpu", weights_only=True)
+    G2 = build_generator(rc)
+    G2.load_state_dict(torch.load(tmp_path / "generator.pt", weights_only=True))
+    x = to_tensor(imgs[:2])
+    assert torch.allclose(G.eval()(x), G2.eval()(x))
+    train_pix2pix({**rc, "epochs": 2}, imgs, tmp_path, torch.device("cpu"), seed=0)
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [int(line.split('"epoch": ')[1].split(",")[0]) for line in lines] == [1, 2]
+
+
+def _layout(root, n1=24, n_test=6):
+    """A minimal WBCBench-layout dataset: clean phase1, damaged phase2_train, odd-sized phase2_test."""
+    clean = cells(n1 + 8 + n_test, size=96, seed=10)
+    train = np.concatenate([clean[n1:n1 + 4], damaged(clean[n1 + 4:n1 + 8], 11)])
+    splits = {"phase1": ("phase1_label.csv", "phase1", clean[:n1]),
+              "phase2_train": ("phase2_train.csv", "phase2/train", train),
+              "phase2_test": ("phase2_test.csv", "phase2/test", clean[n1 + 8:])}
+    for k, (csv, folder, imgs) in enumerate(splits.values()):
+        (root / folder).mkdir(parents=True)
+        ids = [f"{k + 1}{i:07d}.{'png' if i % 2 else 'jpg'}" for i in range(len(imgs))]
+        for i, (name, im) in enumerate(zip(ids, imgs)):
+            if k == 2:
+                im = cv2.resize(im, (80, 100)) if i % 2 else damage(im, 3, np.random.default_rng(i))
+            cv2.imwrite(str(root / folder / name), cv2.cvtColor(im, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95])
+        pd.DataFrame({"ID": ids, "labels": "" if k == 2 else "LY"}).to_csv(root / csv, index=False)
+    return splits["phase2_test"]
+
+
+def test_train_restorer_and_restore_commands(tmp_path):
+    data = tmp_path / "data"
+    _layout(data)
+    tiny = {**TINY, "epochs": 1, "steps_per_epoch": 2}
+    common = [f"data.root={data}", "device=cpu", "data.image_size=64", f"restorer.out_dir={tmp_path / 'run'}",
+              f"restorer.restored_dir={tmp_path / 'restored'}", "restorer.holdout=4", "restorer.gate_images=12",
+              "restorer.qa_rows=3"] + [f"restorer.{k}={v}" for k, v in tiny.items()]
+    assert main(["train-restorer", *common]) == 0
+    run = tmp_path / "run"
+    for name in ("generator.pt", "gate.json", "config.yaml", "metrics.jsonl", "qa.png", "eval.json"):
+        assert (run / name).exists(), name
+    assert Restorer.load(run).gate.threshold > 0
+    assert main(["restore", "--split", "phase2_test", *common]) == 0
+    out = tmp_path / "restored" / "data" / "phase2_test"
+    res = pd.read_csv(out / "restored.csv", dtype={"ID": str})
+    src = pd.read_csv(data / "phase2_test.csv", dtype={"ID": str})
+    assert res["ID"].tolist() == src["ID"].tolist() and set(res["restored"]) <= {0, 1}
+    for i in res["ID"]:
+        a, b = cv2.imread(str(out / i)), cv2.imread(str(data / "phase2" / "test" / i))
+        assert a.shape == b.shape and a.dtype == np.uint8
