@@ -14,6 +14,7 @@ STUDY ?= configs/tune_train.yaml
 STORAGE ?=
 TRIALS ?=
 RESTORER ?= configs/restorer.yaml
+EMBED ?= configs/embed_tiny_cpu.yaml
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 # DATA= wins over the config's data.root (as does the WBC_DATA environment variable).
@@ -23,7 +24,7 @@ WBC := $(PY) -m wbc
 .DEFAULT_GOAL := help
 .PHONY: help setup test sample-data folds train-fold train-all predict submit check-submission convert-effnet \
         demo benchmark-throughput ensemble tune-train \
-        train-restorer restore
+        train-restorer restore embed fewshot
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-22s\033[0m %s\n", $$1, $$2}'
@@ -79,3 +80,9 @@ train-restorer: ## fit the damage gate and train the Pix2Pix restorer -> outputs
 
 restore: ## restored copies of SPLIT (default phase2_test), keyed by ID -> outputs/restored/<dataset>/<split>/
 	$(WBC) restore -c $(RESTORER) --split $(SPLIT) $(OVR)
+
+embed: ## contrastive embeddings per fold + prototype / k-NN / logistic classifiers -> outputs/<name>_<clf>/ (EMBED=configs/embed_*.yaml)
+	$(WBC) embed -c $(EMBED) $(OVR)
+
+fewshot: ## N-way K-shot episodes and the 50-labels-per-class protocol on `make embed` outputs
+	$(WBC) fewshot -c $(EMBED) $(OVR)

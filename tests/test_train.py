@@ -91,6 +91,16 @@ def test_oof_covers_pool_and_merges(cfg2):
     assert sorted(ev.ids) == sorted(data.holdout["ID"]) and "eval" in rep
     assert (run_dir(cfg) / "confusion_oof.png").stat().st_size > 1000
 
+    from wbc.submit import submit_from_predictions
+
+    sub = submit_from_predictions(run_dir(cfg), cfg["data"]["root"], "t", data.classes,
+                                  out_dir=run_dir(cfg) / "subs")
+    got = pd.read_csv(sub, dtype=str)
+    want = np.asarray(test.classes)[test.probs.argmax(1)]
+    assert dict(zip(got["ID"], got["labels"])) == dict(zip(test.ids, want))
+    side = json.loads(sub.with_suffix(".json").read_text())
+    assert side["cv_macro_f1"] == rep["oof"]["macro_f1"] and side["folds"] == [0, 1]
+
 
 def test_tta_views_are_the_dihedral_group():
     from wbc.models.inference import view

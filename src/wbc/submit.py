@@ -75,7 +75,8 @@ def check_file(path, data_root, classes) -> None:
     validate_submission(df, test["ID"], classes, source=str(path))
 
 
-def submit_from_predictions(pred_dir, data_root, name: str, classes, extra: dict | None = None) -> Path:
+def submit_from_predictions(pred_dir, data_root, name: str, classes, extra: dict | None = None,
+                            out_dir="submissions") -> Path:
     """Submission from a predictions folder: its tuned decisions (`test_pred.csv`) when it has them,
     else the argmax of its fold-averaged `test.csv`. The sidecar carries the folder's report."""
     import json
@@ -101,7 +102,7 @@ def submit_from_predictions(pred_dir, data_root, name: str, classes, extra: dict
     cfg_file = pred_dir / "config.yaml"
     if cfg_file.exists():
         sidecar["config"] = cfg_file.read_text()
-    return write_submission(data_root, ids, labels, name, classes, sidecar)
+    return write_submission(data_root, ids, labels, name, classes, sidecar, out_dir)
 
 
 def register(sub) -> None:

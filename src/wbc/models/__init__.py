@@ -1,0 +1,1 @@
+"""Models: the timm factory and offline weight converters."""

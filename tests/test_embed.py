@@ -1,0 +1,394 @@
+"""Embeddings: SigLIP / SupCon losses, balanced sampler, classifiers, MedSigLIP loader, few-shot, end to end."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from wbc.embed.classifiers import KNNClassifier, PrototypeClassifier, SklearnClassifier
+from wbc.embed.fewshot import episode_macro_f1, mean_ci, run_episodes, sample_episode, subsample_per_class
+from wbc.embed.losses import SigLIPLoss, SupConLoss
+from wbc.embed.sampler import ClassBalancedBatchSampler
+from wbc.errors import WBCError
+from wbc.metrics import macro_f1
+
+
+def _log_sigmoid(x):
+    return -math.log1p(math.exp(-x))
+
+
+def blobs(n_per_class=(30, 20, 10, 5), dim=16, noise=0.15, seed=0):
+    """Separable clusters around random unit directions."""
+    centres = np.linalg.qr(np.random.default_rng(123).normal(size=(dim, dim)))[0][: len(n_per_class)]
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(len(n_per_class)), n_per_class)
+    x = centres[y] + noise * rng.normal(size=(len(y), dim)) / np.sqrt(dim)
+    return x.astype(np.float32), y
+
+
+# ---- losses -------------------------------------------------------------------------------------------
+
+def test_siglip_loss_equals_hand_computation():
+    z = F.normalize(torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]]), dim=1)
+    y = torch.tensor([0, 0, 1])
+    loss = SigLIPLoss(dim=2, pairwise=True, class_embeddings=False)
+    assert float(loss.logit_scale) == pytest.approx(math.log(10)) and float(loss.logit_bias) == -10.0
+    zz = z.tolist()
+    total = 0.0
+    for i in range(3):
+        for j in range(3):
+            if i == j:
+                continue
+            cos = sum(a * b for a, b in zip(zz[i], zz[j]))
+            sign = 1 if y[i] == y[j] else -1
+            total += -_log_sigmoid(sign * (10.0 * cos - 10.0))
+    assert float(loss(z, y)) == pytest.approx(total / 3, rel=1e-6)
+    # pairs (0,1): cos 0.6 -> logit -4, positive; (0,2) cos 0, (1,2) cos 0.8, negatives
+    expected = 2 * (-_log_sigmoid(-4.0)) + 2 * (-_log_sigmoid(10.0)) + 2 * (-_log_sigmoid(2.0))
+    assert float(loss(z, y)) == pytest.approx(expected / 3, rel=1e-6)
+
+
+def test_siglip_class_term_equals_hand_computation():
+    loss = SigLIPLoss(dim=2, n_classes=2, pairwise=False, class_embeddings=True)
+    with torch.no_grad():
+        loss.class_emb.copy_(torch.tensor([[1.0, 0.0], [0.0, 2.0]]))  # normalised inside: e0, e1
+    z = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    y = torch.tensor([0, 1])
+    # image 0: own class cos 1 -> +0, other cos 0 -> -10; image 1: own cos .8 -> -2, other cos .6 -> -4
+    expected = (-_log_sigmoid(0.0) - _log_sigmoid(10.0) - _log_sigmoid(-2.0) - _log_sigmoid(4.0)) / 2
+    assert float(loss(z, y)) == pytest.approx(expected, rel=1e-6)
+    both = SigLIPLoss(dim=2, n_classes=2, pairwise=True, class_embeddings=True)
+    assert {n for n, _ in both.named_parameters()} == {"logit_scale", "logit_bias", "class_emb",
+                                                        "class_logit_scale", "class_logit_bias"}
+
+
+@pytest.mark.parametrize("make", [lambda: SigLIPLoss(8, 4, class_embeddings=False), lambda: SupConLoss(0.1)])
+def test_losses_decrease_when_a_class_is_pulled_together(make):
+    torch.manual_seed(0)
+    y = torch.tensor([0, 0, 0, 1, 1, 2, 2, 3, 3, 3])
+    z = F.normalize(torch.randn(10, 8), dim=1)
+    loss = make()
+    before = float(loss(z, y))
+    centre = F.normalize(z[y == 0].mean(0), dim=0)
+    pulled = z.clone()
+    pulled[y == 0] = F.normalize(0.2 * z[y == 0] + 0.8 * centre, dim=1)
+    assert float(loss(pulled, y)) < before - 1e-3
+    collapsed = z.clone()  # every class on its own axis: near the minimum
+    collapsed[:] = F.one_hot(y, 8).float()
+    assert float(loss(collapsed, y)) < float(loss(pulled, y))
+
+
+def test_supcon_hand_computation_and_no_positive():
+    z = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    y = torch.tensor([0, 1, 0])
+    tau = 0.5
+    # anchors 0 and 2 each have one positive (cos 1) and one negative (cos 0); anchor 1 has none
+    per = -(1 / tau - math.log(math.exp(1 / tau) + math.exp(0.0)))
+    assert float(SupConLoss(tau)(z, y)) == pytest.approx(per, rel=1e-6)
+    assert float(SupConLoss(tau)(z, torch.tensor([0, 1, 2]))) == 0.0
+
+
+def test_siglip_needs_a_term():
+    with pytest.raises(WBCError):
+        SigLIPLoss(4, 3, pairwise=False, class_embeddings=False)
+
+
+# ---- sampler ------------------------------------------------------------------------------------------
+
+def test_balanced_sampler_gives_rare_classes_positives_in_every_batch():
+    y = np.array([0] * 100 + [1] * 30 + [2] * 3 + [3] * 1)
+    s = ClassBalancedBatchSampler(y, classes_per_batch=2, samples_per_class=4, steps=40, seed=0)
+    seen = np.zeros(4, int)
+    for batch in s:
+        labels = y[batch]
+        assert len(batch) == 8
+        cls, counts = np.unique(labels, return_counts=True)
+        assert len(cls) == 2 and (counts == 4).all()  # P classes x K images, K-1 positives each
+        seen[cls] += 1
+        for c in cls[cls < 2]:  # frequent classes: without replacement
+            assert len(set(np.asarray(batch)[labels == c])) == 4
+    assert (seen == 20).all()  # classes are visited in rounds: equally often
+    assert len(s) == 40
+    assert len(ClassBalancedBatchSampler(y, 4, 4)) == math.ceil(len(y) / 16)
+
+
+# ---- classifiers --------------------------------------------------------------------------------------
+
+def test_prototype_classifier_is_exact_on_separable_embeddings():
+    x, y = blobs()
+    xt, yt = blobs(seed=1)
+    for per_class in (False, True):
+        clf = PrototypeClassifier(5, temperature=10.0, per_class=per_class).fit(x, y)  # class 4 absent
+        p = clf.predict_proba(xt)
+        assert p.shape == (len(xt), 5)
+        np.testing.assert_allclose(p.sum(1), 1.0)
+        assert (p.argmax(1) == yt).all()
+        assert (p[:, 4] == 0).all()
+    np.testing.assert_allclose(np.linalg.norm(clf.prototypes[:4], axis=1), 1.0, rtol=1e-5)
+    assert not np.allclose(clf.temperatures[:4], 10.0)  # fitted per class
+    # with T fixed, probabilities are exactly softmax(T * cosine to the normalised class means)
+    fixed = PrototypeClassifier(4, temperature=7.0).fit(x, y)
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    means = np.stack([unit[y == c].mean(0) for c in range(4)])
+    means /= np.linalg.norm(means, axis=1, keepdims=True)
+    q = xt[:3] / np.linalg.norm(xt[:3], axis=1, keepdims=True)
+    expected = torch.softmax(torch.tensor(7.0 * q @ means.T, dtype=torch.float64), 1).numpy()
+    np.testing.assert_allclose(fixed.predict_proba(xt[:3]), expected, rtol=1e-5)
+
+
+def test_knn_and_linear_classifiers_on_separable_embeddings():
+    x, y = blobs()
+    xt, yt = blobs(seed=1)
+    for clf in (KNNClassifier(5, k=5), SklearnClassifier(5, "logreg"), SklearnClassifier(5, "mlp", max_iter=300)):
+        p = clf.fit(x, y).predict_proba(xt)
+        assert p.shape == (len(xt), 5)
+        np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-6)
+        assert (p.argmax(1) == yt).mean() == 1.0
+        assert (p[:, 4] == 0).all()  # a class absent from training keeps its column
+    # k-NN votes: one neighbour -> a one-hot probability of the nearest training image's class
+    p1 = KNNClassifier(4, k=1).fit(x, y).predict_proba(x[:5])
+    np.testing.assert_array_equal(p1, np.eye(4)[y[:5]])
+
+
+# ---- MedSigLIP loader ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_siglip_dir(tmp_path_factory):
+    """A randomly initialised SigLIP (vision + text towers, the google/medsiglip-448 layout) saved locally."""
+    from transformers import SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    cfg = SiglipConfig(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=100, max_position_embeddings=16, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0))
+    torch.manual_seed(0)
+    model = SiglipModel(cfg).eval()
+    d = tmp_path_factory.mktemp("medsiglip")
+    model.save_pretrained(d)
+    SiglipImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(d)
+    return d, model
+
+
+def test_medsiglip_loader_builds_embeds_and_normalises(tiny_siglip_dir):
+    from wbc.data.dataset import normalize
+    from wbc.embed.encoders import EmbeddingHead, EmbeddingModel, load_medsiglip
+    from wbc.embed.train import embed_array
+
+    d, reference = tiny_siglip_dir
+    enc = load_medsiglip(d)
+    assert enc.feat_dim == 32 and enc.input_size == 32 and enc.mean == (0.5, 0.5, 0.5) and enc.std == (0.5, 0.5, 0.5)
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    x = normalize(torch.from_numpy(imgs).permute(0, 3, 1, 2), enc.mean, enc.std)
+    assert float(x.min()) >= -1.0 and float(x.max()) <= 1.0  # the processor's (x/255 - .5)/.5
+    with torch.no_grad():
+        expected = reference.get_image_features(pixel_values=x)  # the full model's pooled image output
+        expected = getattr(expected, "pooler_output", expected)
+    feats = embed_array(enc, imgs, torch.device("cpu"), norm={"mean": enc.mean, "std": enc.std})
+    np.testing.assert_allclose(feats, expected.numpy(), rtol=1e-4, atol=1e-5)  # weights really loaded
+    # other sizes are resized to the tower's 32 px; a head gives unit-norm embeddings
+    big = np.stack([np.kron(im, np.ones((2, 2, 1), np.uint8)) for im in imgs])  # 64 px
+    model = EmbeddingModel(enc, EmbeddingHead(enc.feat_dim, 8))
+    z = embed_array(model, big, torch.device("cpu"), norm={"mean": enc.mean, "std": enc.std})
+    assert z.shape == (3, 8)
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
+
+
+def test_medsiglip_loader_rejects_a_folder_without_weights(tmp_path, tiny_siglip_dir):
+    from wbc.embed.encoders import load_medsiglip
+
+    with pytest.raises(WBCError, match="config.json"):
+        load_medsiglip(tmp_path)
+    d, _ = tiny_siglip_dir
+    (tmp_path / "config.json").write_text((d / "config.json").read_text())
+    with pytest.raises(WBCError):
+        load_medsiglip(tmp_path)
+
+
+# ---- few-shot -----------------------------------------------------------------------------------------
+
+def test_episodes_never_leak_queries_into_support():
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(6), [40, 25, 12, 8, 4, 60])
+    groups = np.array([f"g{i // 2}" for i in range(len(y))])  # pairs of copies of one original
+    for k in (1, 5, 10):
+        for _ in range(50):
+            ep = sample_episode(y, k, 3, rng, groups=groups)
+            assert ep is not None
+            assert not set(ep.support) & set(ep.query)
+            assert not set(groups[ep.support]) & set(groups[ep.query])  # copies of a support image stay out
+            for c in ep.classes:
+                assert (y[ep.support] == c).sum() == k and (y[ep.query] == c).sum() == 3
+            assert set(y[ep.support]) == set(y[ep.query]) == set(ep.classes)
+    assert set(sample_episode(y, 20, 15, rng).classes) == {0, 5}  # only classes with >= 35 images
+    assert sample_episode(y, 50, 15, rng) is None  # one class only is no episode
+    ep = sample_episode(y, 5, 3, rng, n_way=3)
+    assert len(ep.classes) == 3
+
+
+def test_run_episodes_and_intervals():
+    x, y = blobs((40, 40, 40, 40), noise=0.3)
+    rows = run_episodes([{"emb": x, "y": y}], [1, 5], episodes=30, n_query=5, seed=0)
+    assert [r["k_shot"] for r in rows] == [1, 5]
+    for r in rows:
+        assert r["episodes"] == 30 and r["n_way"] == 4
+        assert r["accuracy"] == 1.0 and r["macro_f1"] == 1.0 and r["accuracy_ci95"] == 0.0
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # the fast episode macro-F1 is the leaderboard's metric
+        yt, yp = np.repeat(np.arange(4), 5), rng.integers(0, 4, 20)
+        assert episode_macro_f1(yt, yp, 4) == pytest.approx(macro_f1(yt, yp, 4))
+    m, ci = mean_ci([0.5, 0.7, 0.6, 0.8])
+    assert m == pytest.approx(0.65) and ci == pytest.approx(1.96 * np.std([0.5, 0.7, 0.6, 0.8], ddof=1) / 2)
+    pick = subsample_per_class(np.repeat([0, 1, 2], [100, 50, 3]), 50, rng=np.random.default_rng(0))
+    assert np.bincount(np.repeat([0, 1, 2], [100, 50, 3])[pick]).tolist() == [50, 50, 3]
+
+
+# ---- head training ------------------------------------------------------------------------------------
+
+def test_head_training_on_frozen_features_clusters_classes(tmp_path):
+    from wbc.embed.encoders import EmbeddingHead, EmbeddingModel
+    from wbc.embed.run import DEFAULTS
+    from wbc.embed.train import embed_array, train_embedding
+    from wbc.io import torch_load
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), [60, 30, 10, 4])
+    means = rng.normal(size=(4, 24)) * 0.6
+    feats = (means[y] + rng.normal(size=(len(y), 24))).astype(np.float32)
+    e = {**DEFAULTS, "epochs": 6, "classes_per_batch": 4, "samples_per_class": 6, "steps_per_epoch": 10,
+         "lr": 3e-3, "proj_dim": 8, "hidden_dim": 32}
+    torch.manual_seed(0)
+    model = EmbeddingModel(None, EmbeddingHead(24, 8, 32))
+    loss = SigLIPLoss(8, 4, class_embeddings=True)
+    z0 = embed_array(model, feats, torch.device("cpu"))
+    hist = train_embedding(model, loss, feats, y, e, torch.device("cpu"), tmp_path, seed=0)
+    assert len(hist) == 6 and hist[-1]["loss"] < 0.5 * hist[0]["loss"]
+    z = embed_array(model, feats, torch.device("cpu"))
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
+    acc_before = (PrototypeClassifier(4).fit(z0, y).predict_proba(z0).argmax(1) == y).mean()
+    acc_after = (PrototypeClassifier(4).fit(z, y).predict_proba(z).argmax(1) == y).mean()
+    assert acc_after > 0.9 and acc_after > acc_before
+    sd = torch_load(tmp_path / "embed.pt")  # plain state_dict: model + SigLIP t', b, class embeddings
+    assert "loss.logit_scale" in sd and "loss.class_emb" in sd and any(k.startswith("model.head.") for k in sd)
+    assert float(sd["loss.logit_scale"]) != pytest.approx(math.log(10), abs=1e-6)  # t is learnt
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 6
+
+
+# ---- end to end ---------------------------------------------------------------------------------------
+
+def test_embed_end_to_end_writes_fold_safe_members(sample_root, make_cfg, monkeypatch):
+    from wbc.embed import run as embed_run
+    from wbc.folds import build_folds, folds_path
+    from wbc.io import load_probs, write_csv
+
+    cfg = make_cfg(sample_root, "folds.n_folds=2", "embed.epochs=1", "embed.steps_per_epoch=2",
+                   "embed.classifiers=[proto,knn,logreg]", "name=emb", "data.image_size=32",
+                   config="embed_tiny_cpu.yaml")
+    write_csv(folds_path(cfg), build_folds(cfg))
+    fits = []
+    real = embed_run.build_classifier
+
+    def spy(name, n, e, seed=0):
+        clf = real(name, n, e, seed)
+        fit = clf.fit
+        clf.fit = lambda emb, y: (fits.append((name, np.array(emb))), fit(emb, y))[1]
+        return clf
+
+    monkeypatch.setattr(embed_run, "build_classifier", spy)
+    report = embed_run.run_embed(cfg)
+    out = embed_run.run_dir(cfg)
+    folds = pd.read_csv(folds_path(cfg))
+    assert [name for name, _ in fits] == ["proto", "knn", "logreg"] * 2  # folds in order
+    for i, (_, fitted) in enumerate(fits):  # fold k's classifiers see exactly fold k's training rows
+        tr = embed_run.load_embeddings(out, "train", i // 3)
+        np.testing.assert_array_equal(fitted, tr["embeddings"][tr["folds"] != i // 3])
+    for k in (0, 1):
+        tr = embed_run.load_embeddings(out, "train", k)
+        assert (out / f"fold{k}" / "embed.pt").is_file()
+        assert tr["embeddings"].shape == (len(folds), 32) and tr["embeddings"].dtype == np.float32
+        np.testing.assert_allclose(np.linalg.norm(tr["embeddings"], axis=1), 1.0, rtol=1e-4)
+        assert set(tr["ids"]) == set(folds["ID"])
+        ids_fold = dict(zip(folds["ID"], folds["fold"]))
+        assert all(ids_fold[i] == f for i, f in zip(tr["ids"], tr["folds"]))
+    e0, e1 = (embed_run.load_embeddings(out, "eval", k)["embeddings"] for k in (0, 1))
+    assert not np.allclose(e0, e1)  # each fold trains its own encoder
+    for clf in ("proto", "knn", "logreg"):
+        d = out.parent / f"emb_{clf}"
+        oof = load_probs(d / "oof.csv")
+        assert sorted(oof.ids) == sorted(folds["ID"]) and oof.folds is not None
+        assert dict(zip(oof.ids, oof.folds)) == dict(zip(folds["ID"], folds["fold"]))
+        assert (oof.labels != "").all()
+        np.testing.assert_allclose(oof.probs.sum(1), 1.0, rtol=1e-6)
+        ev, te = load_probs(d / "eval.csv"), load_probs(d / "test.csv")
+        assert len(ev.ids) == 80 and (ev.labels != "").all() and len(te.ids) == 120
+        assert 0.0 <= report["classifiers"][clf]["oof_macro_f1"] <= 1.0
+
+    cfg_fs = make_cfg(sample_root, "folds.n_folds=2", "name=emb", "data.image_size=32", "embed.fewshot.episodes=20",
+                      "embed.fewshot.ks=[1,5]", "embed.fewshot.repeats=2", config="embed_tiny_cpu.yaml")
+    fs = embed_run.run_fewshot(cfg_fs)
+    assert [r["k_shot"] for r in fs["episodes"]] == [1, 5]
+    assert all(r["episodes"] == 20 and r["n_way"] >= 2 for r in fs["episodes"])
+    assert 0.0 <= fs["labels_per_class"]["oof_macro_f1"] <= 1.0 and fs["labels_per_class"]["repeats"] == 2
+    assert (out / "fewshot.json").is_file()
+
+
+def test_frozen_medsiglip_features_once_head_per_fold_then_raw_shared(sample_root, make_cfg, tiny_siglip_dir,
+                                                                    monkeypatch):
+    from wbc.embed import encoders
+    from wbc.embed import run as embed_run
+    from wbc.folds import build_folds, folds_path
+    from wbc.io import load_probs, write_csv
+
+    d, _ = tiny_siglip_dir
+    over = ["folds.n_folds=2", "embed.encoder=medsiglip", f"embed.medsiglip_dir={d}", "embed.classifiers=[proto]",
+            "embed.steps_per_epoch=3", "name=msl", "data.image_size=32"]
+    cfg = make_cfg(sample_root, *over, "embed.epochs=1", config="embed_tiny_cpu.yaml")
+    write_csv(folds_path(cfg), build_folds(cfg))
+    calls = []
+    real = encoders.build_encoder
+    monkeypatch.setattr(encoders, "build_encoder", lambda c, fold=None: (calls.append(fold), real(c, fold))[1])
+    embed_run.run_embed(cfg)
+    out = embed_run.run_dir(cfg)
+    assert calls == [None]  # one forward pass of the frozen tower serves both folds
+    z0, z1 = (embed_run.load_embeddings(out, "test", k)["embeddings"] for k in (0, 1))
+    assert z0.shape == (120, 32) and not np.allclose(z0, z1)  # a head per fold on the shared features
+    assert not (out / "embeddings_test.npz").exists()
+
+    embed_run.run_embed(make_cfg(sample_root, *over, "embed.epochs=0", config="embed_tiny_cpu.yaml"))
+    assert (out / "embeddings_train.npz").is_file() and not (out / "fold0" / "embeddings_train.npz").exists()
+    tr = embed_run.load_embeddings(out, "train", 1)  # the shared file, for any fold
+    assert tr["embeddings"].shape == (480, 32)  # the tower's pooled features, L2-normalised
+    np.testing.assert_allclose(np.linalg.norm(tr["embeddings"], axis=1), 1.0, rtol=1e-5)
+    oof = load_probs(out.parent / "msl_proto" / "oof.csv")
+    assert sorted(oof.ids) == sorted(tr["ids"])
+
+
+def test_run_encoder_loads_fold_checkpoint_without_its_classifier(tmp_path):
+    import yaml
+
+    from wbc.embed.encoders import build_encoder
+    from wbc.io import torch_save
+    from wbc.models.factory import create_model
+
+    model_cfg = {"arch": "test_resnet", "pretrained": False, "drop_path_rate": 0.0}
+    torch.manual_seed(0)
+    fold_model = create_model(model_cfg, num_classes=7).eval()
+    run = tmp_path / "outputs" / "foldrun"
+    torch_save(run / "fold1" / "best.pt", fold_model.state_dict())
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": model_cfg}))
+    cfg = {"output_dir": str(tmp_path / "outputs"), "model": {"arch": "resnet18"},
+           "embed": {"encoder": "run", "init_from_run": "foldrun"}}
+    enc = build_encoder(cfg, fold=1).eval()  # arch comes from the run's config.yaml
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = fold_model.forward_head(fold_model.forward_features(x), pre_logits=True)
+        np.testing.assert_allclose(enc(x).numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
+    assert enc.feat_dim == 96
+    with pytest.raises(WBCError, match="fold0/best.pt"):
+        build_encoder(cfg, fold=0)
