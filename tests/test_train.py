@@ -41,7 +41,7 @@ def test_learns_above_chance(cfg2):
 def test_resume_is_exact(cfg2):
     # EMA, a stage-2 classifier re-training and augmentation all have state that must survive a kill.
     over = ["train.epochs=2", "train.stage2.epochs=1", "train.ema=true", "train.ema_decay=0.9",
-            "train.loss.type=focal", "train.sampler.type=balanced"]
+            "train.loss.type=focal", "train.sampler.type=balanced", "train.num_workers=1"]
     full = cfg2(*over, "name=full")
     data = load_fold_data(full)
     train_fold(full, 0, data=data)
@@ -108,3 +108,26 @@ def test_tta_views_are_the_dihedral_group():
     x = torch.arange(16.0).view(1, 1, 4, 4)
     views = {tuple(view(x, k).flatten().tolist()) for k in range(8)}
     assert len(views) == 8
+
+
+def test_epoch_tagged_sampler_and_dataset_seeding():
+    from wbc.data.dataset import CellDataset, EpochTagged
+    from wbc.train.sampling import build_sampler
+
+    plain = EpochTagged(20, seed=3)
+    plain.set_epoch(1)
+    a = list(plain)
+    assert sorted(i for _, i in a) == list(range(20)) and {e for e, _ in a} == {1}
+    assert a == list(plain)  # a pure function of (seed, epoch)
+    plain.set_epoch(2)
+    assert [i for _, i in plain] != [i for _, i in a]
+    weighted = EpochTagged(20, build_sampler(np.arange(20) % 2, 2, {"type": "balanced"}, seed=0), 0)
+    weighted.set_epoch(5)
+    assert len(list(weighted)) == 20 and all(e == 5 for e, _ in weighted)
+
+    import albumentations as A
+
+    imgs = np.random.default_rng(0).integers(0, 255, (4, 16, 16, 3), dtype=np.uint8)
+    ds = CellDataset(imgs, [0, 1, 0, 1], A.Compose([A.RandomRotate90(p=1), A.GaussNoise(p=1)]), seed=0)
+    x1, x2, x3 = ds[(3, 1)][0], ds[(3, 1)][0], ds[(4, 1)][0]
+    assert torch.equal(x1, x2) and not torch.equal(x1, x3)

@@ -1,13 +1,14 @@
 """Torch dataset over cached uint8 images; augmentation is seeded per (seed, epoch, index).
 
 Per-sample seeding makes a run independent of worker count and lets a resumed run draw exactly the
-augmentations an uninterrupted one would.
+augmentations an uninterrupted one would. `EpochTagged` sends `(epoch, index)` pairs through the loader, so
+persistent workers (started once per run, not per epoch) still know each sample's epoch.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 
 class CellDataset(Dataset):
@@ -24,14 +25,38 @@ class CellDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, i):
+        epoch, i = i if isinstance(i, tuple) else (self.epoch, i)
         img = np.asarray(self.images[i])
         if self.transform is not None:
-            self.transform.set_random_seed(int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0]))
+            self.transform.set_random_seed(int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0]))
             img = self.transform(image=img)["image"]
         x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))  # uint8 CHW
         y = -1 if self.targets is None else int(self.targets[i])
         return x, y
+
+
+class EpochTagged(Sampler):
+    """Yields `(epoch, index)`: the base sampler's draw, or a permutation seeded by (seed, epoch)."""
+
+    def __init__(self, n: int, base=None, seed: int = 0):
+        self.n, self.base, self.seed, self.epoch = n, base, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if self.base is not None:
+            self.base.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base) if self.base is not None else self.n
+
+    def __iter__(self):
+        if self.base is not None:
+            order = list(self.base)
+        else:
+            g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]))
+            order = torch.randperm(self.n, generator=g).tolist()
+        return iter([(self.epoch, i) for i in order])
 
 
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:

@@ -60,7 +60,7 @@ def benchmark(cfg: dict, steps: int = 50, warmup: int = 10) -> dict:
 
     def pipeline_run(n_batches):
         sub = torch.utils.data.Subset(ds, idx[: n_batches * bs].tolist())
-        loader = _loader(sub, None, bs, int(t["num_workers"]), device, 0)
+        loader = _loader(sub, None, bs, int(t["num_workers"]), device)
         _sync(device)
         t0 = time.perf_counter()
         _, n = _train_epoch(fwd, model, None, loader, opt, sched, scaler, loss_fn, device, norm, t, 1, "pipeline")

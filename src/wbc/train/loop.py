@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from ..config import dump_config, run_dir
 from ..console import console, progress
 from ..data.augment import build_transform
-from ..data.dataset import CellDataset, normalize
+from ..data.dataset import CellDataset, EpochTagged, normalize
 from ..errors import WBCError
 from ..io import torch_load, torch_save, write_json, write_text
 from ..metrics import macro_f1
@@ -72,11 +72,11 @@ def _optimizer(params, lr: float, weight_decay: float, model=None):
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def _loader(ds, sampler, batch_size: int, workers: int, device, shuffle_seed: int, drop_last: bool = True):
-    g = torch.Generator().manual_seed(shuffle_seed)
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, shuffle=sampler is None, generator=g,
-                      num_workers=workers, pin_memory=device.type == "cuda", drop_last=drop_last,
-                      persistent_workers=False)  # workers re-fork each epoch and see the new epoch
+def _loader(ds, sampler, batch_size: int, workers: int, device, drop_last: bool = True):
+    # Persistent workers fork once per stage; the epoch reaches them inside each (epoch, index) pair.
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=device.type == "cuda", drop_last=drop_last, persistent_workers=workers > 0,
+                      prefetch_factor=4 if workers > 0 else None)
 
 
 def _rng_state() -> dict:
@@ -133,13 +133,14 @@ def train_fold(cfg: dict, fold: int, on_epoch: Callable[[int, dict], None] | Non
 
     def stage_objects(stage: int):
         if stage == 1:
-            sampler = build_sampler(y_all[tr_idx], n_cls, t["sampler"], seed=seed)
+            sampler = EpochTagged(len(tr_idx), build_sampler(y_all[tr_idx], n_cls, t["sampler"], seed=seed), seed)
             opt = _optimizer(None, float(t["lr"]), float(t["weight_decay"]), model)
             total, warm, lr0 = epochs1 * steps_per_epoch, int(t["warmup_epochs"]) * steps_per_epoch, float(t["lr"])
             loss = build_loss(t["loss"], counts)
         else:  # decoupled: re-train a fresh classifier on the frozen backbone with balanced sampling
             s2 = t["stage2"]
-            sampler = build_sampler(y_all[tr_idx], n_cls, {"type": s2.get("sampler", "balanced")}, seed=seed + 1)
+            sampler = EpochTagged(len(tr_idx), build_sampler(y_all[tr_idx], n_cls, {"type": s2.get("sampler", "balanced")},
+                                                             seed=seed + 1), seed + 1)
             model.zero_grad(set_to_none=True)  # stale stage-1 grads must not reach clipping
             model.requires_grad_(False)
             model.reset_classifier(n_cls)
@@ -148,10 +149,10 @@ def train_fold(cfg: dict, fold: int, on_epoch: Callable[[int, dict], None] | Non
             total, warm, lr0 = epochs2 * steps_per_epoch, 0, float(s2["lr"])
             loss = build_loss({"type": "ce", "label_smoothing": t["loss"].get("label_smoothing", 0.0)}, counts)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(max(total, 1), warm, float(t["min_lr"]) / lr0))
-        return sampler, opt, sched, loss
+        return sampler, _loader(ds, sampler, bs, int(t["num_workers"]), device), opt, sched, loss
 
     stage = 1 if epochs1 > 0 else 2
-    sampler, opt, sched, loss_fn = stage_objects(stage)
+    sampler, loader, opt, sched, loss_fn = stage_objects(stage)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and t.get("amp") == "fp16")
     start, best, history = 0, -1.0, []
 
@@ -160,7 +161,7 @@ def train_fold(cfg: dict, fold: int, on_epoch: Callable[[int, dict], None] | Non
         st = torch_load(state_path)
         if st["stage"] == 2 and stage == 1:
             stage = 2
-            sampler, opt, sched, loss_fn = stage_objects(2)
+            sampler, loader, opt, sched, loss_fn = stage_objects(2)
         model.load_state_dict(st["model"])
         if ema is not None and st.get("ema") is not None:
             ema.load_state_dict(st["ema"])
@@ -181,12 +182,9 @@ def train_fold(cfg: dict, fold: int, on_epoch: Callable[[int, dict], None] | Non
             stage = 2
             if ema is not None:  # stage 2 starts from the averaged backbone
                 model.load_state_dict(ema.module.state_dict())
-            sampler, opt, sched, loss_fn = stage_objects(2)
+            sampler, loader, opt, sched, loss_fn = stage_objects(2)
         t0 = time.perf_counter()
-        ds.set_epoch(epoch)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        loader = _loader(ds, sampler, bs, int(t["num_workers"]), device, seed * 1000 + epoch)
+        sampler.set_epoch(epoch)
         train_loss, n_seen = _train_epoch(fwd, model, ema if stage == 1 else None, loader, opt, sched, scaler,
                                           loss_fn, device, norm, t, stage, desc=f"fold {fold} ep {epoch}")
         t_train = time.perf_counter() - t0
