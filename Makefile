@@ -15,6 +15,8 @@ STORAGE ?=
 TRIALS ?=
 RESTORER ?= configs/restorer.yaml
 EMBED ?= configs/embed_tiny_cpu.yaml
+REFINE ?= configs/refine.yaml
+PRED ?=
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 # DATA= wins over the config's data.root (as does the WBC_DATA environment variable).
@@ -24,7 +26,7 @@ WBC := $(PY) -m wbc
 .DEFAULT_GOAL := help
 .PHONY: help setup test sample-data folds train-fold train-all predict submit check-submission convert-effnet \
         demo benchmark-throughput ensemble tune-train \
-        train-restorer restore embed fewshot
+        train-restorer restore embed fewshot morph refine
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-22s\033[0m %s\n", $$1, $$2}'
@@ -86,3 +88,9 @@ embed: ## contrastive embeddings per fold + prototype / k-NN / logistic classifi
 
 fewshot: ## N-way K-shot episodes and the 50-labels-per-class protocol on `make embed` outputs
 	$(WBC) fewshot -c $(EMBED) $(OVR)
+
+morph: ## segment every image: morphology features, QA sheet, class separation -> outputs/morph/<dataset>_* (REFINE=configs/refine.yaml)
+	$(WBC) morph -c $(REFINE) $(OVR)
+
+refine: ## morphology Gaussians + rare-class rescue on top of PRED (ensemble/run folder) -> outputs/refine/<name>/ + submission
+	$(WBC) refine -c $(REFINE) $(if $(PRED),--pred $(PRED)) $(OVR)
