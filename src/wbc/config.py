@@ -106,3 +106,9 @@ def resolve_path(p) -> Path:
 def run_dir(cfg: dict) -> Path:
     """Where a run's outputs live: <output_dir>/<name>."""
     return resolve_path(cfg.get("output_dir", "outputs")) / cfg["name"]
+
+
+def display_path(p) -> str:
+    """A path for reports and sidecars: relative to the repository when inside it (no machine paths)."""
+    p = Path(p).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)

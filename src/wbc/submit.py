@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import ROOT, resolve_path, run_dir
+from .config import ROOT, display_path, resolve_path, run_dir
 from .errors import WBCError
 from .io import atomic_path, write_json
 
@@ -92,9 +92,7 @@ def submit_from_predictions(pred_dir, data_root, name: str, classes, extra: dict
         probs = load_probs(pred_dir / "test.csv")
         ids, labels, rule = probs.ids, np.asarray(probs.classes)[probs.probs.argmax(1)], "argmax of test.csv"
     report = pred_dir / "report.json"
-    shown = pred_dir.resolve()
-    shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown  # no machine paths in the sidecar
-    sidecar = {"predictions": str(shown), "decision": rule, **(extra or {})}
+    sidecar = {"predictions": display_path(pred_dir), "decision": rule, **(extra or {})}
     if report.exists():
         rep = json.loads(report.read_text())
         sidecar["cv_macro_f1"] = rep.get("oof", {}).get("macro_f1")

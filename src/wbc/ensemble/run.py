@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..config import dump_config, resolve_path
+from ..config import display_path, dump_config, resolve_path
 from ..console import console
 from ..errors import WBCError
 from ..io import save_probs, write_csv, write_json, write_text
@@ -113,14 +113,14 @@ def run_ensemble(cfg: dict) -> dict:
         "rule": rule,
         "tuned_params": study.best_params,
         "blend": {"space": space, "weights": weights_by_name, "how": how},
-        "members": [str(m.path) for m in members],
+        "members": [display_path(m.path) for m in members],
         "study": {"storage": storage_spec, "name": study.study_name, "finished_trials": n_finished(study),
                   "best_value": study.best_value, "seed": seed},
     }
     report = {
         "name": name,
         "final_step": final_step,
-        "members": [{"name": n, "path": str(m.path), "weight": float(w)} for n, m, w in zip(names, members, weights)],
+        "members": [{"name": n, "path": display_path(m.path), "weight": float(w)} for n, m, w in zip(names, members, weights)],
         "scores": scores,
         "nested": None if nested is None else {k: v for k, v in nested.items() if k != "pred"},
         "n": {"oof": len(y), "eval": 0 if ev is None else len(ev.ids), "test": len(test.ids)},
@@ -153,12 +153,12 @@ def run_ensemble(cfg: dict) -> dict:
         from ..submit import write_submission
 
         sidecar = {"step": "ensemble", "name": name, "members": decision["members"], "blend": decision["blend"],
-                   "decision": str(out / "decision.json"), "oof_macro_f1": scores["oof"][final_step]["macro_f1"],
+                   "decision": display_path(out / "decision.json"), "oof_macro_f1": scores["oof"][final_step]["macro_f1"],
                    "oof_nested_macro_f1": scores["oof_nested"],
                    "eval_macro_f1": scores["eval"][final_step]["macro_f1"] if "eval" in scores else None}
         path = write_submission(data_root(cfg), test.ids, [classes[i] for i in test_pred], name, classes, sidecar,
                                 out_dir=resolve_path(ens.get("submit_dir") or "submissions"))
-        report["submission"] = str(path)
+        report["submission"] = display_path(path)
         write_json(out / "report.json", report)
         console.print(f"submission: {path}")
     console.print(f"ensemble outputs: {out}")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..config import resolve_path
+from ..config import display_path, resolve_path
 from ..console import console, print_table
 from ..errors import WBCError
 from ..io import Probs, load_probs, save_probs, write_csv, write_json
@@ -221,7 +221,7 @@ def run_refine(cfg: dict) -> dict:
     pred = {k: {"before": base[k], "hard": apply_hard(e, hard_params, classes), "soft": decide(soft[k])}
             for k, e in ev.items()}
 
-    report = {"predictions": str(pred_dir), "base_decision": base_name, "features_file": str(fpath),
+    report = {"predictions": display_path(pred_dir), "base_decision": base_name, "features_file": display_path(fpath),
               "features": columns, "shape_features": shape_names, "rare_classes": s.rare, "n_trials": s.n_trials,
               "seg_ok": {k: float(r["seg_ok"].mean()) for k, r in rows.items()},
               "covariance": dict(zip(classes, g.kinds)),
@@ -252,7 +252,7 @@ def run_refine(cfg: dict) -> dict:
 
         key = "before" if method == "none" else method
         scores = report["scores"]
-        sidecar = {"predictions": str(pred_dir), "refine_dir": str(out_dir), "method": method,
+        sidecar = {"predictions": display_path(pred_dir), "refine_dir": display_path(out_dir), "method": method,
                    "cv_macro_f1": scores.get("oof_nested", scores["oof"])[key]["macro_f1"],
                    "eval_macro_f1": scores.get("eval", {}).get(key, {}).get("macro_f1"), "report": report}
         path = write_submission(data_root(cfg), preds["test"].ids, np.asarray(classes)[pred["test"][key]],
