@@ -157,3 +157,25 @@ def test_train_restorer_and_restore_commands(tmp_path):
     for i in res["ID"]:
         a, b = cv2.imread(str(out / i)), cv2.imread(str(data / "phase2" / "test" / i))
         assert a.shape == b.shape and a.dtype == np.uint8
+    # On-the-fly restoration at cache time (data.restore=true): gated phase2 images change, phase1 does not.
+    from wbc.config import load_config
+    from wbc.data.cache import load_images
+    from wbc.data.layout import read_splits
+    from wbc.data.preprocess import build_preprocess
+
+    sd = torch.load(run / "generator.pt", weights_only=True)  # perturb: a 2-step generator is near identity
+    g = torch.Generator().manual_seed(0)
+    torch.save({k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                for k, v in sd.items()}, run / "generator.pt")
+    cfg = load_config(None, [f"data.root={data}", "data.image_size=64", f"data.cache_dir={tmp_path / 'cache'}",
+                             "data.restore=true", f"data.restore_dir={run}", "data.name=d"])
+    df = read_splits(data, ["phase1", "phase2_test"])
+    pre = build_preprocess(cfg)
+    restored = load_images(cfg, df, pre)
+    plain = load_images({**cfg, "data": {**cfg["data"], "restore": False}}, df)
+    p1 = (df["split"] == "phase1").to_numpy()
+    assert np.array_equal(restored[p1], plain[p1])
+    out, _, mask = Restorer.load(run)(np.asarray(plain[~p1]))
+    changed = np.array([not np.array_equal(a, b) for a, b in zip(restored[~p1], plain[~p1])])
+    assert mask.any() and np.array_equal(changed, mask)
+    assert np.array_equal(np.asarray(restored[~p1]), out)
