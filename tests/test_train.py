@@ -131,3 +131,19 @@ def test_epoch_tagged_sampler_and_dataset_seeding():
     ds = CellDataset(imgs, [0, 1, 0, 1], A.Compose([A.RandomRotate90(p=1), A.GaussNoise(p=1)]), seed=0)
     x1, x2, x3 = ds[(3, 1)][0], ds[(3, 1)][0], ds[(4, 1)][0]
     assert torch.equal(x1, x2) and not torch.equal(x1, x3)
+
+
+def test_stain_normalised_cache(cfg2):
+    cfg = cfg2("data.stain_norm=true")
+    plain = load_fold_data(cfg2())
+    normed = load_fold_data(cfg)
+    from wbc.data.cache import cache_dir
+
+    ref = cache_dir(cfg) / "stain_reference.json"
+    assert ref.exists() and cache_dir(cfg).name.endswith("_stain")
+    for split in ("phase1", "phase2_train"):  # every split went through the normaliser
+        rows = (normed.pool["split"] == split).to_numpy()
+        assert np.abs(normed.pool_images[rows].astype(int) - plain.pool_images[rows].astype(int)).mean() > 1.0
+    stamp = ref.stat().st_mtime_ns
+    again = load_fold_data(cfg)  # the cache is reused: no refit
+    assert ref.stat().st_mtime_ns == stamp and np.array_equal(again.pool_images, normed.pool_images)

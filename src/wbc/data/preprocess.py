@@ -33,12 +33,13 @@ def build_preprocess(cfg: dict, pool_images_fn=None):
         from .stain import MacenkoNormalizer
 
         norm = MacenkoNormalizer()
-        ref = pool_images_fn()
-        rng = np.random.default_rng(cfg.get("seed", 0))
-        norm.fit(ref[rng.permutation(len(ref))[:256]])
-        write_json(cache_dir(cfg) / "stain_reference.json", norm.state_dict())
 
         def stain(images, split):
+            if norm.stain_matrix is None:  # fitted lazily: only a cache build needs the reference
+                ref = pool_images_fn()
+                pick = np.random.default_rng(cfg.get("seed", 0)).permutation(len(ref))[:256]
+                norm.fit(np.asarray(ref)[np.sort(pick)])
+                write_json(cache_dir(cfg) / "stain_reference.json", norm.state_dict())
             return np.stack([norm.transform(im) for im in images])
 
         steps.append(stain)

@@ -16,9 +16,9 @@ from ..folds import load_folds
 @dataclass
 class FoldData:
     classes: list[str]
-    pool: pd.DataFrame  # DataFrame: CV pool with fold column
-    holdout: pd.DataFrame  # DataFrame: eval splits (predicted, never trained on)
-    test: pd.DataFrame  # DataFrame: test split
+    pool: pd.DataFrame  # CV pool with a fold column
+    holdout: pd.DataFrame  # eval splits (predicted, never trained on)
+    test: pd.DataFrame  # test split
     pool_images: np.ndarray
     holdout_images: np.ndarray | None
     test_images: np.ndarray | None
@@ -42,7 +42,8 @@ def load_fold_data(cfg: dict, with_test: bool = True) -> FoldData:
     check_labels(holdout, classes)
     test = read_splits(root, [d["test_split"]]) if with_test and d.get("test_split") else merged.iloc[:0]
 
-    pre = build_preprocess(cfg, lambda: load_images(cfg, merged[merged["split"] == merged["split"].iloc[0]]))
+    plain = {**cfg, "data": {**d, "stain_norm": False, "restore": False}}  # the stain reference sees raw images
+    pre = build_preprocess(cfg, lambda: load_images(plain, merged[merged["split"] == merged["split"].iloc[0]]))
     imgs = lambda df: load_images(cfg, df, pre) if len(df) else None  # noqa: E731
     return FoldData(classes, merged, holdout, test, imgs(merged), imgs(holdout), imgs(test))
 
