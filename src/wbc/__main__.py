@@ -13,7 +13,6 @@ COMMAND_MODULES = [
     "wbc.data.cli",
     "wbc.folds",
     "wbc.train.cli",
-    "wbc.train.benchmark",
     "wbc.predict.cli",
     "wbc.embed.cli",
     "wbc.restore.cli",

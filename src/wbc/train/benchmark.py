@@ -107,12 +107,3 @@ def benchmark(cfg: dict, steps: int = 50, warmup: int = 10) -> dict:
     write_json(out, res)
     console.print(f"wrote {out}")
     return res
-
-
-def register(sub) -> None:
-    from ..cli_common import add_config_args, config_from_args
-
-    p = add_config_args(sub.add_parser("benchmark-throughput", help="train-fold img/s vs a plain preloaded loop"))
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--warmup", type=int, default=10)
-    p.set_defaults(func=lambda a: benchmark(config_from_args(a), a.steps, a.warmup))

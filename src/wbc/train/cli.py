@@ -1,4 +1,4 @@
-"""`train-fold` command."""
+"""`train-fold` and `benchmark-throughput` commands (heavy imports happen only when a command runs)."""
 from __future__ import annotations
 
 import os
@@ -23,3 +23,14 @@ def register(sub) -> None:
         predict_fold(cfg, args.fold, data)
 
     p.set_defaults(func=run)
+
+    b = add_config_args(sub.add_parser("benchmark-throughput", help="train-fold img/s vs a plain preloaded loop"))
+    b.add_argument("--steps", type=int, default=50)
+    b.add_argument("--warmup", type=int, default=10)
+
+    def bench(args):
+        from .benchmark import benchmark
+
+        benchmark(config_from_args(args), args.steps, args.warmup)
+
+    b.set_defaults(func=bench)
