@@ -1,4 +1,4 @@
-"""Train one fold: `train_fold(cfg, fold)` -> best/last checkpoints, metrics.jsonl, OOF/eval/test probabilities.
+"""Train one fold: `train_fold(cfg, fold)` -> best/last checkpoints and per-epoch metrics.
 
 Resumable: `state.pt` after every epoch holds model, EMA, optimizer, scheduler, scaler, RNG states and the
 epoch; `resume=True` continues exactly where a killed run stopped (same sampler draws and augmentations,
@@ -97,7 +97,10 @@ def _set_rng_state(s: dict) -> None:
 
 def train_fold(cfg: dict, fold: int, on_epoch: Callable[[int, dict], None] | None = None,
                resume: bool = False, data: FoldData | None = None) -> dict:
-    """Train `fold` of the K-fold split, then predict its held-out images, eval and test."""
+    """Train `fold` of the K-fold split: best.pt / last.pt / state.pt and metrics.jsonl in outputs/<name>/fold<k>/.
+
+    Predictions come after, from `wbc.predict.fold.predict_fold` (the `train-fold` command runs both).
+    """
     t = cfg["train"]
     out = fold_dir(cfg, fold)
     out.mkdir(parents=True, exist_ok=True)
