@@ -333,3 +333,31 @@ def test_ensemble_command_reports_bad_members(tmp_path, runs, capsys):
     cfg_file.write_text(yaml.safe_dump({"ensemble": {"members": [str(a)], "tuning": {"n_trails": 5}}}))
     assert main(["ensemble", "--config", str(cfg_file)]) == 2
     assert "unknown key(s) n_trails" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("select,blend_wins,final", [("nested", True, "blend"), ("nested", False, "tuned"),
+                                                      ("tuned", True, "tuned")])
+def test_ensemble_submits_the_blend_when_the_rule_loses_out_of_sample(tmp_path, runs, monkeypatch, select,
+                                                                      blend_wins, final):
+    import wbc.ensemble.run as run_mod
+
+    a, b = runs
+    root = _data_root(tmp_path, list(load_probs(a / "test.csv").ids))
+    fake = {"macro_f1": 0.5, "blend_macro_f1": 0.6 if blend_wins else 0.4, "fold_macro_f1": {}, "fold_weights": {}}
+    monkeypatch.setattr(run_mod, "nested_estimate", lambda *a, **k: fake)
+    cfg_file = tmp_path / "sel.yaml"
+    cfg_file.write_text(yaml.safe_dump({"ensemble": {
+        "members": [str(a), str(b)],
+        "tuning": {"n_trials": 4, "seed": 0, "select": select, "storage": f"journal:{tmp_path / 'j.journal'}"},
+        "submit_dir": str(tmp_path / "subs")}}))
+    report = run_ensemble(load_config(cfg_file, [f"output_dir={tmp_path / 'out'}", f"data.root={root}"]))
+    out = tmp_path / "out" / "ensemble" / "sel"
+    test = load_probs(out / "test.csv")
+    pred = pd.read_csv(out / "test_pred.csv", dtype=str, keep_default_na=False)["labels"].tolist()
+    if final == "blend":
+        assert report["final_step"] == "blend"
+        assert pred == [CLASSES[i] for i in test.probs.argmax(1)]
+        assert not any(load_rule(out / "decision.json")["bias"].values())
+    else:
+        assert report["final_step"] != "blend"
+    assert report["scores"]["oof_nested_blend"] == fake["blend_macro_f1"]

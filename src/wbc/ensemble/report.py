@@ -26,11 +26,11 @@ def print_per_class(title: str, y: np.ndarray, scores: dict, classes: list[str])
 
 def print_summary(report: dict) -> None:
     oof, ev = report["scores"]["oof"], report["scores"].get("eval") or {}
-    nested = report["scores"].get("oof_nested")
+    nested = {"blend": report["scores"].get("oof_nested_blend"), list(oof)[-1]: report["scores"].get("oof_nested")}
     rows = []
     for step in oof:
-        is_final = step == report["final_step"]
-        rows.append([step, oof[step]["macro_f1"], nested if (is_final and nested is not None) else "",
+        mark = " (submitted)" if step == report["final_step"] else ""
+        rows.append([step + mark, oof[step]["macro_f1"], "" if nested.get(step) is None else nested[step],
                      ev[step]["macro_f1"] if step in ev else ""])
     print_table("macro-F1 by step (OOF in-sample, OOF nested = tuned on K-1 folds, phase2_eval)",
                 ["step", "OOF", "OOF nested", "eval"], rows)

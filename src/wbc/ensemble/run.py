@@ -13,14 +13,15 @@ from ..errors import WBCError
 from ..io import save_probs, write_csv, write_json, write_text
 from ..metrics import save_confusion_png
 from .blend import SPACES, blend, check_members, load_member, resolve_weights
-from .decision import apply_rule, class_prior
+from .decision import apply_rule, class_prior, make_rule
 from .report import print_per_class, print_rule, print_summary, step_scores
 from .tune import RuleSpace, make_storage, n_finished, nested_estimate, tune_rule
 
 KEYS = {
     "ensemble": {"members", "blend", "tuning", "submit", "submit_dir"},
     "ensemble.blend": {"space", "weights"},
-    "ensemble.tuning": {"n_trials", "seed", "nested", "nested_trials", "storage"} | set(RuleSpace.__dataclass_fields__),
+    "ensemble.tuning": {"n_trials", "seed", "nested", "nested_trials", "storage", "select"}
+    | set(RuleSpace.__dataclass_fields__),
 }
 
 
@@ -92,6 +93,9 @@ def run_ensemble(cfg: dict) -> dict:
 
     steps = rule_steps(rule)
     final_step = steps[-1][0]
+    if nested is not None and tcfg.get("select", "nested") == "nested" and nested["blend_macro_f1"] > nested["macro_f1"]:
+        # Out of sample the tuned rule loses to the plain blend: submit the blend's argmax instead.
+        final_step, rule = "blend", make_rule(classes, np.zeros(n_cls), {}, 0.0, prior)
 
     def step_preds(split: str, probs: np.ndarray) -> dict:
         preds = {n: getattr(m, split).probs.argmax(1) for n, m in zip(names, members)}
@@ -100,7 +104,8 @@ def run_ensemble(cfg: dict) -> dict:
         return preds
 
     oof_preds = step_preds("oof", oof.probs)
-    scores = {"oof": step_scores(y, oof_preds, classes), "oof_nested": None if nested is None else nested["macro_f1"]}
+    scores = {"oof": step_scores(y, oof_preds, classes), "oof_nested": None if nested is None else nested["macro_f1"],
+              "oof_nested_blend": None if nested is None else nested["blend_macro_f1"]}
     eval_labelled = ev is not None and (ev.labels != "").all()
     if ev is not None:
         eval_preds = step_preds("eval", ev.probs)

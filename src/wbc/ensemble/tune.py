@@ -168,10 +168,11 @@ def nested_estimate(member_probs: list[np.ndarray], y: np.ndarray, folds: np.nda
                     space: RuleSpace, *, weights: np.ndarray | None, blend_space: str, storage: BaseStorage,
                     study_prefix: str, n_trials: int, seed: int) -> dict:
     """Honest macro-F1 of the whole recipe: for each OOF fold, fit the blend weights (`weights=None`)
-    and tune the rule on the other folds, then predict the held-out fold; score the pooled predictions."""
+    and tune the rule on the other folds, then predict the held-out fold; score the pooled predictions.
+    `blend_macro_f1` scores the same out-of-fold blends with a plain argmax (no tuned rule)."""
     y, folds = np.asarray(y), np.asarray(folds)
     n_cls = len(classes)
-    pred = np.full(len(y), -1)
+    pred, pred_blend = np.full(len(y), -1), np.full(len(y), -1)
     per_fold, fold_weights = {}, {}
     for k in np.unique(folds):
         tr, te = folds != k, folds == k
@@ -182,7 +183,8 @@ def nested_estimate(member_probs: list[np.ndarray], y: np.ndarray, folds: np.nda
         rule, _ = tune_rule(probs[tr], y[tr], classes, space, storage=storage, study_prefix=f"{study_prefix}-f{k}",
                             n_trials=n_trials, seed=seed, desc=f"nested fold {k}")
         pred[te] = apply_rule(probs[te], rule)
+        pred_blend[te] = probs[te].argmax(1)
         per_fold[int(k)] = macro_f1_fast(y[te], pred[te], n_cls)
         fold_weights[int(k)] = [float(v) for v in w]
-    return {"macro_f1": macro_f1_fast(y, pred, n_cls), "fold_macro_f1": per_fold, "fold_weights": fold_weights,
-            "pred": pred}
+    return {"macro_f1": macro_f1_fast(y, pred, n_cls), "blend_macro_f1": macro_f1_fast(y, pred_blend, n_cls),
+            "fold_macro_f1": per_fold, "fold_weights": fold_weights, "pred": pred}
