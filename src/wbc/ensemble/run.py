@@ -91,6 +91,7 @@ def run_ensemble(cfg: dict) -> dict:
                                  study_prefix=f"ensemble-{name}-nested", seed=seed,
                                  n_trials=int(tcfg.get("nested_trials") or n_trials))
 
+    tuned = rule
     steps = rule_steps(rule)
     final_step = steps[-1][0]
     if nested is not None and tcfg.get("select", "nested") == "nested" and nested["blend_macro_f1"] > nested["macro_f1"]:
@@ -151,7 +152,7 @@ def run_ensemble(cfg: dict) -> dict:
     if "eval" in scores:
         print_per_class("phase2_eval per-class F1", ev.label_index(), scores["eval"], classes)
     print_summary(report)
-    print_rule(rule, weights_by_name, study.best_params)
+    print_rule(tuned, weights_by_name, study.best_params)  # the tuned rule, even when the blend is submitted
 
     if ens.get("submit", True):
         from ..data.layout import data_root
