@@ -36,8 +36,8 @@ def _inputs(cfg: dict, split: str):
     check_labels(df, classes)
     d = cfg["data"]
     raw_cfg = {**cfg, "data": {**d, "restore": False, "stain_norm": False}}
-    pool = read_splits(root, d["train_splits"][:1])
-    post = build_preprocess({**cfg, "data": {**d, "restore": False}}, lambda: load_images(raw_cfg, pool))
+    post = build_preprocess({**cfg, "data": {**d, "restore": False}},
+                            lambda: load_images(raw_cfg, read_splits(root, d["train_splits"][:1])))
     return df.reset_index(drop=True), classes, np.asarray(load_images(raw_cfg, df)), post
 
 
