@@ -33,3 +33,23 @@ def test_wbc_data_env(monkeypatch, tmp_path):
     monkeypatch.setenv("WBC_DATA", str(tmp_path))
     assert load_config(None)["data"]["root"] == str(tmp_path)
     assert load_config(None, ["data.root=/x"])["data"]["root"] == "/x"
+
+
+def test_typos_are_refused_naming_the_file_and_key(tmp_path):
+    cfg_file = tmp_path / "typo.yaml"
+    cfg_file.write_text("base: " + str(CONFIG_DIR / "tiny_cpu.yaml") + "\ntrain:\n  epoch: 3\n  loss: {tua: 0.5}\n")
+    with pytest.raises(WBCError, match=r"typo\.yaml: unknown config key\(s\) train\.epoch, train\.loss\.tua"):
+        load_config(cfg_file)
+    with pytest.raises(WBCError, match=r"override 'augment\.damage\.max_severty=2': unknown config key"):
+        load_config(CONFIG_DIR / "tiny_cpu.yaml", ["augment.damage.max_severty=2"])
+
+
+def test_free_form_and_step_sections_are_not_checked(tmp_path):
+    cfg = load_config(CONFIG_DIR / "tiny_cpu.yaml", ["model.kwargs.in_chans=3", "ensemble.anything=1"])
+    assert cfg["model"]["kwargs"] == {"in_chans": 3} and cfg["ensemble"] == {"anything": 1}
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIG_DIR)))
+def test_every_shipped_config_resolves(path):
+    cfg = load_config(path)
+    assert cfg["name"] and cfg["model"]["arch"]

@@ -65,3 +65,29 @@ def test_cli_writes_a_plain_state_dict(tmp_path, converted):
     assert list(saved) == list(converted)
     assert all(torch.equal(saved[k], converted[k]) for k in converted)
     assert list(tmp_path.joinpath("weights").iterdir()) == [out]  # no temp file left behind
+
+
+def test_half_file_is_half_the_size_and_loads_into_a_float32_model(tmp_path, converted):
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers(dest="command", required=True))
+    full, half = tmp_path / "full.pth", tmp_path / "half.pth"
+    for out, extra in ((full, []), (half, ["--half"])):
+        args = parser.parse_args(["convert-effnet", "--variant", "lite0", "--out", str(out), *extra])
+        args.func(args)
+    assert half.stat().st_size < 0.55 * full.stat().st_size
+    saved = torch_load(half)
+    assert saved["conv_stem.weight"].dtype == torch.float16
+    assert saved["bn1.num_batches_tracked"].dtype == torch.long
+
+    from wbc.models.factory import create_model
+    model = create_model({"arch": "tf_efficientnet_lite0", "pretrained_file": str(half)}, num_classes=1000).eval()
+    assert model.conv_stem.weight.dtype == torch.float32
+    x = torch.from_numpy(data.chelsea()).permute(2, 0, 1)[None].float() / 255
+    x = F.interpolate(x, size=(224, 224), mode="bilinear", antialias=True, align_corners=False)
+    x = (x - 0.5) / 0.5
+    ref = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    ref.load_state_dict(converted)
+    with torch.no_grad():
+        p, q = model(x).softmax(1)[0], ref(x).softmax(1)[0]
+    assert int(p.argmax()) == int(q.argmax()) and int(p.argmax()) in CAT_CLASSES
+    assert float((p - q).abs().max()) < 0.02

@@ -78,15 +78,41 @@ def get_dotted(cfg: dict, dotted: str, default=None):
     return node
 
 
+def unknown_keys(cfg: dict, defaults: dict, prefix: str = "") -> list[str]:
+    """Dotted keys of `cfg` that sit in a section `configs/base.yaml` defines but are not among its keys:
+    typos such as `train.epoch`, which would otherwise be silently ignored. Free-form sections (empty in
+    the defaults, like `model.kwargs`) and top-level sections the defaults lack (`ensemble`, `embed`,
+    `refine`, ...: each step checks its own) are not checked here."""
+    out = []
+    for k, v in cfg.items():
+        if k not in defaults:
+            if prefix:
+                out.append(prefix + str(k))
+            continue
+        d = defaults[k]
+        if isinstance(d, dict) and d and isinstance(v, dict):
+            out += unknown_keys(v, d, f"{prefix}{k}.")
+    return out
+
+
+def _refuse_unknown(cfg: dict, defaults: dict, where: str) -> None:
+    bad = sorted(unknown_keys(cfg, defaults))
+    if bad:
+        raise WBCError(f"{where}: unknown config key(s) {', '.join(bad)} (configs/base.yaml lists every key)")
+
+
 def load_config(path=None, overrides: list[str] | tuple = ()) -> dict:
     """Resolve a config. `path=None` gives the defaults. The run name defaults to the file's stem."""
     path = Path(path) if path else CONFIG_DIR / "base.yaml"
     cfg = _chain(path)
+    defaults = read_yaml(CONFIG_DIR / "base.yaml")
+    _refuse_unknown(cfg, defaults, str(path))
     if not cfg.get("name"):
         cfg["name"] = path.stem
     for o in overrides:
         keys, val = parse_override(o)
         set_dotted(cfg, keys, val)
+        _refuse_unknown(cfg, defaults, f"override '{o}'")
     # The data root: explicit override > WBC_DATA > config.
     if os.environ.get("WBC_DATA") and not any(o.startswith("data.root=") for o in overrides):
         cfg.setdefault("data", {})["root"] = os.environ["WBC_DATA"]

@@ -11,7 +11,7 @@ def cmd_convert_effnet(args: argparse.Namespace) -> None:
     from .effnet_lite import MEAN, STD, save_converted, timm_arch
 
     out = resolve_path(args.out or f"weights/{timm_arch(args.variant)}.pth")
-    save_converted(args.variant, out)
+    save_converted(args.variant, out, half=args.half)
     console.print(f"wrote {out} (model.arch={timm_arch(args.variant)}; inputs need mean={MEAN} std={STD})",
                   highlight=False)
 
@@ -22,4 +22,6 @@ def register(sub) -> None:
     p.add_argument("--out", default=None,
                    help="output .pth; relative paths start at the repo root, as in configs "
                         "(default: weights/tf_efficientnet_<variant>.pth)")
+    p.add_argument("--half", action="store_true",
+                   help="store float16 tensors (half the size; loading casts them back to float32)")
     p.set_defaults(func=cmd_convert_effnet)

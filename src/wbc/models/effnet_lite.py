@@ -100,8 +100,15 @@ def convert(variant: str) -> dict[str, torch.Tensor]:
     return convert_state_dict(src, variant, source=str(path))
 
 
-def save_converted(variant: str, out_path) -> Path:
+def half_state_dict(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Floating tensors as float16 (integer ones such as BN counters unchanged): half the file, e.g. to fit
+    a size-capped transfer. `load_state_dict` casts them back into the model's float32 parameters."""
+    return {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+def save_converted(variant: str, out_path, half: bool = False) -> Path:
     """Write the converted plain state_dict atomically; returns the path."""
     out_path = Path(out_path)
-    torch_save(out_path, convert(variant))
+    sd = convert(variant)
+    torch_save(out_path, half_state_dict(sd) if half else sd)
     return out_path
