@@ -134,3 +134,26 @@ def test_cli_and_bad_study_configs(tmp_path, monkeypatch, capsys):
         load_study_config(cfg_file)
     assert main(argv[:1] + ["--study-config", str(cfg_file)]) == 2
     assert "unknown key(s) n_trails" in capsys.readouterr().out
+
+
+def test_baseline_runs_first_and_the_gain_is_reported(tmp_path, monkeypatch):
+    monkeypatch.setenv("WBC_WORKER", "w0")
+    baseline = {"train.loss.class_weight_power": 0.9, "train.loss.type": "ce", "augment.strength": 1.0}
+    study = run_tune_train(None, [f"output_dir={tmp_path / 'out'}"], dict(STUDY, baseline=baseline), n_trials=8,
+                           study_name="tt", storage=f"journal:{tmp_path / 'tb.journal'}", train_fn=fake_train_fold)
+    first = study.trials[0]
+    assert first.params == baseline and first.user_attrs["baseline"] is True
+    base_value = quality({"train": {"loss": {"class_weight_power": 0.9, "type": "ce"}},
+                          "augment": {"strength": 1.0}}) * (1 - 0.5 ** EPOCHS)
+    assert first.value == pytest.approx(base_value)
+    assert sum(bool(t.user_attrs.get("baseline")) for t in study.trials) == 1
+    best = json.loads((tmp_path / "out" / "tune_train" / "tt" / "best.json").read_text())
+    assert best["baseline"]["number"] == 0 and best["baseline"]["value"] == pytest.approx(base_value)
+    assert best["gain_over_baseline"] == pytest.approx(study.best_value - base_value) and best["gain_over_baseline"] > 0
+
+    for bad, msg in (({"train.loss.tau": 1.0}, "'train.loss.tau' is not a key of the search space"),
+                     ({"augment.strength": 3.0}, "augment.strength=3.0 lies outside its search space"),
+                     ({"train.loss.type": "lsce"}, "train.loss.type=lsce lies outside")):
+        with pytest.raises(WBCError, match=msg):
+            run_tune_train(None, [], dict(STUDY, baseline=bad), storage=f"journal:{tmp_path / 'x.journal'}",
+                           train_fn=fake_train_fold)

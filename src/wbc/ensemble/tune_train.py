@@ -26,7 +26,7 @@ from .tune import FINISHED, make_storage, n_finished, open_study
 
 DEFAULT_STORAGE = "sqlite:///outputs/tune_train.db"
 STUDY_KEYS = {"study_name", "storage", "heartbeat_s", "n_trials", "n_startup_trials", "seed", "fold", "epochs",
-              "keep_checkpoints", "pruner", "fixed", "search_space"}
+              "keep_checkpoints", "pruner", "fixed", "search_space", "baseline"}
 _MISSING = object()
 
 
@@ -55,6 +55,16 @@ def check_space(space: dict, train_cfg: dict) -> None:
         for cond in (spec.get("when") or {}):
             if cond not in space and get_dotted(train_cfg, cond, _MISSING) is _MISSING:
                 raise WBCError(f"search_space.{key}.when: '{cond}' is not a key of the training config")
+
+
+def check_baseline(baseline: dict, space: dict) -> None:
+    for key, val in baseline.items():
+        if key not in space:
+            raise WBCError(f"baseline: '{key}' is not a key of the search space")
+        spec = space[key]
+        ok = val in spec["choices"] if spec["type"] == "categorical" else spec["low"] <= val <= spec["high"]
+        if not ok:
+            raise WBCError(f"baseline: {key}={val} lies outside its search space")
 
 
 def suggest(trial: optuna.Trial, space: dict, train_cfg: dict) -> dict:
@@ -109,6 +119,8 @@ def run_tune_train(train_config, overrides, study_cfg: dict, *, storage: str | N
         if get_dotted(base, key, _MISSING) is _MISSING:
             raise WBCError(f"fixed: '{key}' is not a key of the training config")
     check_space(space, base)
+    baseline = study_cfg.get("baseline") or {}
+    check_baseline(baseline, space)
     epochs = int(study_cfg.get("epochs", 8))
     fold = int(study_cfg.get("fold", 0))
     keep_checkpoints = bool(study_cfg.get("keep_checkpoints", False))
@@ -121,6 +133,10 @@ def run_tune_train(train_config, overrides, study_cfg: dict, *, storage: str | N
     study = open_study(make_storage(spec, heartbeat_s=study_cfg.get("heartbeat_s")), name, seed,
                        pruner=make_pruner(study_cfg.get("pruner"), epochs),
                        startup=int(study_cfg.get("n_startup_trials", 8)))
+    if baseline and not study.trials:
+        # The current recipe runs first, under the same fold, epochs and pruning: the study's gain is measured
+        # against it rather than against nothing.
+        study.enqueue_trial(baseline, user_attrs={"baseline": True}, skip_if_exists=True)
     train_fn = train_fn or _default_train_fn()
 
     def objective(trial: optuna.Trial) -> float:
@@ -169,11 +185,19 @@ def _write_results(study: optuna.Study, fixed: dict, out: Path) -> None:
         return
     best = study.best_trial
     overrides = [f"{k}={v}" for k, v in {**fixed, **best.params}.items()]
-    write_json(out / "best.json", {"study": study.study_name, "number": best.number, "value": best.value,
-                                   "params": best.params, "overrides": overrides})
+    summary = {"study": study.study_name, "number": best.number, "value": best.value, "params": best.params,
+               "overrides": overrides}
+    base_trial = next((t for t in done if t.user_attrs.get("baseline")), None)
+    if base_trial is not None:
+        summary["baseline"] = {"number": base_trial.number, "value": base_trial.value, "params": base_trial.params}
+        summary["gain_over_baseline"] = best.value - base_trial.value
+    write_json(out / "best.json", summary)
     top = sorted(done, key=lambda t: -t.value)[:10]
     keys = list(best.params)
     print_table(f"tune-train {study.study_name}: top trials ({len(done)} complete, "
                 f"{sum(t.state.name == 'PRUNED' for t in trials)} pruned)",
                 ["trial", "val macro-F1"] + keys, [[t.number, t.value] + [t.params.get(k, "") for k in keys] for t in top])
     console.print(f"best overrides: {' '.join(overrides)}")
+    if base_trial is not None:
+        console.print(f"baseline trial {base_trial.number}: {base_trial.value:.4f}; best {best.value:.4f} "
+                      f"({summary['gain_over_baseline']:+.4f}, selected on this fold: confirm on all folds)")
