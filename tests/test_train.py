@@ -78,6 +78,9 @@ def test_oof_covers_pool_and_merges(cfg2):
     folds = pd.read_csv(cfg["folds"]["file"], dtype=str)
     rep = merge_run(run_dir(cfg), expected_ids=folds["ID"])
     assert rep["oof_complete"]
+    pred = np.asarray(load_probs(run_dir(cfg) / "oof.csv").probs.argmax(1))
+    assert list(rep["oof"]["predicted"].values()) == np.bincount(pred, minlength=len(data.classes)).tolist()
+    assert sum(rep["oof"]["support"].values()) == sum(rep["oof"]["predicted"].values()) == len(folds)
     oof = load_probs(run_dir(cfg) / "oof.csv")
     assert sorted(oof.ids) == sorted(folds["ID"]) and len(set(oof.ids)) == len(oof.ids)
     fmap = dict(zip(folds["ID"], folds["fold"].astype(int)))

@@ -26,6 +26,8 @@ def summary(y_true, y_pred, classes: list[str]) -> dict:
         "accuracy": float((y_true == y_pred).mean()) if len(y_true) else 0.0,
         "per_class_f1": dict(zip(classes, map(float, per_class_f1(y_true, y_pred, n)))),
         "support": dict(zip(classes, map(int, np.bincount(y_true, minlength=n)))),
+        # Predicted next to true counts: a class predicted far more often than it occurs is over-corrected.
+        "predicted": dict(zip(classes, map(int, np.bincount(y_pred, minlength=n)))),
         "n": int(len(y_true)),
     }
 

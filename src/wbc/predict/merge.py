@@ -61,9 +61,10 @@ def merge_run(run: Path, expected_ids=None) -> dict:
             report["eval"] = summary(ye, merged.probs.argmax(1), classes)
             save_confusion_png(run / "confusion_eval.png", ye, merged.probs.argmax(1), classes, f"{run.name} eval")
     write_json(run / "report.json", report)
-    cols = ["class", "OOF F1"] + (["eval F1"] if "eval" in report else [])
-    rows = [[c, report["oof"]["per_class_f1"][c]] + ([report["eval"]["per_class_f1"][c]] if "eval" in report else [])
-            for c in classes]
-    rows.append(["macro-F1", report["oof"]["macro_f1"]] + ([report["eval"]["macro_f1"]] if "eval" in report else []))
+    o = report["oof"]
+    cols = ["class", "OOF F1", "OOF true / predicted"] + (["eval F1"] if "eval" in report else [])
+    rows = [[c, o["per_class_f1"][c], f"{o['support'][c]} / {o['predicted'][c]}"]
+            + ([report["eval"]["per_class_f1"][c]] if "eval" in report else []) for c in classes]
+    rows.append(["macro-F1", o["macro_f1"], f"{o['n']}"] + ([report["eval"]["macro_f1"]] if "eval" in report else []))
     print_table(f"{run.name}: folds {report['folds']}", cols, rows)
     return report
