@@ -138,3 +138,52 @@ def test_sampler_rejects_bad_labels():
         class_sampling_weights(np.array([0, 1, 4]), 4, "sqrt")
     with pytest.raises(WBCError, match="sampler type"):
         class_sampling_weights(LABELS, 4, "bogus")
+
+
+LT_COUNTS = np.array([1000, 300, 100, 30, 10])
+
+
+@pytest.mark.parametrize("train, exponent", [
+    ({"sampler": {"type": "none"}, "loss": {"type": "ce"}}, 0.0),
+    ({"sampler": {"type": "sqrt"}, "loss": {"type": "logit_adjusted", "tau": 0.5}}, 1.0),
+    ({"sampler": {"type": "power", "power": 0.25}, "loss": {"type": "ce", "class_weight": "inverse",
+                                                           "class_weight_power": 0.25}}, 1.0),
+    ({"sampler": {"type": "balanced"}, "loss": {"type": "balanced_softmax"}}, 2.0),
+])
+def test_prior_correction_exponent_is_what_the_loss_optimum_learns(train, exponent):
+    """The population optimum of the recipe's loss (its sampler's class mix as a soft target) has
+    softmax(logits) ~ prior^(1 - a): the reported exponent a is the one training really applies."""
+    from wbc.train.prior_correction import prior_correction
+
+    got = prior_correction(train, LT_COUNTS)
+    assert got["total"] == pytest.approx(exponent, abs=1e-6)
+    labels = np.repeat(np.arange(len(LT_COUNTS)), LT_COUNTS)
+    w = class_sampling_weights(labels, len(LT_COUNTS), train["sampler"]["type"], power=train["sampler"].get("power", 0.5))
+    mix = torch.tensor(np.bincount(labels, weights=w), dtype=torch.float32)  # the class mix a batch sees
+    loss_fn = build_loss(train["loss"], LT_COUNTS)
+    logits = torch.zeros(1, len(LT_COUNTS), requires_grad=True)
+    opt = torch.optim.LBFGS([logits], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(logits, mix[None])
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    learned = F.log_softmax(logits.detach()[0], 0).numpy()
+    prior = np.log(LT_COUNTS / LT_COUNTS.sum())
+    slope = np.polyfit(prior, learned, 1)[0]
+    assert slope == pytest.approx(1 - exponent, abs=1e-3)
+
+
+def test_prior_correction_stage2_and_effective_law():
+    from wbc.train.prior_correction import prior_correction, report_prior_correction
+
+    cfg = {"sampler": {"type": "sqrt"}, "loss": {"type": "logit_adjusted", "tau": 0.5},
+           "stage2": {"epochs": 2, "sampler": "balanced"}}
+    assert prior_correction(cfg, LT_COUNTS, stage=2) == {"sampler": pytest.approx(1.0), "class_weights": 0.0,
+                                                      "loss_offset": 0.0, "total": pytest.approx(1.0)}
+    assert set(report_prior_correction(cfg, LT_COUNTS)) == {"stage1", "stage2"}
+    eff = prior_correction({"sampler": {"type": "effective", "beta": 0.99}, "loss": {}}, LT_COUNTS)["total"]
+    assert 0.3 < eff < 1.0  # natural for the rarest classes, capped for the head: a partial correction

@@ -67,6 +67,8 @@ def test_resume_is_exact(cfg2):
     mb = [json.loads(x) for x in (run_dir(part) / "fold0" / "metrics.jsonl").read_text().splitlines()]
     assert [m["val_macro_f1"] for m in ma] == [m["val_macro_f1"] for m in mb]
     assert [m["stage"] for m in mb] == [1, 1, 2]
+    prior = json.loads((run_dir(full) / "fold0" / "train_result.json").read_text())["prior_correction"]
+    assert prior["stage1"]["total"] == pytest.approx(1.0) and prior["stage2"]["total"] == pytest.approx(1.0)  # balanced
 
 
 def test_oof_covers_pool_and_merges(cfg2):

@@ -29,6 +29,7 @@ from ..models.factory import create_model, model_data_config
 from ..models.inference import autocast, predict_probs
 from .inputs import FoldData, Rows, load_fold_data
 from .losses import build_loss
+from .prior_correction import report_prior_correction
 from .sampling import build_sampler
 
 
@@ -117,6 +118,7 @@ def train_fold(cfg: dict, fold: int, on_epoch: Callable[[int, dict], None] | Non
     tr_idx = np.flatnonzero(data.pool["fold"].to_numpy() != fold)
     va_idx = np.flatnonzero(data.pool["fold"].to_numpy() == fold)
     counts = np.bincount(y_all[tr_idx], minlength=n_cls)
+    prior = report_prior_correction(t, counts)
 
     model = create_model(cfg["model"], n_cls).to(device)
     norm = model_data_config(model)
@@ -218,7 +220,8 @@ def train_fold(cfg: dict, fold: int, on_epoch: Callable[[int, dict], None] | Non
         if on_epoch is not None:
             on_epoch(epoch, rec)
 
-    write_json(out / "train_result.json", {"fold": fold, "best_macro_f1": best, "epochs": len(history)})
+    write_json(out / "train_result.json", {"fold": fold, "best_macro_f1": best, "epochs": len(history),
+                                           "prior_correction": prior})
     return {"fold": fold, "best_macro_f1": best, "history": history}
 
 
