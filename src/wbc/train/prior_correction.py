@@ -6,8 +6,9 @@ Each long-tail device multiplies the class odds the model learns by n_c^-a for s
 - a loss logit offset tau * log prior (`logit_adjusted` tau, `balanced_softmax` 1): the raw logits then
   lack that much of the prior.
 The exponents add up. 0 keeps the natural prior (best accuracy), 1 targets the balanced prior (best mean
-recall); above 1 the rare classes are over-predicted. Macro-F1 usually peaks in between, which is why the
-ensemble tunes a post-hoc prior shift. Focal loss and label smoothing reshape the loss, not the prior,
+recall); above 1 decisions favour rare classes beyond balance. Where macro-F1 peaks depends on the model (a weak,
+uncertain one turns the same exponent into more rare-class errors: docs/RESULTS.md), which is why the ensemble
+tunes a post-hoc prior shift on OOF. Focal loss and label smoothing reshape the loss, not the prior,
 and are left out. For `effective` samplers / weights the law is not a power, so the slope is a fit.
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ def prior_correction(train_cfg: dict, class_counts, stage: int = 1) -> dict:
     n = np.asarray(class_counts, dtype=np.float64)
     labels = np.repeat(np.arange(len(n)), n.astype(int))
     if stage == 2:  # decoupled re-training: its own sampler, plain CE without weights
-        sampler, loss = {"type": train_cfg.get("stage2", {}).get("sampler", "balanced")}, {"type": "ce"}
+        sampler, loss = {"type": (train_cfg.get("stage2") or {}).get("sampler", "balanced")}, {"type": "ce"}
     else:
         sampler, loss = train_cfg.get("sampler") or {}, train_cfg.get("loss") or {}
     per_sample = class_sampling_weights(labels, len(n), sampler.get("type", "none") or "none",
