@@ -127,6 +127,32 @@ def test_tuning_undoes_a_planted_prior_shift():
     assert study.best_value >= macro_f1_fast(y, probs.argmax(1), n_cls)  # the argmax start point is trial 0
 
 
+def test_negative_tau_gives_back_a_prior_that_members_over_corrected():
+    """Members trained past the balanced prior over-predict rare classes; only tau < 0 can undo that."""
+    rng = np.random.default_rng(0)
+    prior, n = np.array([0.6, 0.25, 0.1, 0.05]), 3000
+    classes = [f"c{i}" for i in range(4)]
+
+    def member(y):  # an informative model whose logits push the rare classes by twice the log prior
+        z = rng.normal(0, 1, (len(y), 4))
+        z[np.arange(len(y)), y] += 1.5
+        return softmax(z - 2.0 * np.log(prior), axis=1)
+
+    y, y2 = rng.choice(4, n, p=prior), rng.choice(4, n, p=prior)
+    p, p2 = member(y), member(y2)
+    plain = macro_f1_fast(y2, p2.argmax(1), 4)
+    got = {}
+    for tau_min in (0.0, -2.0):
+        space = RuleSpace.from_cfg({"tau_min": tau_min, "tau_max": 2.0, "bias_range": 0})
+        rule, study = tune_rule(p, y, classes, space, storage=optuna.storages.InMemoryStorage(),
+                                study_prefix=f"neg{tau_min}", n_trials=60, seed=0)
+        got[tau_min] = (study.best_params["tau"], macro_f1_fast(y2, apply_rule(p2, rule), 4))
+    assert got[0.0][0] >= 0 and got[0.0][1] < plain + 0.02  # tau >= 0 only pushes further the wrong way
+    assert got[-2.0][0] < -1.0 and got[-2.0][1] > plain + 0.3  # on fresh data from the same members
+    with pytest.raises(WBCError, match="tau_min <= 0 <= tau_max"):
+        RuleSpace.from_cfg({"tau_min": 0.5})
+
+
 def test_nested_estimate_is_not_above_in_sample_on_noise():
     rng = np.random.default_rng(1)
     n_cls, n = 4, 600

@@ -87,7 +87,8 @@ def macro_f1_fast(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
 class RuleSpace:
     """What the tuner may change (keys of `ensemble.tuning` in the config)."""
 
-    tau_max: float = 2.0         # logit-adjustment strength range [0, tau_max]; 0 = off
+    tau_max: float = 2.0         # logit-adjustment strength range [tau_min, tau_max]; both 0 = off
+    tau_min: float = 0.0         # < 0 gives back part of the prior to members that over-correct it
     bias_range: float = 2.0      # per-class log-space bias range [-r, r] on top of it; 0 = off
     thresholds_k: int = 0        # per-class probability thresholds for the k rarest classes
     threshold_min: float = 0.05  # thresholds range [threshold_min, 1]; 1 = off
@@ -96,7 +97,14 @@ class RuleSpace:
     @classmethod
     def from_cfg(cls, tuning: dict) -> "RuleSpace":
         known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in tuning.items() if k in known})
+        space = cls(**{k: v for k, v in tuning.items() if k in known})
+        if not space.tau_min <= 0.0 <= space.tau_max:  # tau 0 (the plain argmax) must stay reachable
+            raise WBCError(f"ensemble.tuning: need tau_min <= 0 <= tau_max, got [{space.tau_min}, {space.tau_max}]")
+        return space
+
+    @property
+    def tau_on(self) -> bool:
+        return self.tau_min < self.tau_max
 
 
 def rare_classes(prior: np.ndarray, k: int) -> list[int]:
@@ -112,8 +120,8 @@ def rule_from_params(p: dict, classes: list[str], prior: np.ndarray, space: Rule
 
 def _suggest(trial: optuna.Trial, classes: list[str], prior: np.ndarray, space: RuleSpace) -> dict:
     p = {}
-    if space.tau_max > 0:
-        p["tau"] = trial.suggest_float("tau", 0.0, space.tau_max)
+    if space.tau_on:
+        p["tau"] = trial.suggest_float("tau", space.tau_min, space.tau_max)
     if space.bias_range > 0:
         for c in classes:
             p[f"b_{c}"] = trial.suggest_float(f"b_{c}", -space.bias_range, space.bias_range)
@@ -132,7 +140,7 @@ def _start_points(classes: list[str], prior: np.ndarray, space: RuleSpace) -> li
     base.update({f"t_{classes[i]}": 1.0 for i in rare_classes(prior, space.thresholds_k)})
     if space.quota:
         base["quota"] = 0.0
-    if space.tau_max <= 0:
+    if not space.tau_on:
         return [base]
     return [dict(base, tau=0.0)] + ([dict(base, tau=1.0)] if space.tau_max >= 1.0 else [])
 
