@@ -18,6 +18,9 @@ EMBED ?= configs/embed_tiny_cpu.yaml
 REFINE ?= configs/refine.yaml
 PRED ?=
 RUN ?=
+RUNS ?=
+TARGET ?=
+QUANTILE ?= 0
 DEST ?= outputs/bundles
 # `make benchmark-pbcbench`: BENCH=gpu (the issue recipes, 224 px) or cpu (the CPU-scale runs in docs/RESULTS.md).
 BENCH ?= gpu
@@ -36,7 +39,7 @@ WBC := $(PY) -m wbc
 .DEFAULT_GOAL := help
 .PHONY: help setup test sample-data folds train-fold train-all predict submit check-submission convert-effnet \
         demo bundle benchmark-throughput benchmark-pbcbench ensemble tune-train \
-        train-restorer restore compare-restore embed fewshot morph refine
+        train-restorer restore compare-restore embed fewshot morph refine shift
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-22s\033[0m %s\n", $$1, $$2}'
@@ -122,3 +125,6 @@ morph: ## segment every image: morphology features, QA sheet, class separation -
 
 refine: ## morphology Gaussians + rare-class rescue on top of PRED (ensemble/run folder) -> outputs/refine/<name>/ + submission
 	$(WBC) refine -c $(REFINE) $(if $(PRED),--pred $(PRED)) $(OVR)
+
+shift: ## RUNS' macro-F1 re-weighted to TARGET's damage mix (default the test split) + importance weights -> outputs/shift/
+	$(WBC) shift -c $(CONFIG) --runs $(RUNS) $(if $(TARGET),--target $(TARGET)) --target-quantile $(QUANTILE) $(OVR)

@@ -387,3 +387,47 @@ def test_ensemble_submits_the_blend_when_the_rule_loses_out_of_sample(tmp_path, 
     else:
         assert report["final_step"] != "blend"
     assert report["scores"]["oof_nested_blend"] == fake["blend_macro_f1"]
+
+
+def test_weighted_fast_macro_f1_and_blend_weights_follow_the_shift_weights():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 5, 400)
+    pred, w = rng.integers(0, 5, 400), rng.uniform(0, 3, 400)
+    assert macro_f1_fast(y, pred, 5, w) == pytest.approx(macro_f1(y, pred, 5, w))
+    # Member a is informative on the first half of the images, member b on the second half.
+    half = np.arange(400) < 200
+    a = _probs(rng, y, 5, 0.0)
+    a[half] = _probs(rng, y[half], 5, 4.0)
+    b = _probs(rng, y, 5, 0.0)
+    b[~half] = _probs(rng, y[~half], 5, 4.0)
+    plain = fit_weights([a, b], y)
+    towards_second = fit_weights([a, b], y, sample_weight=np.where(half, 0.1, 1.9))
+    assert abs(plain[0] - 0.5) < 0.1 and towards_second[1] > 0.8 and towards_second.sum() == pytest.approx(1.0)
+
+
+def test_ensemble_with_shift_weights(tmp_path, runs):
+    a, b = runs
+    oof = load_probs(a / "oof.csv")
+    root = _data_root(tmp_path, list(load_probs(a / "test.csv").ids))
+    # The shift weights favour the head class NE: weighted scores must follow them.
+    wfile = tmp_path / "weights.csv"
+    pd.DataFrame({"ID": oof.ids, "weight": np.where(oof.labels == "NE", 3.0, 0.5)}).to_csv(wfile, index=False)
+    cfg_file = tmp_path / "shifted.yaml"
+    cfg_file.write_text(yaml.safe_dump({"ensemble": {
+        "members": [str(a), str(b)], "shift_weights": str(wfile), "submit": False,
+        "tuning": {"n_trials": 6, "nested_trials": 4, "seed": 0, "storage": f"journal:{tmp_path / 'ens.journal'}"}}}))
+    argv = [f"output_dir={tmp_path / 'out'}", f"data.root={root}"]
+    report = run_ensemble(load_config(cfg_file, argv))
+    out = tmp_path / "out" / "ensemble" / "shifted"
+    pred = pd.read_csv(out / "oof_pred.csv", dtype=str, keep_default_na=False)["labels"].map(CLASSES.index)
+    w = np.where(oof.labels == "NE", 3.0, 0.5)
+    final = report["final_step"]
+    assert report["scores"]["oof_shift_weighted"][final] == pytest.approx(
+        macro_f1(oof.label_index(), pred.to_numpy(), 5, w / w.mean()))
+    assert report["scores"]["oof_shift_weighted"][final] != pytest.approx(report["scores"]["oof"][final]["macro_f1"])
+    assert "macro_f1_unweighted" in report["nested"]
+    assert json.loads((out / "decision.json").read_text())["shift_weights"] == str(wfile)
+
+    pd.DataFrame({"ID": oof.ids[1:], "weight": 1.0}).to_csv(wfile, index=False)
+    with pytest.raises(WBCError, match=f"no weight for OOF image {oof.ids[0]}"):
+        run_ensemble(load_config(cfg_file, argv))

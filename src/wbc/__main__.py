@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "wbc.restore.cli",
     "wbc.ensemble.cli",
     "wbc.refine.cli",
+    "wbc.shift.cli",
     "wbc.submit",
     "wbc.models.cli",
 ]

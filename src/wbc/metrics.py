@@ -5,12 +5,14 @@ import numpy as np
 from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score
 
 
-def macro_f1(y_true, y_pred, n_classes: int) -> float:
+def macro_f1(y_true, y_pred, n_classes: int, sample_weight=None) -> float:
     """Macro-F1 over every class in 0..n_classes-1 (a class never predicted nor present scores 0 only
-    if it occurs in y_true or y_pred; absent classes are left out, as sklearn's labels= handling)."""
+    if it occurs in y_true or y_pred; absent classes are left out, as sklearn's labels= handling).
+    `sample_weight` counts image i as sample_weight[i] images (importance-weighted estimates)."""
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     labels = np.unique(np.concatenate([y_true, y_pred]))
-    return float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0))
+    return float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0,
+                          sample_weight=sample_weight))
 
 
 def per_class_f1(y_true, y_pred, n_classes: int) -> np.ndarray:

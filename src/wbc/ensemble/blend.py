@@ -162,14 +162,17 @@ def balanced_log_loss(probs: np.ndarray, y: np.ndarray) -> float:
     return float(-(sw * np.log(np.clip(probs[np.arange(len(y)), y], EPS, None))).sum() / (sw.sum()))
 
 
-def fit_weights(probs: list[np.ndarray], y: np.ndarray, space: str = "prob") -> np.ndarray:
-    """Simplex weights minimising the class-balanced OOF log-loss of the blend (see module doc)."""
+def fit_weights(probs: list[np.ndarray], y: np.ndarray, space: str = "prob",
+                sample_weight: np.ndarray | None = None) -> np.ndarray:
+    """Simplex weights minimising the class-balanced OOF log-loss of the blend (see module doc); with
+    `sample_weight` (test-shift weights), images count by their weight within each class."""
     m = len(probs)
     if m == 1:
         return np.ones(1)
     y = np.asarray(y)
     n = len(y)
-    sw = 1.0 / np.bincount(y)[y]
+    iw = np.ones(n) if sample_weight is None else np.asarray(sample_weight, float)
+    sw = iw / np.bincount(y, iw)[y]
     sw /= sw.sum()
     if space == "prob":
         true = np.stack([p[np.arange(n), y] for p in probs], axis=1)
@@ -188,11 +191,13 @@ def fit_weights(probs: list[np.ndarray], y: np.ndarray, space: str = "prob") -> 
     return w / w.sum()
 
 
-def resolve_weights(spec, members: list[Member], space: str) -> tuple[np.ndarray, str]:
+def resolve_weights(spec, members: list[Member], space: str,
+                    sample_weight: np.ndarray | None = None) -> tuple[np.ndarray, str]:
     """Blend weights from the config: `fit` (on OOF), `equal`, or a list (normalised to sum to one)."""
     if spec == "fit":
         y = members[0].oof.label_index()
-        return fit_weights([m.oof.probs for m in members], y, space), "fit: class-balanced OOF log-loss"
+        how = "fit: class-balanced OOF log-loss" + ("" if sample_weight is None else ", shift-weighted")
+        return fit_weights([m.oof.probs for m in members], y, space, sample_weight), how
     if spec == "equal":
         return np.full(len(members), 1.0 / len(members)), "equal"
     if isinstance(spec, (list, tuple)):

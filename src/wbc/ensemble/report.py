@@ -25,15 +25,21 @@ def print_per_class(title: str, y: np.ndarray, scores: dict, classes: list[str])
 
 
 def print_summary(report: dict) -> None:
-    oof, ev = report["scores"]["oof"], report["scores"].get("eval") or {}
-    nested = {"blend": report["scores"].get("oof_nested_blend"), list(oof)[-1]: report["scores"].get("oof_nested")}
+    sc = report["scores"]
+    oof, ev, shifted = sc["oof"], sc.get("eval") or {}, sc.get("oof_shift_weighted")
+    last = list(oof)[-1]
+    nested = {"blend": sc.get("oof_nested_blend"), last: sc.get("oof_nested")}
+    nested_w = {"blend": sc.get("oof_nested_blend_shift_weighted"), last: sc.get("oof_nested_shift_weighted")}
     rows = []
     for step in oof:
         mark = " (submitted)" if step == report["final_step"] else ""
-        rows.append([step + mark, oof[step]["macro_f1"], "" if nested.get(step) is None else nested[step],
-                     ev[step]["macro_f1"] if step in ev else ""])
-    print_table("macro-F1 by step (OOF in-sample, OOF nested = tuned on K-1 folds, phase2_eval)",
-                ["step", "OOF", "OOF nested", "eval"], rows)
+        row = [step + mark, oof[step]["macro_f1"], "" if nested.get(step) is None else nested[step]]
+        if shifted:
+            row += [shifted[step], "" if nested_w.get(step) is None else nested_w[step]]
+        rows.append(row + [ev[step]["macro_f1"] if step in ev else ""])
+    cols = ["step", "OOF", "OOF nested"] + (["OOF shift-weighted", "nested shift-weighted"] if shifted else []) + ["eval"]
+    print_table("macro-F1 by step (OOF in-sample; nested = blend and rule fitted on K-1 folds"
+                + (", shift-tuned" if report.get("shift_tuned") else "") + "; phase2_eval)", cols, rows)
 
 
 def print_rule(rule: dict, weights: dict, tuned: dict) -> None:

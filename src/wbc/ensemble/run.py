@@ -15,10 +15,10 @@ from ..metrics import save_confusion_png
 from .blend import SPACES, blend, check_members, load_member, resolve_weights
 from .decision import apply_rule, class_prior, make_rule
 from .report import print_per_class, print_rule, print_summary, step_scores
-from .tune import RuleSpace, make_storage, n_finished, nested_estimate, tune_rule
+from .tune import RuleSpace, macro_f1_fast, make_storage, n_finished, nested_estimate, tune_rule
 
 KEYS = {
-    "ensemble": {"members", "blend", "tuning", "submit", "submit_dir"},
+    "ensemble": {"members", "blend", "tuning", "submit", "submit_dir", "shift_weights", "shift_tune"},
     "ensemble.blend": {"space", "weights"},
     "ensemble.tuning": {"n_trials", "seed", "nested", "nested_trials", "storage", "select"}
     | set(RuleSpace.__dataclass_fields__),
@@ -50,6 +50,24 @@ def rule_steps(rule: dict) -> list[tuple[str, dict]]:
     return steps
 
 
+def load_shift_weights(path, ids) -> np.ndarray:
+    """Per-image weights (`make shift`'s weights.csv: ID, weight) aligned to `ids`, scaled to mean 1."""
+    path = resolve_path(path)
+    if not path.exists():
+        raise WBCError(f"{path}: shift weights not found (run `make shift` first)")
+    df = pd.read_csv(path, dtype={"ID": str})
+    if not {"ID", "weight"} <= set(df.columns):
+        raise WBCError(f"{path}:1: expected columns ID and weight, found {', '.join(df.columns)}")
+    w = df.drop_duplicates("ID").set_index("ID")["weight"].reindex(list(ids))
+    if w.isna().any():
+        raise WBCError(f"{path}: no weight for OOF image {w.index[w.isna().to_numpy()][0]} "
+                       f"({int(w.isna().sum())} missing); recompute it for this pool")
+    bad = (w < 0) | ~np.isfinite(w)
+    if bad.any():
+        raise WBCError(f"{path}: weight of {w.index[bad.to_numpy()][0]} is {w[bad].iloc[0]}; weights must be >= 0")
+    return w.to_numpy(float) / w.mean()
+
+
 def _pred_frame(ids, pred, classes) -> pd.DataFrame:
     return pd.DataFrame({"ID": ids, "labels": np.asarray(classes)[pred]})
 
@@ -68,8 +86,12 @@ def run_ensemble(cfg: dict) -> dict:
 
     members = check_members([load_member(m) for m in ens["members"]])
     names = _member_names(members)
+    # Test-shift weights (`make shift`) always add shift-weighted scores; with `shift_tune` (default) the blend
+    # weights, the rule, the nested estimate and the selection also aim at the target's damage mix.
+    sw = load_shift_weights(ens["shift_weights"], members[0].oof.ids) if ens.get("shift_weights") else None
+    fit_sw = sw if ens.get("shift_tune", True) else None
     wspec = bcfg.get("weights", "fit")
-    weights, how = resolve_weights(wspec, members, space)
+    weights, how = resolve_weights(wspec, members, space, fit_sw)
     oof, ev, test = blend(members, weights, space)
     classes, n_cls = oof.classes, len(oof.classes)
     y = oof.label_index()
@@ -83,13 +105,13 @@ def run_ensemble(cfg: dict) -> dict:
     console.print(f"[bold]ensemble {name}[/]: {len(members)} member(s), {len(y)} OOF / "
                   f"{0 if ev is None else len(ev.ids)} eval / {len(test.ids)} test rows; storage {storage_spec}")
     rule, study = tune_rule(oof.probs, y, classes, rspace, storage=storage, study_prefix=f"ensemble-{name}",
-                            n_trials=n_trials, seed=seed, prior=prior)
+                            n_trials=n_trials, seed=seed, prior=prior, sample_weight=fit_sw)
     nested = None
     if tcfg.get("nested", True):
         nested = nested_estimate([m.oof.probs for m in members], y, oof.folds, classes, rspace,
                                  weights=weights if wspec != "fit" else None, blend_space=space, storage=storage,
                                  study_prefix=f"ensemble-{name}-nested", seed=seed,
-                                 n_trials=int(tcfg.get("nested_trials") or n_trials))
+                                 n_trials=int(tcfg.get("nested_trials") or n_trials), sample_weight=fit_sw)
 
     tuned = rule
     steps = rule_steps(rule)
@@ -107,6 +129,11 @@ def run_ensemble(cfg: dict) -> dict:
     oof_preds = step_preds("oof", oof.probs)
     scores = {"oof": step_scores(y, oof_preds, classes), "oof_nested": None if nested is None else nested["macro_f1"],
               "oof_nested_blend": None if nested is None else nested["blend_macro_f1"]}
+    if sw is not None:
+        scores["oof_shift_weighted"] = {s: macro_f1_fast(y, p, n_cls, sw) for s, p in oof_preds.items()}
+        if nested is not None:
+            scores["oof_nested_shift_weighted"] = macro_f1_fast(y, nested["pred"], n_cls, sw)
+            scores["oof_nested_blend_shift_weighted"] = macro_f1_fast(y, nested["pred_blend"], n_cls, sw)
     eval_labelled = ev is not None and (ev.labels != "").all()
     if ev is not None:
         eval_preds = step_preds("eval", ev.probs)
@@ -119,6 +146,8 @@ def run_ensemble(cfg: dict) -> dict:
         "rule": rule,
         "tuned_params": study.best_params,
         "blend": {"space": space, "weights": weights_by_name, "how": how},
+        "shift_weights": display_path(resolve_path(ens["shift_weights"])) if sw is not None else None,
+        "shift_tuned": fit_sw is not None,
         "members": [display_path(m.path) for m in members],
         "study": {"storage": storage_spec, "name": study.study_name, "finished_trials": n_finished(study),
                   "best_value": study.best_value, "seed": seed},
@@ -128,8 +157,9 @@ def run_ensemble(cfg: dict) -> dict:
         "final_step": final_step,
         "members": [{"name": n, "path": display_path(m.path), "weight": float(w)} for n, m, w in zip(names, members, weights)],
         "scores": scores,
-        "nested": None if nested is None else {k: v for k, v in nested.items() if k != "pred"},
+        "nested": None if nested is None else {k: v for k, v in nested.items() if not k.startswith("pred")},
         "n": {"oof": len(y), "eval": 0 if ev is None else len(ev.ids), "test": len(test.ids)},
+        "shift_tuned": fit_sw is not None,
     }
 
     save_probs(out / "oof.csv", oof)
@@ -160,7 +190,7 @@ def run_ensemble(cfg: dict) -> dict:
 
         sidecar = {"step": "ensemble", "name": name, "members": decision["members"], "blend": decision["blend"],
                    "decision": display_path(out / "decision.json"), "oof_macro_f1": scores["oof"][final_step]["macro_f1"],
-                   "oof_nested_macro_f1": scores["oof_nested"],
+                   "oof_nested_macro_f1": scores["oof_nested"], "shift_weights": decision["shift_weights"],
                    "eval_macro_f1": scores["eval"][final_step]["macro_f1"] if "eval" in scores else None}
         path = write_submission(data_root(cfg), test.ids, [classes[i] for i in test_pred], name, classes, sidecar,
                                 out_dir=resolve_path(ens.get("submit_dir") or "submissions"))

@@ -75,9 +75,10 @@ def fingerprint(*arrays, **settings) -> str:
     return h.hexdigest()[:10]
 
 
-def macro_f1_fast(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
-    """`wbc.metrics.macro_f1` (classes present in y or pred) from one bincount: trials call it a lot."""
-    cm = np.bincount(y * n_classes + pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+def macro_f1_fast(y: np.ndarray, pred: np.ndarray, n_classes: int, weights: np.ndarray | None = None) -> float:
+    """`wbc.metrics.macro_f1` (classes present in y or pred) from one bincount: trials call it a lot.
+    `weights` counts image i as weights[i] images (test-shift importance weights)."""
+    cm = np.bincount(y * n_classes + pred, weights, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
     denom = cm.sum(0) + cm.sum(1)
     present = denom > 0
     return float((2.0 * np.diag(cm)[present] / denom[present]).mean()) if present.any() else 0.0
@@ -147,13 +148,15 @@ def _start_points(classes: list[str], prior: np.ndarray, space: RuleSpace) -> li
 
 def tune_rule(probs: np.ndarray, y: np.ndarray, classes: list[str], space: RuleSpace, *, storage: BaseStorage,
               study_prefix: str, n_trials: int, seed: int, prior: np.ndarray | None = None,
-              desc: str = "tune rule") -> tuple[dict, optuna.Study]:
-    """Rule maximising macro-F1 of `apply_rule(probs)` against `y`. The study (named `<prefix>-<fingerprint>`)
-    resumes from `storage` and runs until it holds `n_trials` finished trials."""
+              desc: str = "tune rule", sample_weight: np.ndarray | None = None) -> tuple[dict, optuna.Study]:
+    """Rule maximising macro-F1 of `apply_rule(probs)` against `y` (weighted by `sample_weight` when given).
+    The study (named `<prefix>-<fingerprint>`) resumes from `storage` and runs until it holds `n_trials`
+    finished trials."""
     n_cls = len(classes)
     y = np.asarray(y)
     prior = class_prior(y, n_cls) if prior is None else np.asarray(prior)
-    name = f"{study_prefix}-{fingerprint(probs, y, prior, classes=classes, seed=seed, **asdict(space))}"
+    arrays = (probs, y, prior) + (() if sample_weight is None else (sample_weight,))
+    name = f"{study_prefix}-{fingerprint(*arrays, classes=classes, seed=seed, **asdict(space))}"
     study = open_study(storage, name, seed)
     if not study.trials:
         for params in _start_points(classes, prior, space):
@@ -161,7 +164,7 @@ def tune_rule(probs: np.ndarray, y: np.ndarray, classes: list[str], space: RuleS
 
     def objective(trial: optuna.Trial) -> float:
         rule = rule_from_params(_suggest(trial, classes, prior, space), classes, prior, space)
-        return macro_f1_fast(y, apply_rule(probs, rule), n_cls)
+        return macro_f1_fast(y, apply_rule(probs, rule), n_cls, sample_weight)
 
     todo = n_trials - n_finished(study)
     if todo > 0:
@@ -174,11 +177,13 @@ def tune_rule(probs: np.ndarray, y: np.ndarray, classes: list[str], space: RuleS
 
 def nested_estimate(member_probs: list[np.ndarray], y: np.ndarray, folds: np.ndarray, classes: list[str],
                     space: RuleSpace, *, weights: np.ndarray | None, blend_space: str, storage: BaseStorage,
-                    study_prefix: str, n_trials: int, seed: int) -> dict:
+                    study_prefix: str, n_trials: int, seed: int, sample_weight: np.ndarray | None = None) -> dict:
     """Honest macro-F1 of the whole recipe: for each OOF fold, fit the blend weights (`weights=None`)
     and tune the rule on the other folds, then predict the held-out fold; score the pooled predictions.
-    `blend_macro_f1` scores the same out-of-fold blends with a plain argmax (no tuned rule)."""
+    `blend_macro_f1` scores the same out-of-fold blends with a plain argmax (no tuned rule). With
+    `sample_weight`, fitting, tuning and scores are all weighted; `*_unweighted` keep the plain scores."""
     y, folds = np.asarray(y), np.asarray(folds)
+    sw = sample_weight
     n_cls = len(classes)
     pred, pred_blend = np.full(len(y), -1), np.full(len(y), -1)
     per_fold, fold_weights = {}, {}
@@ -186,13 +191,18 @@ def nested_estimate(member_probs: list[np.ndarray], y: np.ndarray, folds: np.nda
         tr, te = folds != k, folds == k
         if not tr.any():
             raise WBCError("nested estimate needs at least two OOF folds")
-        w = fit_weights([p[tr] for p in member_probs], y[tr], blend_space) if weights is None else weights
+        sw_tr = None if sw is None else sw[tr]
+        w = fit_weights([p[tr] for p in member_probs], y[tr], blend_space, sw_tr) if weights is None else weights
         probs = combine(member_probs, w, blend_space)
         rule, _ = tune_rule(probs[tr], y[tr], classes, space, storage=storage, study_prefix=f"{study_prefix}-f{k}",
-                            n_trials=n_trials, seed=seed, desc=f"nested fold {k}")
+                            n_trials=n_trials, seed=seed, desc=f"nested fold {k}", sample_weight=sw_tr)
         pred[te] = apply_rule(probs[te], rule)
         pred_blend[te] = probs[te].argmax(1)
-        per_fold[int(k)] = macro_f1_fast(y[te], pred[te], n_cls)
+        per_fold[int(k)] = macro_f1_fast(y[te], pred[te], n_cls, None if sw is None else sw[te])
         fold_weights[int(k)] = [float(v) for v in w]
-    return {"macro_f1": macro_f1_fast(y, pred, n_cls), "blend_macro_f1": macro_f1_fast(y, pred_blend, n_cls),
-            "fold_macro_f1": per_fold, "fold_weights": fold_weights, "pred": pred}
+    out = {"macro_f1": macro_f1_fast(y, pred, n_cls, sw), "blend_macro_f1": macro_f1_fast(y, pred_blend, n_cls, sw),
+           "fold_macro_f1": per_fold, "fold_weights": fold_weights, "pred": pred, "pred_blend": pred_blend}
+    if sw is not None:
+        out.update(macro_f1_unweighted=macro_f1_fast(y, pred, n_cls),
+                   blend_macro_f1_unweighted=macro_f1_fast(y, pred_blend, n_cls))
+    return out

@@ -1,0 +1,120 @@
+"""Test-shift-aware validation: importance weights from a domain classifier and the re-weighted report."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from wbc.errors import WBCError
+from wbc.metrics import macro_f1
+from wbc.shift.weights import cap_weights, domain_weights
+
+
+def test_cap_weights_scale_to_mean_one_and_hold_the_cap():
+    w, hit = cap_weights(np.r_[np.ones(99), 1000.0], 5.0)
+    assert w.mean() == pytest.approx(1.0) and w.max() == pytest.approx(5.0) and hit == 1
+    assert np.allclose(w[:99], w[0])  # the rest are only rescaled
+    w, hit = cap_weights(np.array([1.0, 2.0, 3.0]), 10.0)
+    assert np.allclose(w, [0.5, 1.0, 1.5]) and hit == 0
+
+
+def test_domain_weights_recover_a_known_density_ratio():
+    rng = np.random.default_rng(0)
+    pool, target = rng.normal(size=(3000, 5)), rng.normal(size=(1500, 5))
+    target[:, 0] += 1.0  # N(1, 1) vs N(0, 1) in one feature: p_t / p_p = exp(x - 0.5)
+    sw = domain_weights(pool, target, cap=50.0)
+    true = np.exp(pool[:, 0] - 0.5)
+    assert np.corrcoef(sw.weights, true / true.mean())[0, 1] > 0.95
+    assert np.average(pool[:, 0], weights=sw.weights) == pytest.approx(1.0, abs=0.12)  # unweighted: ~0
+    assert 0.7 < sw.auc < 0.82  # the Bayes AUC of this shift is 0.76
+    assert sw.ess < 0.7 * len(pool)
+
+
+def test_no_shift_gives_near_uniform_weights():
+    rng = np.random.default_rng(1)
+    sw = domain_weights(rng.normal(size=(2000, 5)), rng.normal(size=(1000, 5)))
+    assert sw.auc < 0.56 and sw.ess > 0.9 * 2000 and sw.capped == 0
+
+
+def test_weighted_macro_f1_counts_an_image_w_times():
+    rng = np.random.default_rng(2)
+    y, p, w = rng.integers(0, 4, 200), rng.integers(0, 4, 200), rng.integers(1, 4, 200)
+    assert macro_f1(y, p, 4, w) == pytest.approx(macro_f1(np.repeat(y, w), np.repeat(p, w), 4))
+    assert macro_f1(y, p, 4, w) != pytest.approx(macro_f1(y, p, 4))
+
+
+@pytest.fixture
+def shifted_run(sample_root, make_cfg, tmp_path):
+    """Folds on the sample data and a fake run that is right on undamaged-looking images and wrong on damaged
+    ones, so its score falls with the damage mix it is measured on."""
+    from wbc.data.layout import read_splits
+    from wbc.folds import build_folds, folds_path
+    from wbc.io import Probs, save_probs, write_csv
+    from wbc.restore.score import FEATURES, fit_reference, score_features
+    from wbc.shift.features import damage_feature_table
+
+    cfg = make_cfg(sample_root, f"shift.out_dir={tmp_path / 'shift'}")
+    folds = build_folds(cfg)
+    write_csv(folds_path(cfg), folds)
+    rows = read_splits(sample_root, ["phase1", "phase2_train", "phase2_eval", "phase2_test"])
+    f = damage_feature_table(cfg, rows)[list(FEATURES)].to_numpy()
+    score = pd.Series(score_features(f, fit_reference(f[(rows["split"] == "phase1").to_numpy()])),
+                      index=rows["ID"].to_numpy())
+    classes = sorted(folds["labels"].unique())
+    cut = np.quantile(score[rows["split"].isin(["phase1", "phase2_train"]).to_numpy()], 0.7)
+
+    def probs(ids, labels):
+        y = np.array([classes.index(c) for c in labels])
+        wrong = score.loc[list(ids)].to_numpy() > cut
+        return np.eye(len(classes))[np.where(wrong, (y + 1) % len(classes), y)]
+
+    run = tmp_path / "outputs" / "fake"
+    save_probs(run / "oof.csv", Probs(folds["ID"], probs(folds["ID"], folds["labels"]), classes, folds["fold"],
+                                      folds["labels"]))
+    ev = rows[rows["split"] == "phase2_eval"]
+    for path in (run / "eval.csv", run / "fold0" / "eval.csv"):
+        save_probs(path, Probs(ev["ID"], probs(ev["ID"], ev["labels"]), classes, labels=ev["labels"]))
+    return cfg, run, folds
+
+
+def test_report_reweights_towards_the_damaged_target(shifted_run, tmp_path):
+    from wbc.shift.report import shift_report
+
+    cfg, run, folds = shifted_run
+    rep = shift_report(cfg, [run], bootstrap=20)  # target: phase2_test, more damaged than the pool
+    r = next(iter(rep["runs"].values()))
+    assert rep["pool"]["domain_auc"] > 0.7
+    assert r["oof_weighted"] < r["oof"] - 0.05
+    assert r["oof_per_bin"][0] > r["oof_per_bin"][2]  # light vs heavy damage
+    assert r["holdout_weighted"] < r["holdout"]
+    out = tmp_path / "shift" / "sample_phase2_test"
+    w = pd.read_csv(out / "weights.csv", dtype={"ID": str})
+    assert list(w.columns) == ["ID", "split", "damage_score", "weight"] and not w["ID"].duplicated().any()
+    pool = w[w["split"].isin(["phase1", "phase2_train"])]
+    assert set(pool["ID"]) == set(folds["ID"]) and pool["weight"].mean() == pytest.approx(1.0)
+    assert json.loads((out / "report.json").read_text())["runs"] and (out / "damage_scores.png").stat().st_size > 0
+
+
+def test_estimate_tracks_the_actual_score_on_a_labelled_damaged_target(shifted_run):
+    from wbc.shift.report import shift_report
+
+    cfg, run, _ = shifted_run
+    rep = shift_report(cfg, [run], target="phase2_eval", quantile=0.5, bootstrap=20)
+    r = next(iter(rep["runs"].values()))
+    assert r["target_actual"] == r["target_actual_single_fold"]
+    assert abs(r["oof_weighted"] - r["target_actual"]) < abs(r["oof"] - r["target_actual"]) / 2
+    v = rep["validation"]
+    assert v["n_runs"] == 1 and v["oof_weighted"]["mae"] < v["oof"]["mae"] / 2
+    assert v["oof"]["bias"] == pytest.approx(r["oof"] - r["target_actual_single_fold"])
+
+
+def test_bad_targets_and_runs_are_refused(shifted_run, tmp_path):
+    from wbc.shift.report import shift_report
+
+    cfg, run, _ = shifted_run
+    with pytest.raises(WBCError, match="part of the training pool"):
+        shift_report(cfg, [run], target="phase1")
+    with pytest.raises(WBCError, match="oof.csv: prediction file not found"):
+        shift_report(cfg, [tmp_path / "nothing"], bootstrap=5)
