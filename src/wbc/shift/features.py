@@ -19,9 +19,12 @@ from ..io import write_csv
 from ..restore.score import FEATURES, damage_features
 
 
+def shift_dir(cfg: dict) -> Path:
+    return resolve_path((cfg.get("shift") or {}).get("out_dir", "outputs/shift"))
+
+
 def features_path(cfg: dict) -> Path:
-    out = resolve_path((cfg.get("shift") or {}).get("out_dir", "outputs/shift"))
-    return out / f"{dataset_name(cfg)}_damage_features.csv"
+    return shift_dir(cfg) / f"{dataset_name(cfg)}_damage_features.csv"
 
 
 def _compute(df: pd.DataFrame, workers: int) -> np.ndarray:
@@ -38,12 +41,12 @@ def _compute(df: pd.DataFrame, workers: int) -> np.ndarray:
     return out
 
 
-def damage_feature_table(cfg: dict, df: pd.DataFrame, workers: int = 2, force: bool = False) -> pd.DataFrame:
+def damage_feature_table(cfg: dict, df: pd.DataFrame, workers: int = 2) -> pd.DataFrame:
     """FEATURES for every row of `df` (ID, split, path, csv, row), in `df`'s order. Rows already in the cache
     are reused; new ones are computed and the cache rewritten (atomically)."""
     path = features_path(cfg)
     cached = None
-    if path.exists() and not force:
+    if path.exists():
         cached = pd.read_csv(path, dtype={"ID": str})
         if list(cached.columns) != ["ID", "split", *FEATURES]:
             cached = None  # written by another feature set: recompute

@@ -21,7 +21,7 @@ from ..folds import load_folds
 from ..io import atomic_path, load_probs, write_csv, write_json
 from ..metrics import macro_f1
 from ..restore.score import FEATURES, fit_reference, score_features
-from .features import damage_feature_table, features_path
+from .features import damage_feature_table, features_path, shift_dir
 from .weights import domain_weights
 
 
@@ -124,7 +124,7 @@ def shift_report(cfg: dict, runs: list, target: str | None = None, quantile: flo
     labelled_target = target == holdout and (rows.loc[tgt, "labels"] != "").all()
 
     tag = target + (f"_q{round(quantile * 100):02d}" if quantile else "")
-    out = resolve_path((cfg.get("shift") or {}).get("out_dir", "outputs/shift")) / f"{dataset_name(cfg)}_{tag}"
+    out = shift_dir(cfg) / f"{dataset_name(cfg)}_{tag}"
     wdf = pd.DataFrame({"ID": pool_ids, "split": rows["split"].to_numpy()[pool], "damage_score": score[pool],
                         "weight": sw.weights})
     if ho:
