@@ -39,7 +39,7 @@ WBC := $(PY) -m wbc
 .DEFAULT_GOAL := help
 .PHONY: help setup test sample-data folds train-fold train-all predict submit check-submission convert-effnet \
         demo bundle benchmark-throughput benchmark-pbcbench ensemble tune-train \
-        train-restorer restore compare-restore embed fewshot morph refine shift
+        train-restorer restore compare-restore embed fewshot morph refine shift damage-match
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-22s\033[0m %s\n", $$1, $$2}'
@@ -128,3 +128,6 @@ refine: ## morphology Gaussians + rare-class rescue on top of PRED (ensemble/run
 
 shift: ## RUNS' macro-F1 re-weighted to TARGET's damage mix (default the test split) + importance weights -> outputs/shift/
 	$(WBC) shift -c $(CONFIG) --runs $(RUNS) $(if $(TARGET),--target $(TARGET)) --target-quantile $(QUANTILE) $(OVR)
+
+damage-match: ## fit CONFIG's damage augmentation mix to TARGET's images (default the test split) -> outputs/damage_match/
+	$(WBC) damage-match -c $(CONFIG) $(if $(TARGET),--target $(TARGET)) $(OVR)

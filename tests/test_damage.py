@@ -117,3 +117,61 @@ def test_fast_enough():
         D.apply(img, kind, 3, np.random.default_rng(i))
     per_op = (time.perf_counter() - t) / (3 * len(D.KINDS))
     assert per_op < 0.015  # ~1.5 ms on a free core; loose for a shared CI machine
+
+
+GREY = np.full((48, 48, 3), 128, np.uint8)
+
+
+def _pure_salt_pepper(out):
+    return set(np.unique(out)) <= {0, 128, 255}
+
+
+def test_mix_picks_groups_and_kinds_by_their_weights():
+    none = {"blur": 0.0, "lighting": 0.0, "noise": 0.0}
+    assert all(np.array_equal(D.damage(IMG, s, np.random.default_rng(s), group_p=none), IMG) for s in range(1, 5))
+    noise_only = {"blur": 0.0, "lighting": 0.0}  # a group not named is always applied
+    sp = {"salt_pepper": 3.0, "gaussian_noise": 1.0, "color_noise": 0.0, "iso_noise": 0.0}
+    outs = [D.damage(GREY, 3, np.random.default_rng(i), group_p=noise_only, kind_weights=sp) for i in range(400)]
+    share = np.mean([_pure_salt_pepper(o) for o in outs])
+    assert 0.68 < share < 0.82  # 3 : 1 against gaussian noise
+    assert not any(np.array_equal(o, GREY) for o in outs)
+    half = [D.damage(GREY, 3, np.random.default_rng(i), group_p={"blur": 0.0, "lighting": 0.0, "noise": 0.3},
+                     kind_weights={"salt_pepper": 1.0, "gaussian_noise": 0.0, "color_noise": 0.0, "iso_noise": 0.0})
+            for i in range(400)]
+    assert 0.24 < np.mean([not np.array_equal(o, GREY) for o in half]) < 0.36
+
+
+def test_transform_draws_severities_by_their_weights():
+    import albumentations as A
+
+    t = D.DamageTransform(max_severity=4, severity_weights=[0, 0, 1, 3], p=1.0)
+    t.set_random_seed(0)
+    sev = [t.get_params()["severity"] for _ in range(800)]
+    assert set(sev) == {3, 4} and 0.7 < np.mean(np.array(sev) == 4) < 0.8
+    mixed = A.Compose([D.DamageTransform(max_severity=3, p=1.0, group_p={"blur": 0.0, "lighting": 0.0},
+                                         kind_weights={"salt_pepper": 1.0, "gaussian_noise": 0.0,
+                                                       "color_noise": 0.0, "iso_noise": 0.0})], seed=0)
+    assert all(_pure_salt_pepper(mixed(image=GREY)["image"]) for _ in range(20))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"severity_weights": [1, 1]}, "severity_weights"),
+    ({"severity_weights": [0, 0, 0]}, "severity_weights"),
+    ({"group_p": {"optics": 0.5}}, "unknown group"),
+    ({"group_p": {"blur": 1.5}}, r"in \[0, 1\]"),
+    ({"kind_weights": {"smudge": 1.0}}, "unknown damage kind"),
+    ({"kind_weights": {"gain": 0, "gamma": 0, "vignette": 0, "color_cast": 0}}, "group 'lighting'"),
+])
+def test_bad_mix_is_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        D.DamageTransform(max_severity=3, **kwargs)
+
+
+def test_config_mix_reaches_the_training_transform():
+    from wbc.config import load_config
+    from wbc.data.augment import build_transform
+
+    cfg = load_config(None, ["augment.damage.p=1.0", "augment.damage.max_severity=2",
+                             "augment.damage.severity_weights=[0,1]", "augment.damage.group_p={noise: 0.0}"])
+    t = [op for op in build_transform(cfg, True).transforms if isinstance(op, D.DamageTransform)][0]
+    assert t.severity_weights == [0.0, 1.0] and t.group_p == {"noise": 0.0} and t.kind_weights is None

@@ -42,5 +42,9 @@ def build_transform(cfg: dict, train: bool) -> A.Compose | None:
     if dm.get("p"):
         from .damage import DamageTransform
 
-        ops.append(DamageTransform(max_severity=int(dm.get("max_severity", 3)), p=_scaled(dm["p"], s)))
+        # The mix (severity_weights, group_p, kind_weights) is a fitted distribution (`make damage-match`);
+        # strength scales only its probability, not its shape.
+        ops.append(DamageTransform(max_severity=int(dm.get("max_severity", 3)), p=_scaled(dm["p"], s),
+                                   severity_weights=dm.get("severity_weights"), group_p=dm.get("group_p"),
+                                   kind_weights=dm.get("kind_weights")))
     return A.Compose(ops)

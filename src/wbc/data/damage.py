@@ -1,11 +1,14 @@
 """Damage simulator: noise, blur, lighting and JPEG faults like those in WBCBench phase-2 test images.
 
     apply(image, kind, severity, rng) -> image     one fault of one kind
-    damage(image, severity, rng, kinds=None, n_ops=None) -> image
+    damage(image, severity, rng, kinds=None, n_ops=None, group_p=None, kind_weights=None) -> image
                                                    competition-like composite: one blur, one lighting and
                                                    one noise fault (plus JPEG when `kinds` names it)
-    DamageTransform(max_severity=3, kinds=None, n_ops=None, p=0.5)
-                                                   albumentations 2 ImageOnlyTransform around `damage`
+    DamageTransform(max_severity=3, kinds=None, n_ops=None, p=0.5, severity_weights=None, group_p=None,
+                    kind_weights=None)             albumentations 2 ImageOnlyTransform around `damage`
+
+The optional mix (`severity_weights`, `group_p`: the chance each group is applied, `kind_weights` within a
+group) describes a damage distribution; `make damage-match` fits it to a target split's images.
 
 Images are uint8 HxWx3 (any channel order); the output has the same shape and dtype. Severity 0 is the
 identity, 1-3 are the competition's range and 4 is an extra-hard level for augmentation.
@@ -226,35 +229,69 @@ def apply(image: np.ndarray, kind: str, severity: int, rng: np.random.Generator)
     return _OPS[kind](image, v, rng)
 
 
-def _groups(kinds: Sequence[str] | None) -> list[tuple[str, ...]]:
+def _groups(kinds: Sequence[str] | None) -> list[tuple[str, tuple[str, ...]]]:
+    """(group name, its kinds in use) for the groups `kinds` touches (default: blur, lighting, noise)."""
     if kinds is None:
-        return [GROUPS[g] for g in DEFAULT_GROUPS]
+        return [(g, GROUPS[g]) for g in DEFAULT_GROUPS]
     unknown = [k for k in kinds if k not in _OPS]
     if unknown:
         raise ValueError(f"unknown damage kind(s) {', '.join(unknown)} (known: {', '.join(KINDS)})")
-    groups = [tuple(k for k in members if k in kinds) for members in GROUPS.values()]
-    groups = [g for g in groups if g]
+    groups = [(g, tuple(k for k in members if k in kinds)) for g, members in GROUPS.items()]
+    groups = [(g, m) for g, m in groups if m]
     if not groups:
         raise ValueError("kinds is empty")
     return groups
 
 
-def damage(image: np.ndarray, severity: int, rng: np.random.Generator,
-           kinds: Sequence[str] | None = None, n_ops: int | None = None) -> np.ndarray:
-    """Competition-like composite fault: one kind from each group (blur, lighting, noise, [jpeg]).
+def check_mix(groups: list[tuple[str, tuple[str, ...]]], group_p: dict | None, kind_weights: dict | None) -> None:
+    """Validate an optional damage mix against the groups in use (ValueError names the bad entry)."""
+    for g, q in (group_p or {}).items():
+        if g not in GROUPS:
+            raise ValueError(f"group_p: unknown group '{g}' (known: {', '.join(GROUPS)})")
+        if not 0.0 <= float(q) <= 1.0:
+            raise ValueError(f"group_p: {g} must be in [0, 1], got {q}")
+    for k, w in (kind_weights or {}).items():
+        if k not in _OPS:
+            raise ValueError(f"kind_weights: unknown damage kind '{k}' (known: {', '.join(KINDS)})")
+        if float(w) < 0:
+            raise ValueError(f"kind_weights: {k} must be >= 0, got {w}")
+    for g, members in groups:
+        if kind_weights and sum(float(kind_weights.get(k, 1.0)) for k in members) <= 0:
+            raise ValueError(f"kind_weights: every kind of group '{g}' has weight 0")
 
-    `kinds` restricts the choice (a group with none of them is skipped); `n_ops` keeps a random subset of
-    that many groups. Kinds and subsets are drawn before any severity-dependent value, so for a fixed seed
-    every severity applies the same faults, only stronger.
-    """
-    _check(image, severity)
-    groups = _groups(kinds)
+
+def _draw_kinds(groups, rng, n_ops, group_p, kind_weights) -> list[str]:
     if n_ops is not None:
         if not 1 <= n_ops <= len(groups):
             raise ValueError(f"n_ops must be in 1..{len(groups)} for these kinds, got {n_ops}")
         keep = np.sort(rng.choice(len(groups), size=n_ops, replace=False))
         groups = [groups[i] for i in keep]
-    chosen = [g[rng.integers(len(g))] for g in groups]
+    if group_p:  # each group applied with its own chance (a group not named is always applied)
+        hit = rng.random(len(groups))
+        groups = [(g, m) for (g, m), u in zip(groups, hit) if u < float(group_p.get(g, 1.0))]
+    if not kind_weights:
+        return [m[rng.integers(len(m))] for _, m in groups]
+    out = []
+    for _, m in groups:
+        cdf = np.cumsum([float(kind_weights.get(k, 1.0)) for k in m])
+        out.append(m[min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), len(m) - 1)])
+    return out
+
+
+def damage(image: np.ndarray, severity: int, rng: np.random.Generator,
+           kinds: Sequence[str] | None = None, n_ops: int | None = None,
+           group_p: dict | None = None, kind_weights: dict | None = None) -> np.ndarray:
+    """Competition-like composite fault: one kind from each group (blur, lighting, noise, [jpeg]).
+
+    `kinds` restricts the choice (a group with none of them is skipped); `n_ops` keeps a random subset of
+    that many groups; `group_p` applies each named group with that chance; `kind_weights` (default 1 each)
+    weights the kinds within a group. Kinds and subsets are drawn before any severity-dependent value, so for
+    a fixed seed every severity applies the same faults, only stronger.
+    """
+    _check(image, severity)
+    groups = _groups(kinds)
+    check_mix(groups, group_p, kind_weights)
+    chosen = _draw_kinds(groups, rng, n_ops, group_p, kind_weights)
     seeds = rng.integers(0, 2**63, size=len(chosen))
     out = image.copy()
     if severity == 0:
@@ -269,29 +306,45 @@ def _make_transform_class():
     import albumentations as A
 
     class DamageTransform(A.ImageOnlyTransform):
-        """`damage` at a severity drawn uniformly from 1..max_severity; seeded by `A.Compose(seed=...)`."""
+        """`damage` at a severity drawn from 1..max_severity (uniformly, or by `severity_weights`); seeded by
+        `A.Compose(seed=...)`."""
 
         def __init__(self, max_severity: int = 3, kinds: Sequence[str] | None = None, n_ops: int | None = None,
-                     p: float = 0.5):
+                     p: float = 0.5, severity_weights: Sequence[float] | None = None,
+                     group_p: dict | None = None, kind_weights: dict | None = None):
             super().__init__(p=p)
             if not 1 <= max_severity <= MAX_SEVERITY:
                 raise ValueError(f"max_severity must be in 1..{MAX_SEVERITY}, got {max_severity}")
             groups = _groups(kinds)
             if n_ops is not None and not 1 <= n_ops <= len(groups):
                 raise ValueError(f"n_ops must be in 1..{len(groups)} for these kinds, got {n_ops}")
+            check_mix(groups, group_p, kind_weights)
+            if severity_weights is not None:
+                severity_weights = [float(w) for w in severity_weights]
+                if len(severity_weights) != max_severity or min(severity_weights) < 0 or sum(severity_weights) <= 0:
+                    raise ValueError(f"severity_weights needs {max_severity} non-negative weights (severities "
+                                     f"1..{max_severity}) with a positive sum, got {severity_weights}")
             self.max_severity = int(max_severity)
             self.kinds = None if kinds is None else tuple(kinds)
             self.n_ops = n_ops
+            self.severity_weights = severity_weights
+            self.group_p = dict(group_p) if group_p else None
+            self.kind_weights = dict(kind_weights) if kind_weights else None
 
         def get_params(self) -> dict:
             # Albumentations seeds py_random from Compose(seed=...); the op seed makes replays exact.
-            return {"severity": self.py_random.randint(1, self.max_severity), "seed": self.py_random.getrandbits(63)}
+            if self.severity_weights is None:
+                severity = self.py_random.randint(1, self.max_severity)
+            else:
+                severity = self.py_random.choices(range(1, self.max_severity + 1), self.severity_weights)[0]
+            return {"severity": severity, "seed": self.py_random.getrandbits(63)}
 
         def apply(self, img: np.ndarray, severity: int = 1, seed: int = 0, **params) -> np.ndarray:
-            return damage(img, severity, np.random.default_rng(seed), self.kinds, self.n_ops)
+            return damage(img, severity, np.random.default_rng(seed), self.kinds, self.n_ops, self.group_p,
+                          self.kind_weights)
 
         def get_transform_init_args_names(self) -> tuple[str, ...]:
-            return ("max_severity", "kinds", "n_ops")
+            return ("max_severity", "kinds", "n_ops", "severity_weights", "group_p", "kind_weights")
 
     DamageTransform.__module__ = __name__
     return DamageTransform
