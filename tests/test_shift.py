@@ -104,6 +104,7 @@ def test_estimate_tracks_the_actual_score_on_a_labelled_damaged_target(shifted_r
     rep = shift_report(cfg, [run], target="phase2_eval", quantile=0.5, bootstrap=20)
     r = next(iter(rep["runs"].values()))
     assert r["target_actual"] == r["target_actual_single_fold"]
+    assert r["target_actual_per_fold"] == {"fold0": r["target_actual_single_fold"]}  # the fixture's one fold model
     assert abs(r["oof_weighted"] - r["target_actual"]) < abs(r["oof"] - r["target_actual"]) / 2
     v = rep["validation"]
     assert v["n_runs"] == 1 and v["oof_weighted"]["mae"] < v["oof"]["mae"] / 2

@@ -147,19 +147,22 @@ def fit_mix(clean: np.ndarray, prop: np.ndarray, sev: np.ndarray, kind: np.ndarr
     m = _pairwise(x, target).mean(1)
     d_yy = float(_pairwise(target, target).mean())
     rng = np.random.default_rng(seed)
+
+    def energy(w):  # the weighted sample's energy distance to the target
+        return 2 * w @ m - w @ d_xx @ w - d_yy
+
     best = None
     for start in range(starts):  # start 0 from the config's mix, the rest from jittered copies of it
         model = MixModel(max_severity, init, None if start == 0 else rng)
         opt = torch.optim.Adam(model.params(), lr=0.05)
         for _ in range(steps):
-            w, _ = model.weights(sev, kind, len(clean))
-            loss = 2 * w @ m - w @ d_xx @ w - d_yy
+            loss = energy(model.weights(sev, kind, len(clean))[0])
             opt.zero_grad()
             loss.backward()
             opt.step()
         with torch.no_grad():
             w, ess = model.weights(sev, kind, len(clean))
-            ed = float(2 * w @ m - w @ d_xx @ w - d_yy)
+            ed = float(energy(w))
         if best is None or ed < best[0]:
             best = (ed, model.mix(max_severity), ess, start)
     return best[1], {"energy_distance_fit": best[0], "proposal_ess": best[2], "proposal_n": len(prop),

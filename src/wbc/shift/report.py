@@ -160,11 +160,11 @@ def shift_report(cfg: dict, runs: list, target: str | None = None, quantile: flo
                 res["target_actual"] = macro_f1(yt, pt, n)
                 # Each OOF image is predicted by one fold model, the run's eval by their mean: the like-for-like
                 # check of the estimate is the mean score of the single fold models.
-                single = [macro_f1(yt, np.array([lut.get(c, -1) for c in _aligned(run_predictions(f.parent, "eval"),
-                                                                                  ids, f)]), n)
-                          for f in sorted(run.glob("fold*/eval.csv"))]
+                single = {f.parent.name: macro_f1(yt, np.array([lut.get(c, -1) for c in _aligned(
+                    run_predictions(f.parent, "eval"), ids, f)]), n) for f in sorted(run.glob("fold*/eval.csv"))}
                 if single:
-                    res["target_actual_single_fold"] = float(np.mean(single))
+                    res["target_actual_single_fold"] = float(np.mean(list(single.values())))
+                    res["target_actual_per_fold"] = single  # for paired comparisons of runs, fold by fold
         report["runs"][display_path(run).removeprefix("outputs/")] = res
     if labelled_target:
         report["validation"] = _validation(report["runs"])
