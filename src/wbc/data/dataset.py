@@ -29,9 +29,13 @@ class CellDataset(Dataset):
         epoch, i = i if isinstance(i, tuple) else (self.epoch, i)
         img = np.asarray(self.images[i])
         if self.transform is not None:
-            self.transform.set_random_seed(int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0]))
-            img = self.transform(image=img)["image"]
-        x = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))  # uint8 CHW
+            s = int(np.random.SeedSequence([self.seed, epoch, i]).generate_state(1)[0])
+            if callable(getattr(self.transform, "set_random_seed", None)):
+                self.transform.set_random_seed(s)
+                img = self.transform(image=img)["image"]
+            else:  # a multi-view transform (`DamageViews`): (V, H, W, 3)
+                img = self.transform(img, s)
+        x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(img, -1, -3)))  # uint8 CHW (or VCHW)
         y = -1 if self.targets is None else int(self.targets[i])
         return x, y
 

@@ -9,16 +9,22 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true", help="re-predict folds that already have predictions")
 
     def run(args):
-        from ..config import run_dir
+        from ..config import dump_config, run_dir
+        from ..errors import WBCError
+        from ..io import write_text
         from ..train.inputs import load_fold_data
-        from .fold import predict_fold
+        from .fold import checkpoint_run, predict_fold
         from .merge import fold_dirs, merge_run
 
         cfg = config_from_args(args)
-        run = run_dir(cfg)
+        run, source = run_dir(cfg), checkpoint_run(cfg)
+        if source != run:  # a prediction-only run (e.g. BN-adapted) of another run's fold models
+            if not any((d / "best.pt").exists() for d in fold_dirs(source)):
+                raise WBCError(f"predict.checkpoints: {source} has no fold*/best.pt")
+            write_text(run / "config.yaml", dump_config(cfg))
         data = None
-        for d in fold_dirs(run):
-            if (d / "best.pt").exists() and (args.force or not (d / "oof.csv").exists()):
+        for d in fold_dirs(source):
+            if (d / "best.pt").exists() and (args.force or not (run / d.name / "oof.csv").exists()):
                 data = data or load_fold_data(cfg)
                 predict_fold(cfg, int(d.name[4:]), data)
         from ..folds import load_folds

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..config import run_dir
+from ..config import resolve_path, run_dir
 from ..console import print_table
 from ..io import Probs, save_probs, torch_load
 from ..metrics import save_confusion_png, summary
@@ -11,6 +11,13 @@ from ..models.factory import create_model, model_data_config
 from ..models.inference import predict_probs
 from ..train.inputs import FoldData, Rows
 from ..train.loop import pick_device
+from .adapt import adapt_batchnorm
+
+
+def checkpoint_run(cfg: dict):
+    """The run folder whose fold checkpoints `predict` uses: `predict.checkpoints`, else the run itself."""
+    src = cfg["predict"].get("checkpoints")
+    return resolve_path(src) if src else run_dir(cfg)
 
 
 def load_fold_model(cfg: dict, weights, n_classes: int, device, tta: int | None = None):
@@ -30,29 +37,39 @@ def predict_fold(cfg: dict, fold: int, data: FoldData, device=None, weights: str
     device = device or pick_device(cfg)
     out = run_dir(cfg) / f"fold{fold}"
     classes, n_cls = data.classes, len(data.classes)
-    model, kw = load_fold_model(cfg, out / weights, n_cls, device)
+    model, kw = load_fold_model(cfg, checkpoint_run(cfg) / f"fold{fold}" / weights, n_cls, device)
     p = cfg["predict"]
+    alpha = float(p.get("adapt_bn") or 0)
+
+    def predict(images, desc):
+        # Each split is predicted with BatchNorm statistics adapted to that split alone (no labels used).
+        m = model if not alpha else adapt_batchnorm(
+            model, images, alpha, seed=int(cfg.get("seed", 0)), desc=f"{desc}: adapt BN", device=kw["device"],
+            mean=kw["mean"], std=kw["std"], batch_size=kw["batch_size"], amp=kw["amp"])
+        return predict_probs(m, images, desc=desc, **kw)
+
     va = data.pool["fold"].to_numpy() == fold
     pool_va = data.pool[va]
-    oof = Probs(pool_va["ID"], predict_probs(model, Rows(data.pool_images, np.flatnonzero(va)), desc="oof", **kw),
+    oof = Probs(pool_va["ID"], predict(Rows(data.pool_images, np.flatnonzero(va)), "oof"),
                 classes, np.full(int(va.sum()), fold), pool_va["labels"])
-    save_probs(out / "oof.csv", oof)
     lut = {c: i for i, c in enumerate(classes)}
     y = oof.labels
     result = {"fold": fold, "oof": summary(np.array([lut[v] for v in y]), oof.probs.argmax(1), classes)}
     save_confusion_png(out / "confusion_oof.png", np.array([lut[v] for v in y]), oof.probs.argmax(1), classes,
                        f"{cfg['name']} fold {fold} OOF")
     if data.holdout_images is not None:
-        ev = Probs(data.holdout["ID"], predict_probs(model, data.holdout_images, desc="eval", **kw), classes,
+        ev = Probs(data.holdout["ID"], predict(data.holdout_images, "eval"), classes,
                    labels=data.holdout["labels"])
         save_probs(out / "eval.csv", ev)
         result["eval"] = summary(ev.label_index(), ev.probs.argmax(1), classes)
     if data.test_images is not None:
-        te = Probs(data.test["ID"], predict_probs(model, data.test_images, desc="test", **kw), classes,
+        te = Probs(data.test["ID"], predict(data.test_images, "test"), classes,
                    labels=data.test["labels"])
         save_probs(out / "test.csv", te)
+    save_probs(out / "oof.csv", oof)  # last: `predict` takes a fold with oof.csv as done
     rows = [["OOF (this fold)", result["oof"]["macro_f1"]]]
     if "eval" in result:
         rows.append(["phase2_eval", result["eval"]["macro_f1"]])
-    print_table(f"{cfg['name']} fold {fold} (TTA x{p['tta']})", ["split", "macro-F1"], rows)
+    title = f"{cfg['name']} fold {fold} (TTA x{p['tta']}" + (f", BN adapted {alpha:g})" if alpha else ")")
+    print_table(title, ["split", "macro-F1"], rows)
     return result

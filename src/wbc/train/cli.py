@@ -13,11 +13,15 @@ def register(sub) -> None:
                    help="continue from fold<k>/state.pt (also RESUME=1)")
 
     def run(args):
+        from ..errors import WBCError
         from ..predict.fold import predict_fold  # the command orchestrates; the library flows one way
         from .inputs import load_fold_data
         from .loop import train_fold
 
         cfg = config_from_args(args)
+        if cfg["predict"].get("checkpoints"):
+            raise WBCError(f"{cfg['name']}: predict.checkpoints is set, so this config only predicts "
+                           f"with another run's models; use `make predict`")
         data = load_fold_data(cfg)
         train_fold(cfg, args.fold, resume=args.resume, data=data)
         predict_fold(cfg, args.fold, data)

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from ..config import dump_config, run_dir
 from ..console import console, progress
-from ..data.augment import build_transform
+from ..data.augment import DamageViews, build_transform
 from ..data.dataset import CellDataset, EpochTagged, normalize
 from ..errors import WBCError
 from ..io import torch_load, torch_save, write_json, write_text
@@ -28,7 +28,7 @@ from ..metrics import macro_f1
 from ..models.factory import create_model, model_data_config
 from ..models.inference import autocast, predict_probs
 from .inputs import FoldData, Rows, load_fold_data
-from .losses import build_loss
+from .losses import build_loss, js_consistency
 from .prior_correction import report_prior_correction
 from .sampling import build_sampler
 
@@ -131,7 +131,9 @@ def train_fold(cfg: dict, fold: int, on_epoch: Callable[[int, dict], None] | Non
         ema = ModelEmaV3(model, decay=float(t["ema_decay"]))
     fwd = torch.compile(model) if t.get("compile") else model
 
-    ds = CellDataset(Rows(data.pool_images, tr_idx), y_all[tr_idx], build_transform(cfg, train=True), seed)
+    cons = t.get("consistency") or {}
+    views = DamageViews(cfg, int(cons.get("views", 3))) if float(cons.get("weight") or 0) > 0 else None
+    ds = CellDataset(Rows(data.pool_images, tr_idx), y_all[tr_idx], views or build_transform(cfg, train=True), seed)
     bs = min(int(t["batch_size"]), len(tr_idx))
     epochs1, epochs2 = int(t["epochs"]), int(t.get("stage2", {}).get("epochs", 0) or 0)
     steps_per_epoch = len(tr_idx) // bs
@@ -235,7 +237,11 @@ def _train_epoch(fwd, model, ema, loader, opt, sched, scaler, loss_fn, device, n
     with progress() as bar:
         task = bar.add_task(desc, total=len(loader), info="")
         for x, y in loader:
-            x = normalize(x.to(device, non_blocking=True), norm["mean"], norm["std"])
+            n_views = x.shape[1] if x.ndim == 5 else 0
+            if n_views and stage == 2:  # consistency is a stage-1 term: the head sees the recipe's view only
+                x, n_views = x[:, 0], 0
+            x = x.to(device, non_blocking=True)
+            x = normalize(x.flatten(0, 1) if n_views else x, norm["mean"], norm["std"])
             if cl:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = y.to(device, non_blocking=True)
@@ -246,7 +252,11 @@ def _train_epoch(fwd, model, ema, loader, opt, sched, scaler, loss_fn, device, n
                     logits = model.get_classifier()(feats.float())
                 else:
                     logits = fwd(x)
-            loss = loss_fn(logits.float(), y)
+            if n_views:  # the recipe's loss on view 0, plus agreement across the damage draws
+                logits = logits.float().view(len(y), n_views, -1)
+                loss = loss_fn(logits[:, 0], y) + float(t["consistency"]["weight"]) * js_consistency(logits)
+            else:
+                loss = loss_fn(logits.float(), y)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if t.get("grad_clip"):

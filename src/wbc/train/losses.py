@@ -129,3 +129,11 @@ def build_loss(cfg_loss: dict, class_counts) -> LongTailLoss:
     return LongTailLoss(len(counts), weight=weight, logit_offset=offset,
                         gamma=float(cfg_loss.get("focal_gamma", 2.0)) if kind == "focal" else 0.0,
                         label_smoothing=float(cfg_loss.get("label_smoothing", 0.0) or 0.0))
+
+
+def js_consistency(logits: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence among the views' predictions, logits (B, V, C): the mean over views of
+    KL(p_v || m), m the views' mean prediction (AugMix, Hendrycks et al. 2020), averaged over the batch."""
+    p = logits.float().softmax(-1)
+    log_m = p.mean(1, keepdim=True).clamp_min(1e-7).log()
+    return (p * (p.clamp_min(1e-7).log() - log_m)).sum(-1).mean()

@@ -1,0 +1,131 @@
+"""Test-time BatchNorm adaptation (`wbc.predict.adapt`) and prediction-only runs (`predict.checkpoints`)."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from wbc.__main__ import main
+from wbc.config import run_dir
+from wbc.errors import WBCError
+from wbc.folds import build_folds
+from wbc.io import load_probs, write_csv
+from wbc.models.inference import predict_probs
+from wbc.predict.adapt import adapt_batchnorm
+from wbc.train.loop import train_fold
+
+MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+KW = dict(device=torch.device("cpu"), mean=MEAN, std=STD)
+
+
+def _net(seed=0):
+    """BatchNorm straight on the input, so a per-channel gain and offset of the images is exactly what the
+    adapted statistics can undo."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+
+
+def _images(n, seed=0):
+    return np.random.default_rng(seed).integers(40, 200, (n, 8, 8, 3), dtype=np.uint8)
+
+
+def _normalised(images):
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    return (x - torch.tensor(MEAN).view(1, 3, 1, 1) * 255) / (torch.tensor(STD).view(1, 3, 1, 1) * 255)
+
+
+def test_statistics_are_the_splits_own_and_the_source_model_is_untouched():
+    net, images = _net(), _images(40)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    adapted = adapt_batchnorm(net, images, 1.0, batch_size=64, **KW)  # one batch: exact statistics
+    x = _normalised(images)
+    bn = adapted[0]
+    assert torch.allclose(bn.running_mean, x.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(bn.running_var, x.var((0, 2, 3), unbiased=True), atol=1e-4)
+    assert not adapted.training and not bn.training and bn.momentum == 0.1
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # alpha mixes the source and the split's statistics linearly.
+    half = adapt_batchnorm(net, images, 0.5, batch_size=64, **KW)[0]
+    assert torch.allclose(half.running_mean, 0.5 * (before["0.running_mean"] + bn.running_mean), atol=1e-6)
+    assert torch.allclose(half.running_var, 0.5 * (before["0.running_var"] + bn.running_var), atol=1e-6)
+
+
+def test_adaptation_undoes_a_lighting_shift():
+    """Source statistics fitted on clean images; the target is the same images under a per-channel gain and
+    offset (a lighting change). Unadapted, the predictions move; adapted, they are the clean ones again."""
+    net, clean = _net(1), _images(64, 1)
+    net[-1].weight.data *= 20  # confident outputs, so that a shift shows in the probabilities
+    net = adapt_batchnorm(net, clean, 1.0, batch_size=64, **KW)  # "training" statistics = the clean images
+    shifted = np.clip(clean.astype(np.float32) * [0.6, 0.8, 0.7] + [50, 10, 30], 0, 255).astype(np.uint8)
+    p_clean = predict_probs(net, clean, tta=1, amp="none", **KW)
+    p_shift = predict_probs(net, shifted, tta=1, amp="none", **KW)
+    p_adapt = predict_probs(adapt_batchnorm(net, shifted, 1.0, batch_size=64, **KW), shifted, tta=1, amp="none",
+                            **KW)
+    gap_raw, gap_adapt = np.abs(p_shift - p_clean).max(), np.abs(p_adapt - p_clean).max()
+    assert gap_raw > 0.05 and gap_adapt < 0.1 * gap_raw  # what is left is uint8 rounding
+
+
+def test_batches_average_and_do_not_depend_on_order():
+    net, images = _net(2), _images(48, 2)  # three equal batches of 16
+    a = adapt_batchnorm(net, images, 1.0, batch_size=16, seed=0, **KW)[0]
+    b = adapt_batchnorm(net, images, 1.0, batch_size=16, seed=1, **KW)[0]
+    exact = _normalised(images).mean((0, 2, 3))  # equal batches: the mean of batch means is the mean
+    assert torch.allclose(a.running_mean, exact, atol=1e-4) and torch.allclose(b.running_mean, exact, atol=1e-4)
+
+
+def test_refusals():
+    with pytest.raises(WBCError, match="no BatchNorm"):
+        adapt_batchnorm(nn.Sequential(nn.Conv2d(3, 2, 1), nn.LayerNorm([2, 8, 8])), _images(4), 1.0, **KW)
+    with pytest.raises(WBCError, match=r"\(0, 1\]"):
+        adapt_batchnorm(_net(), _images(4), 1.5, **KW)
+    with pytest.raises(WBCError, match="1 image"):
+        adapt_batchnorm(_net(), _images(1), 1.0, **KW)
+
+
+def test_prediction_only_run_uses_the_source_checkpoints(sample_root, make_cfg, monkeypatch):
+    """`predict.checkpoints` + `predict.adapt_bn`: a new run folder of adapted predictions from another run's
+    fold models; alpha 0 reproduces the source run's predictions exactly. A killed prediction is redone."""
+    cfg = make_cfg(sample_root, "folds.n_folds=2", "train.epochs=1", "predict.tta=1")
+    write_csv(cfg["folds"]["file"], build_folds(cfg))
+    train_fold(cfg, 0)
+    base = [f"data.root={cfg['data']['root']}", f"output_dir={cfg['output_dir']}",
+            f"data.cache_dir={cfg['data']['cache_dir']}", f"folds.file={cfg['folds']['file']}", "folds.n_folds=2",
+            "train.epochs=1", "predict.tta=1"]
+    cmd = ["predict", "-c", "configs/tiny_cpu.yaml", *base]
+    assert main(cmd) == 0
+    src = run_dir(cfg)
+    assert main(cmd + ["name=same", f"predict.checkpoints={src}"]) == 0
+    assert main(cmd + ["name=adapted", f"predict.checkpoints={src}", "predict.adapt_bn=1"]) == 0
+    out = src.parent
+    assert not (out / "same" / "fold0" / "best.pt").exists() and (out / "adapted" / "config.yaml").exists()
+    for split in ("oof", "eval", "test"):
+        ref = load_probs(src / f"{split}.csv")
+        same = load_probs(out / "same" / f"{split}.csv").align(ref.ids)
+        adapted = load_probs(out / "adapted" / f"{split}.csv").align(ref.ids)
+        assert np.allclose(same.probs, ref.probs, atol=1e-6)
+        assert np.abs(adapted.probs - ref.probs).max() > 1e-3, split
+    assert main(cmd + ["name=none", f"predict.checkpoints={out / 'missing'}"]) == 2  # no fold checkpoints
+    assert not (out / "none").exists()
+    assert main(["train-fold", "--fold", "0", "-c", "configs/tiny_cpu.yaml", *base, "name=retrain",
+                 f"predict.checkpoints={src}"]) == 2  # a prediction-only config does not train
+
+    # Killed while predicting the test split: no oof.csv (the mark of a finished fold), so a rerun redoes it.
+    import wbc.predict.fold as fold_mod
+
+    real = fold_mod.predict_probs
+
+    def dies_on_test(model, images, desc="", **kw):
+        if desc == "test":
+            raise KeyboardInterrupt
+        return real(model, images, desc=desc, **kw)
+
+    monkeypatch.setattr(fold_mod, "predict_probs", dies_on_test)
+    with pytest.raises(KeyboardInterrupt):
+        main(cmd + ["name=killed", f"predict.checkpoints={src}"])
+    assert (out / "killed" / "fold0" / "eval.csv").exists() and not (out / "killed" / "fold0" / "oof.csv").exists()
+    monkeypatch.setattr(fold_mod, "predict_probs", real)
+    assert main(cmd + ["name=killed", f"predict.checkpoints={src}"]) == 0
+    for split in ("oof", "test"):
+        same = load_probs(out / "same" / f"{split}.csv")
+        assert np.allclose(load_probs(out / "killed" / f"{split}.csv").align(same.ids).probs, same.probs)
