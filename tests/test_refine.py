@@ -229,7 +229,7 @@ def test_refine_command_end_to_end(tmp_path):
     assert (ch["before"] != ch["after"]).all() and set(ch["split"]) <= {"oof", "phase2_eval", "phase2_test"}
     assert "00000005.jpg" not in set(ch.loc[ch["method"] == "hard", "ID"])  # failed segmentation: gate closed
     test_pred = pd.read_csv(out / "test_pred.csv", dtype=str)
-    sub = pd.read_csv(tmp_path / "subs" / "toy_refined.csv", dtype=str)
+    sub = pd.read_csv(tmp_path / "subs" / "preds_refined.csv", dtype=str)
     assert list(sub.columns) == ["ID", "labels"] and len(sub) == 60
     assert sub.set_index("ID")["labels"].equals(test_pred.set_index("ID")["labels"].loc[sub["ID"]])
     for name in ("oof.csv", "eval.csv", "test.csv", "oof_before.png", "oof_hard.png", "eval_soft.png"):

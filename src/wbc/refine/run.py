@@ -187,7 +187,7 @@ def _settings(cfg: dict, classes: list[str], y: np.ndarray) -> Settings:
 
 
 def run_refine(cfg: dict) -> dict:
-    from ..data.layout import data_root, dataset_name
+    from ..data.layout import data_root
 
     rc = cfg.get("refine") or {}
     if not rc.get("predictions"):
@@ -256,7 +256,7 @@ def run_refine(cfg: dict) -> dict:
                    "cv_macro_f1": scores.get("oof_nested", scores["oof"])[key]["macro_f1"],
                    "eval_macro_f1": scores.get("eval", {}).get(key, {}).get("macro_f1"), "report": report}
         path = write_submission(data_root(cfg), preds["test"].ids, np.asarray(classes)[pred["test"][key]],
-                                rc.get("submission_name") or f"{dataset_name(cfg)}_refined", classes, sidecar,
+                                rc.get("submission_name") or f"{out_dir.name}_refined", classes, sidecar,
                                 out_dir=rc.get("submission_dir", "submissions"))
         console.print(f"wrote {path}")
     return {"report": report, "out_dir": out_dir, "pred": pred, "changes": changes}
