@@ -7,6 +7,7 @@ from scipy.spatial.distance import jensenshannon
 from wbc.config import CONFIG_DIR, load_config
 from wbc.data.augment import DamageViews, build_transform
 from wbc.data.dataset import CellDataset
+from wbc.errors import WBCError
 from wbc.folds import build_folds
 from wbc.io import write_csv
 from wbc.train.losses import js_consistency
@@ -48,9 +49,9 @@ def test_damage_views_share_geometry_and_draw_fresh_damage():
     ds = CellDataset(img[None], [0], t, seed=3)
     x, _ = ds[(0, 0)]
     assert x.shape == (3, 3, 48, 48) and torch.equal(x, ds[(0, 0)][0]) and not torch.equal(x, ds[(1, 0)][0])
-    with pytest.raises(ValueError, match="damage"):
+    with pytest.raises(WBCError, match="damage"):
         DamageViews(_views_cfg("augment.damage.p=0"), 3)
-    with pytest.raises(ValueError, match=">= 2"):
+    with pytest.raises(WBCError, match=">= 2"):
         DamageViews(_views_cfg(), 1)
     # The single-view pipeline is untouched: a Compose, seeded by the dataset as before.
     assert callable(build_transform(_views_cfg(), True).set_random_seed)

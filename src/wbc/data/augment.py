@@ -9,6 +9,8 @@ import albumentations as A
 import cv2
 import numpy as np
 
+from ..errors import WBCError
+
 
 def _scaled(v: float, s: float, cap: float = 1.0) -> float:
     return float(min(cap, v * s))
@@ -69,9 +71,9 @@ class DamageViews:
     def __init__(self, cfg: dict, n_views: int):
         a, s = cfg["augment"], float(cfg["augment"].get("strength", 1.0))
         if n_views < 2:
-            raise ValueError(f"train.consistency.views must be >= 2, got {n_views}")
+            raise WBCError(f"train.consistency.views must be >= 2, got {n_views}")
         if not _damage_ops(a, s):
-            raise ValueError("train.consistency needs the damage augmentation (augment.damage.p > 0)")
+            raise WBCError("train.consistency needs the damage augmentation (augment.damage.p > 0)")
         self.n_views = int(n_views)
         self.base = A.Compose(_base_ops(a, s))
         self.first = A.Compose(_damage_ops(a, s))
