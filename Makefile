@@ -1,5 +1,6 @@
 # WBC pipeline. `make help` lists every target. Variables:
 #   CONFIG=configs/<name>.yaml  FOLD=<k>  DATA=<dataset root>  NAME=<submission name>  ARGS="key=value ..."  RUN=outputs/<name>
+#   PRED=<predictions folder>  SPLITS=<splits to pseudo-label>  MIN_CONF=<pseudo-label confidence>
 SHELL := /bin/bash
 PY := .venv/bin/python
 CONFIG ?= configs/tiny_cpu.yaml
@@ -21,6 +22,8 @@ RUN ?=
 RUNS ?=
 TARGET ?=
 QUANTILE ?= 0
+SPLITS ?=
+MIN_CONF ?= 0.7
 DEST ?= outputs/bundles
 # `make benchmark-pbcbench`: BENCH=gpu (the issue recipes, 224 px) or cpu (the CPU-scale runs in docs/RESULTS.md).
 BENCH ?= gpu
@@ -39,7 +42,7 @@ WBC := $(PY) -m wbc
 .DEFAULT_GOAL := help
 .PHONY: help setup test sample-data folds train-fold train-all predict submit check-submission convert-effnet \
         demo bundle benchmark-throughput benchmark-pbcbench ensemble tune-train \
-        train-restorer restore compare-restore embed fewshot morph refine shift damage-match
+        train-restorer restore compare-restore embed fewshot morph refine shift damage-match pseudo-label
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-22s\033[0m %s\n", $$1, $$2}'
@@ -131,3 +134,6 @@ shift: ## RUNS' macro-F1 re-weighted to TARGET's damage mix (default the test sp
 
 damage-match: ## fit CONFIG's damage augmentation mix to TARGET's images (default the test split) -> outputs/damage_match/
 	$(WBC) damage-match -c $(CONFIG) $(if $(TARGET),--target $(TARGET)) $(OVR)
+
+pseudo-label: ## PRED's confident decisions on SPLITS (default the test split) -> outputs/pseudo/<pred>.csv, for data.pseudo_labels
+	$(WBC) pseudo-label -c $(CONFIG) --pred $(PRED) $(if $(SPLITS),--splits $(SPLITS)) --min-confidence $(MIN_CONF) $(OVR)

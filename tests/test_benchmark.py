@@ -41,3 +41,25 @@ def test_slow_loader_is_named(cfg, monkeypatch):
     assert res["loader_img_per_s"] < 60 < res["plain_img_per_s"]
     assert res["limited_by"] == "input pipeline"
     assert res["ratio"] < 0.5
+
+
+def test_consistency_views_go_through_the_model_on_both_sides(sample_root, make_cfg, monkeypatch):
+    """With train.consistency on, the pipeline feeds (B, V, ...) batches and the plain loop forwards B x V images
+    a step, so the ratio compares like with like."""
+    import torch
+
+    c = make_cfg(sample_root, "train.batch_size=8", "train.consistency.weight=1", "train.consistency.views=2")
+    write_csv(c["folds"]["file"], build_folds(c))
+    sizes = []
+    real = torch.nn.Module.__call__
+
+    def spy(self, *a, **k):
+        if self.__class__.__name__ == "ResNet" and a and torch.is_tensor(a[0]):
+            sizes.append(len(a[0]))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.nn.Module, "__call__", spy)
+    res = benchmark(c, steps=2, warmup=1)
+    assert res["views"] == 2
+    # warm-up + steps on the pipeline, then on the plain loop: every forward is 8 images x 2 views.
+    assert sizes == [16] * 6

@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "wbc.ensemble.cli",
     "wbc.refine.cli",
     "wbc.shift.cli",
+    "wbc.pseudo.cli",
     "wbc.submit",
     "wbc.models.cli",
 ]

@@ -5,6 +5,8 @@ trainer's own epoch function over cached images with its augmentation and data-l
 says whether the input pipeline starves the accelerator (target >= 0.9). A third figure, the loader alone
 (the same batches delivered to the device, no model), says which side is short when the ratio is low:
 a loader slower than the plain loop means more workers or cheaper augmentation, not a faster model.
+With damage consistency on (`train.consistency.weight` > 0) each image is `views` images through the model, on
+both sides; img/s counts images, not views.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 
 from ..config import run_dir
 from ..console import console, print_table
-from ..data.augment import build_transform
+from ..data.augment import DamageViews, build_transform
 from ..data.dataset import CellDataset, normalize
 from ..io import write_json
 from ..models.factory import create_model, model_data_config
@@ -58,7 +60,9 @@ def benchmark(cfg: dict, steps: int = 50, warmup: int = 10) -> dict:
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     fwd = torch.compile(model) if t.get("compile") else model
     idx = np.random.default_rng(0).integers(0, len(y), (warmup + steps) * bs)
-    ds = CellDataset(data.pool_images, y, build_transform(cfg, train=True), 0)
+    cons = t.get("consistency") or {}
+    n_views = int(cons.get("views", 3)) if float(cons.get("weight") or 0) > 0 else 1
+    ds = CellDataset(data.pool_images, y, DamageViews(cfg, n_views) if n_views > 1 else build_transform(cfg, train=True), 0)
 
     def pipeline_run(n_batches):
         sub = torch.utils.data.Subset(ds, idx[: n_batches * bs].tolist())
@@ -99,7 +103,7 @@ def benchmark(cfg: dict, steps: int = 50, warmup: int = 10) -> dict:
         _sync(device)
         t0 = time.perf_counter()
         for i in range(n_batches):
-            j = torch.randint(0, len(x_all), (bs,), device=device)
+            j = torch.randint(0, len(x_all), (bs * n_views,), device=device)  # the views' forward passes
             with autocast(device, t.get("amp", "none")):
                 loss = loss_fn(fwd(x_all[j]).float(), y_all[j])
             opt.zero_grad(set_to_none=True)
@@ -111,7 +115,7 @@ def benchmark(cfg: dict, steps: int = 50, warmup: int = 10) -> dict:
     plain_run(warmup)
     plain = plain_run(steps)
     res = {"arch": cfg["model"]["arch"], "image_size": cfg["data"]["image_size"], "batch_size": bs,
-           "amp": t.get("amp"), "channels_last": cl, "num_workers": int(t["num_workers"]), "device": str(device),
+           "views": n_views, "amp": t.get("amp"), "channels_last": cl, "num_workers": int(t["num_workers"]), "device": str(device),
            "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "steps": steps,
            "pipeline_img_per_s": pipe, "plain_img_per_s": plain, "loader_img_per_s": loader, "ratio": pipe / plain,
            "limited_by": "input pipeline" if loader < plain else "model step"}

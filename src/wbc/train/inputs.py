@@ -6,10 +6,11 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from ..config import resolve_path
 from ..data.cache import load_images
 from ..data.layout import check_labels, class_list, data_root, read_splits
 from ..data.preprocess import build_preprocess
-from ..errors import WBCError
+from ..errors import WBCError, where
 from ..folds import load_folds
 
 
@@ -22,6 +23,15 @@ class FoldData:
     pool_images: np.ndarray
     holdout_images: np.ndarray | None
     test_images: np.ndarray | None
+    pseudo: pd.DataFrame | None = None  # data.pseudo_labels rows: ID, labels, source ("holdout"/"test"), index
+
+    def pseudo_rows(self):
+        """(images, labels) of the pseudo-labelled rows in `pseudo`'s order; ([], []) without a pseudo-label file."""
+        if self.pseudo is None:
+            return [], np.array([], dtype=object)
+        arrays = {"holdout": self.holdout_images, "test": self.test_images}
+        parts = [Rows(arrays[src], g["index"].to_numpy()) for src, g in self.pseudo.groupby("source")]
+        return Chain(parts), self.pseudo["labels"].to_numpy()
 
 
 def load_fold_data(cfg: dict, with_test: bool = True) -> FoldData:
@@ -44,8 +54,46 @@ def load_fold_data(cfg: dict, with_test: bool = True) -> FoldData:
 
     plain = {**cfg, "data": {**d, "stain_norm": False, "restore": False}}  # the stain reference sees raw images
     pre = build_preprocess(cfg, lambda: load_images(plain, merged[merged["split"] == merged["split"].iloc[0]]))
+    if d.get("pseudo_labels") and not len(test) and d.get("test_split"):
+        test = read_splits(root, [d["test_split"]])
     imgs = lambda df: load_images(cfg, df, pre) if len(df) else None  # noqa: E731
-    return FoldData(classes, merged, holdout, test, imgs(merged), imgs(holdout), imgs(test))
+    pseudo = read_pseudo(d.get("pseudo_labels"), classes, merged, holdout, test)
+    return FoldData(classes, merged, holdout, test, imgs(merged), imgs(holdout), imgs(test), pseudo)
+
+
+def read_pseudo(path, classes: list[str], pool: pd.DataFrame, holdout: pd.DataFrame,
+                test: pd.DataFrame) -> pd.DataFrame | None:
+    """The pseudo-label file (`make pseudo-label`), each row located in the holdout or test images."""
+    if not path:
+        return None
+    path = resolve_path(path)
+    if not path.exists():
+        raise WBCError(f"{path}: pseudo-label file not found (data.pseudo_labels)")
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in ("ID", "labels") if c not in df.columns]
+    if missing:
+        raise WBCError(f"{path}: missing column(s) {', '.join(missing)} (expected ID,labels[,split,confidence])")
+    if not len(df):
+        raise WBCError(f"{path}: no pseudo-labelled rows")
+    in_pool = set(pool["ID"])
+    where_id = {**{i: ("holdout", k) for k, i in enumerate(holdout["ID"])},
+                **{i: ("test", k) for k, i in enumerate(test["ID"])}}
+    seen, src, idx = set(), [], []
+    for k, (i, lbl) in enumerate(zip(df["ID"], df["labels"])):
+        at = where(path, k + 2)
+        if i in seen:
+            raise WBCError(f"{at}: duplicate ID {i}")
+        if lbl not in classes:
+            raise WBCError(f"{at}: unknown label '{lbl}' (classes: {', '.join(classes)})")
+        if i in in_pool:
+            raise WBCError(f"{at}: ID {i} is in the labelled training pool; pseudo-labels are for unlabelled splits")
+        if i not in where_id:
+            raise WBCError(f"{at}: ID {i} is in neither the holdout nor the test split")
+        seen.add(i)
+        src.append(where_id[i][0])
+        idx.append(where_id[i][1])
+    out = pd.DataFrame({"ID": df["ID"], "labels": df["labels"], "source": src, "index": idx})
+    return out.sort_values("source", kind="stable", ignore_index=True)  # grouped as pseudo_rows chains them
 
 
 class Rows:
@@ -61,3 +109,20 @@ class Rows:
         if isinstance(i, slice):
             return np.stack([self.arr[j] for j in self.idx[i]])
         return self.arr[self.idx[i]]
+
+
+class Chain:
+    """Several row views read as one sequence (the fold's pool rows, then pseudo-labelled rows)."""
+
+    def __init__(self, parts):
+        self.parts = [p for p in parts if len(p)]
+        self.ends = np.cumsum([len(p) for p in self.parts])
+
+    def __len__(self):
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def __getitem__(self, i):
+        if i < 0 or i >= len(self):
+            raise IndexError(i)
+        j = int(np.searchsorted(self.ends, i, side="right"))
+        return self.parts[j][i - (int(self.ends[j - 1]) if j else 0)]

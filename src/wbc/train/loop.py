@@ -27,7 +27,7 @@ from ..io import torch_load, torch_save, write_json, write_text
 from ..metrics import macro_f1
 from ..models.factory import create_model, model_data_config
 from ..models.inference import autocast, predict_probs
-from .inputs import FoldData, Rows, load_fold_data
+from .inputs import Chain, FoldData, Rows, load_fold_data
 from .losses import build_loss, js_consistency
 from .prior_correction import report_prior_correction
 from .sampling import build_sampler
@@ -117,7 +117,15 @@ def train_fold(cfg: dict, fold: int, on_epoch: Callable[[int, dict], None] | Non
     y_all = data.pool["labels"].map(lut).to_numpy()
     tr_idx = np.flatnonzero(data.pool["fold"].to_numpy() != fold)
     va_idx = np.flatnonzero(data.pool["fold"].to_numpy() == fold)
-    counts = np.bincount(y_all[tr_idx], minlength=n_cls)
+    pseudo_images, pseudo_labels = data.pseudo_rows()
+    tr_images = Chain([Rows(data.pool_images, tr_idx), pseudo_images])
+    y_tr = np.concatenate([y_all[tr_idx], [lut[c] for c in pseudo_labels]]).astype(int)
+    n_tr = len(y_tr)
+    if len(pseudo_labels):
+        console.print(f"fold {fold}: {len(tr_idx)} pool + {len(pseudo_labels)} pseudo-labelled training images")
+        if (data.pseudo["source"] == "holdout").any():
+            console.print("[yellow]warning:[/] pseudo-labels include holdout images: their scores are transductive")
+    counts = np.bincount(y_tr, minlength=n_cls)
     prior = report_prior_correction(t, counts)
 
     model = create_model(cfg["model"], n_cls).to(device)
@@ -133,21 +141,21 @@ def train_fold(cfg: dict, fold: int, on_epoch: Callable[[int, dict], None] | Non
 
     cons = t.get("consistency") or {}
     views = DamageViews(cfg, int(cons.get("views", 3))) if float(cons.get("weight") or 0) > 0 else None
-    ds = CellDataset(Rows(data.pool_images, tr_idx), y_all[tr_idx], views or build_transform(cfg, train=True), seed)
-    bs = min(int(t["batch_size"]), len(tr_idx))
+    ds = CellDataset(tr_images, y_tr, views or build_transform(cfg, train=True), seed)
+    bs = min(int(t["batch_size"]), n_tr)
     epochs1, epochs2 = int(t["epochs"]), int(t.get("stage2", {}).get("epochs", 0) or 0)
-    steps_per_epoch = len(tr_idx) // bs
+    steps_per_epoch = n_tr // bs
 
     def stage_objects(stage: int):
         if stage == 1:
-            sampler = EpochTagged(len(tr_idx), build_sampler(y_all[tr_idx], n_cls, t["sampler"], seed=seed), seed)
+            sampler = EpochTagged(n_tr, build_sampler(y_tr, n_cls, t["sampler"], seed=seed), seed)
             opt = _optimizer(None, float(t["lr"]), float(t["weight_decay"]), model)
             total, warm, lr0 = epochs1 * steps_per_epoch, int(t["warmup_epochs"]) * steps_per_epoch, float(t["lr"])
             loss = build_loss(t["loss"], counts)
         else:  # decoupled: re-train a fresh classifier on the frozen backbone with balanced sampling
             s2 = t["stage2"]
-            sampler = EpochTagged(len(tr_idx), build_sampler(y_all[tr_idx], n_cls, {"type": s2.get("sampler", "balanced")},
-                                                             seed=seed + 1), seed + 1)
+            sampler = EpochTagged(n_tr, build_sampler(y_tr, n_cls, {"type": s2.get("sampler", "balanced")},
+                                                      seed=seed + 1), seed + 1)
             model.zero_grad(set_to_none=True)  # stale stage-1 grads must not reach clipping
             model.requires_grad_(False)
             model.reset_classifier(n_cls)
@@ -223,7 +231,7 @@ def train_fold(cfg: dict, fold: int, on_epoch: Callable[[int, dict], None] | Non
             on_epoch(epoch, rec)
 
     write_json(out / "train_result.json", {"fold": fold, "best_macro_f1": best, "epochs": len(history),
-                                           "prior_correction": prior})
+                                           "prior_correction": prior, "pseudo_labelled": len(pseudo_labels)})
     return {"fold": fold, "best_macro_f1": best, "history": history}
 
 

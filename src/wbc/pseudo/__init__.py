@@ -1,0 +1,1 @@
+"""Pseudo-labels: an ensemble's confident predictions on unlabelled splits, as extra training rows."""
