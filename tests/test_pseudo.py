@@ -107,7 +107,8 @@ def test_train_fold_trains_on_pseudo_rows_and_never_validates_on_them(sample_roo
     test = read_split(sample_root, "phase2_test", check_images=False)
     ev = read_split(sample_root, "phase2_eval", check_images=False)
     classes = sorted(set(read_split(sample_root, "phase1", check_images=False)["labels"]))
-    rows = [(i, classes[k % len(classes)]) for k, i in enumerate(test["ID"].iloc[:7])] + [(ev["ID"].iloc[3], classes[0])]
+    rows = [(i, classes[k % len(classes)]) for k, i in enumerate(test["ID"].iloc[:7])]
+    rows.append((ev["ID"].iloc[3], classes[0]))
     cfg, _ = _fold_cfg(sample_root, make_cfg, tmp_path, rows)
     data = load_fold_data(cfg)
     seen = {}

@@ -90,3 +90,11 @@ class DamageViews:
             t.set_random_seed(int(seeds[v + 1]))
             out.append(t(image=img)["image"])
         return np.stack(out)
+
+
+def train_transform(cfg: dict):
+    """The training augmentation: `DamageViews` when damage consistency is on, else the one-view pipeline."""
+    cons = cfg["train"].get("consistency") or {}
+    if float(cons.get("weight") or 0) > 0:
+        return DamageViews(cfg, int(cons.get("views", 3)))
+    return build_transform(cfg, train=True)

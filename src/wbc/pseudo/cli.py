@@ -9,7 +9,7 @@ def register(sub) -> None:
         "pseudo-label", help="confident predictions on unlabelled splits as extra training rows (data.pseudo_labels)"))
     p.add_argument("--pred", required=True, help="run / ensemble / refine folder with test.csv (and eval.csv)")
     p.add_argument("--splits", nargs="*", default=None,
-                   help="splits to pseudo-label (default: data.test_split); a holdout split makes its scores transductive")
+                   help="splits to pseudo-label (default: data.test_split); a holdout split's scores turn transductive")
     p.add_argument("--min-confidence", type=float, default=0.7, help="smallest probability of the decided class")
     p.add_argument("--class-fraction", type=float, default=1.0,
                    help="keep at most this fraction of each decided class, most confident first")

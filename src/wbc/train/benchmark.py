@@ -17,7 +17,7 @@ import torch
 
 from ..config import run_dir
 from ..console import console, print_table
-from ..data.augment import DamageViews, build_transform
+from ..data.augment import train_transform
 from ..data.dataset import CellDataset, normalize
 from ..io import write_json
 from ..models.factory import create_model, model_data_config
@@ -60,9 +60,9 @@ def benchmark(cfg: dict, steps: int = 50, warmup: int = 10) -> dict:
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     fwd = torch.compile(model) if t.get("compile") else model
     idx = np.random.default_rng(0).integers(0, len(y), (warmup + steps) * bs)
-    cons = t.get("consistency") or {}
-    n_views = int(cons.get("views", 3)) if float(cons.get("weight") or 0) > 0 else 1
-    ds = CellDataset(data.pool_images, y, DamageViews(cfg, n_views) if n_views > 1 else build_transform(cfg, train=True), 0)
+    transform = train_transform(cfg)
+    n_views = getattr(transform, "n_views", 1)
+    ds = CellDataset(data.pool_images, y, transform, 0)
 
     def pipeline_run(n_batches):
         sub = torch.utils.data.Subset(ds, idx[: n_batches * bs].tolist())
@@ -115,7 +115,8 @@ def benchmark(cfg: dict, steps: int = 50, warmup: int = 10) -> dict:
     plain_run(warmup)
     plain = plain_run(steps)
     res = {"arch": cfg["model"]["arch"], "image_size": cfg["data"]["image_size"], "batch_size": bs,
-           "views": n_views, "amp": t.get("amp"), "channels_last": cl, "num_workers": int(t["num_workers"]), "device": str(device),
+           "views": n_views, "amp": t.get("amp"), "channels_last": cl, "num_workers": int(t["num_workers"]),
+           "device": str(device),
            "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "steps": steps,
            "pipeline_img_per_s": pipe, "plain_img_per_s": plain, "loader_img_per_s": loader, "ratio": pipe / plain,
            "limited_by": "input pipeline" if loader < plain else "model step"}

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from ..config import dump_config, run_dir
 from ..console import console, progress
-from ..data.augment import DamageViews, build_transform
+from ..data.augment import train_transform
 from ..data.dataset import CellDataset, EpochTagged, normalize
 from ..errors import WBCError
 from ..io import torch_load, torch_save, write_json, write_text
@@ -139,9 +139,7 @@ def train_fold(cfg: dict, fold: int, on_epoch: Callable[[int, dict], None] | Non
         ema = ModelEmaV3(model, decay=float(t["ema_decay"]))
     fwd = torch.compile(model) if t.get("compile") else model
 
-    cons = t.get("consistency") or {}
-    views = DamageViews(cfg, int(cons.get("views", 3))) if float(cons.get("weight") or 0) > 0 else None
-    ds = CellDataset(tr_images, y_tr, views or build_transform(cfg, train=True), seed)
+    ds = CellDataset(tr_images, y_tr, train_transform(cfg), seed)
     bs = min(int(t["batch_size"]), n_tr)
     epochs1, epochs2 = int(t["epochs"]), int(t.get("stage2", {}).get("epochs", 0) or 0)
     steps_per_epoch = n_tr // bs
