@@ -23,6 +23,7 @@ from ..io import write_json
 from ..models.factory import create_model, model_data_config
 from ..models.inference import autocast
 from .inputs import load_fold_data
+from .mix import build_mixer
 from .loop import _loader, _optimizer, _train_epoch, pick_device, seed_everything
 from .losses import build_loss
 
@@ -69,7 +70,8 @@ def benchmark(cfg: dict, steps: int = 50, warmup: int = 10) -> dict:
         loader = _loader(sub, None, bs, int(t["num_workers"]), device)
         _sync(device)
         t0 = time.perf_counter()
-        _, n = _train_epoch(fwd, model, None, loader, opt, sched, scaler, loss_fn, device, norm, t, 1, "pipeline")
+        _, n = _train_epoch(fwd, model, None, loader, opt, sched, scaler, loss_fn, device, norm, t, 1, "pipeline",
+                            mixer=build_mixer(t, counts, int(cfg.get("seed", 0)), 0))
         _sync(device)
         return n / (time.perf_counter() - t0)
 

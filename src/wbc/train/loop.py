@@ -29,6 +29,7 @@ from ..models.factory import create_model, model_data_config
 from ..models.inference import autocast, predict_probs
 from .inputs import Chain, FoldData, Rows, load_fold_data
 from .losses import build_loss, js_consistency
+from .mix import build_mixer
 from .prior_correction import report_prior_correction
 from .sampling import build_sampler
 
@@ -198,8 +199,10 @@ def train_fold(cfg: dict, fold: int, on_epoch: Callable[[int, dict], None] | Non
             sampler, loader, opt, sched, loss_fn = stage_objects(2)
         t0 = time.perf_counter()
         sampler.set_epoch(epoch)
+        mixer = build_mixer(t, counts, seed, epoch) if stage == 1 else None
         train_loss, n_seen = _train_epoch(fwd, model, ema if stage == 1 else None, loader, opt, sched, scaler,
-                                          loss_fn, device, norm, t, stage, desc=f"fold {fold} ep {epoch}")
+                                          loss_fn, device, norm, t, stage, desc=f"fold {fold} ep {epoch}",
+                                          mixer=mixer)
         t_train = time.perf_counter() - t0
         val_probs = predict_probs(eval_model(), Rows(data.pool_images, va_idx), device, norm["mean"], norm["std"],
                                   tta=int(t.get("val_tta", 1)), batch_size=int(cfg["predict"]["batch_size"]),
@@ -233,7 +236,7 @@ def train_fold(cfg: dict, fold: int, on_epoch: Callable[[int, dict], None] | Non
     return {"fold": fold, "best_macro_f1": best, "history": history}
 
 
-def _train_epoch(fwd, model, ema, loader, opt, sched, scaler, loss_fn, device, norm, t, stage, desc):
+def _train_epoch(fwd, model, ema, loader, opt, sched, scaler, loss_fn, device, norm, t, stage, desc, mixer=None):
     model.train()
     if stage == 2:  # frozen backbone: BN statistics stay as trained
         model.eval()
@@ -248,9 +251,11 @@ def _train_epoch(fwd, model, ema, loader, opt, sched, scaler, loss_fn, device, n
                 x, n_views = x[:, 0], 0
             x = x.to(device, non_blocking=True)
             x = normalize(x.flatten(0, 1) if n_views else x, norm["mean"], norm["std"])
+            y = y.to(device, non_blocking=True)
+            if mixer is not None:  # soft targets from here on
+                x, y = mixer(x, y)
             if cl:
                 x = x.contiguous(memory_format=torch.channels_last)
-            y = y.to(device, non_blocking=True)
             with autocast(device, t.get("amp", "none")):
                 if stage == 2:
                     with torch.no_grad():
