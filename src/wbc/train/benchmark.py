@@ -23,9 +23,9 @@ from ..io import write_json
 from ..models.factory import create_model, model_data_config
 from ..models.inference import autocast
 from .inputs import load_fold_data
-from .mix import build_mixer
 from .loop import _loader, _optimizer, _train_epoch, pick_device, seed_everything
 from .losses import build_loss
+from .mix import build_mixer
 
 
 def _sync(device):

@@ -49,7 +49,7 @@ def label_weights(y: torch.Tensor, lam: float, class_counts, kappa: float = 0.0,
     """Per-sample weight of each image's own label (the rest goes to its partner's): lam, or Remix's 0 / 1."""
     lam_y = torch.full((len(y),), float(lam), device=y.device)
     if kappa and kappa > 1:
-        n = torch.as_tensor(np.maximum(np.asarray(class_counts, dtype=np.float64), 1.0), device=y.device)
+        n = torch.as_tensor(np.maximum(np.asarray(class_counts, dtype=np.float32), 1.0), device=y.device)
         ratio = n[y] / n[y.flip(0)]  # own class count over partner's
         lam_y[(ratio >= kappa) & (lam < tau)] = 0.0  # frequent self, rare partner holds > 1 - tau
         lam_y[(ratio <= 1.0 / kappa) & (1.0 - lam < tau)] = 1.0  # rare self holds > 1 - tau
