@@ -48,7 +48,7 @@ def mix_images(x: torch.Tensor, lam: float, box: tuple[int, int, int, int] | Non
 def label_weights(y: torch.Tensor, lam: float, class_counts, kappa: float = 0.0, tau: float = 0.5) -> torch.Tensor:
     """Per-sample weight of each image's own label (the rest goes to its partner's): lam, or Remix's 0 / 1."""
     lam_y = torch.full((len(y),), float(lam), device=y.device)
-    if kappa and kappa > 1:
+    if kappa > 1:
         n = torch.as_tensor(np.maximum(np.asarray(class_counts, dtype=np.float32), 1.0), device=y.device)
         ratio = n[y] / n[y.flip(0)]  # own class count over partner's
         lam_y[(ratio >= kappa) & (lam < tau)] = 0.0  # frequent self, rare partner holds > 1 - tau
@@ -92,7 +92,7 @@ class Mixer:
 def build_mixer(t: dict, class_counts, seed: int, epoch: int) -> Mixer | None:
     """The `train.mix` section as this stage-1 epoch's Mixer, or None when mixing is off for it.
 
-    Off when both alphas are 0 and in the last `off_epochs` epochs of stage 1."""
+    Off when both alphas are 0, or in the last `off_epochs` epochs of stage 1."""
     mix = t.get("mix") or {}
     unknown = set(mix) - set(MIX_KEYS)
     if unknown:
