@@ -28,10 +28,12 @@ DEST ?= outputs/bundles
 # `make benchmark-pbcbench`: BENCH=gpu (the issue recipes, 224 px) or cpu (the CPU-scale runs in docs/RESULTS.md).
 BENCH ?= gpu
 BENCH_MEMBERS_gpu := pbcbench_convnext_tiny pbcbench_swin_tiny pbcbench_effnet_lite0
-BENCH_ENSEMBLES_gpu := pbcbench_ensemble pbcbench_scratch
+BENCH_SPECIALISTS_gpu := pbcbench_convnext_tiny_gran
+BENCH_ENSEMBLES_gpu := pbcbench_ensemble pbcbench_scratch pbcbench_ensemble_specialist
 BENCH_MEMBERS_cpu := pbcbench_effnet_lite0_cpu pbcbench_effnet_lite1_cpu
 BENCH_ENSEMBLES_cpu := pbcbench_cpu_imagenet
 BENCH_MEMBERS ?= $(BENCH_MEMBERS_$(BENCH))
+BENCH_SPECIALISTS ?= $(BENCH_SPECIALISTS_$(BENCH))
 BENCH_ENSEMBLES ?= $(BENCH_ENSEMBLES_$(BENCH))
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
@@ -93,10 +95,11 @@ bundle: ## pack RUN=outputs/<name> without checkpoints into DEST/<name>.tar.gz (
 benchmark-throughput: ## training img/s of train-fold vs a plain timm loop on preloaded data (GPU)
 	$(WBC) benchmark-throughput -c $(CONFIG) $(OVR)
 
-benchmark-pbcbench: ## the PBC-LT benchmark end to end (DATA=<its root>, BENCH=gpu|cpu): 5-fold members + submissions, ensembles, refinement
+benchmark-pbcbench: ## the PBC-LT benchmark end to end (DATA=<its root>, BENCH=gpu|cpu): 5-fold members + submissions, specialists, ensembles, refinement
 	@test -n "$(DATA)$(WBC_DATA)" || { echo "benchmark-pbcbench: give DATA=<pbcbench root> (or set WBC_DATA)" >&2; exit 2; }
 	$(MAKE) weights/tf_efficientnet_lite0.pth $(if $(filter cpu,$(BENCH)),weights/tf_efficientnet_lite1.pth)
 	for m in $(BENCH_MEMBERS); do $(MAKE) train-all predict submit CONFIG=configs/$$m.yaml NAME=$$m || exit 1; done
+	for m in $(BENCH_SPECIALISTS); do $(MAKE) train-all predict CONFIG=configs/$$m.yaml || exit 1; done
 	for e in $(BENCH_ENSEMBLES); do $(MAKE) ensemble ENSEMBLE=configs/ensemble/$$e.yaml ARGS= || exit 1; done
 	$(MAKE) morph refine PRED=outputs/ensemble/$(firstword $(BENCH_ENSEMBLES)) \
 	    ARGS="refine.submission_name=$(firstword $(BENCH_ENSEMBLES))_refined"

@@ -387,6 +387,9 @@ def test_ensemble_submits_the_blend_when_the_rule_loses_out_of_sample(tmp_path, 
     else:
         assert report["final_step"] != "blend"
     assert report["scores"]["oof_nested_blend"] == fake["blend_macro_f1"]
+    # the sidecar's nested score is the submitted step's
+    sidecar = json.loads((tmp_path / "subs" / "sel.json").read_text())
+    assert sidecar["oof_nested_macro_f1"] == fake["blend_macro_f1" if final == "blend" else "macro_f1"]
 
 
 def test_weighted_fast_macro_f1_and_blend_weights_follow_the_shift_weights():

@@ -45,7 +45,10 @@ def test_benchmark_pbcbench_chains_members_ensembles_and_refinement():
     expected = []
     for m in members:
         expected += [f"train-fold -c configs/{m}.yaml --fold $k", f"predict -c configs/{m}.yaml", f"submit -c configs/{m}.yaml --name {m}"]
+    # a specialist predicts only its classes: trained and predicted, never submitted alone
+    expected += ["train-fold -c configs/pbcbench_convnext_tiny_gran.yaml --fold $k", "predict -c configs/pbcbench_convnext_tiny_gran.yaml"]
     expected += ["ensemble -c configs/ensemble/pbcbench_ensemble.yaml", "ensemble -c configs/ensemble/pbcbench_scratch.yaml",
+                 "ensemble -c configs/ensemble/pbcbench_ensemble_specialist.yaml",
                  "morph -c configs/refine.yaml", "refine -c configs/refine.yaml --pred outputs/ensemble/pbcbench_ensemble"]
     steps = [line.split(" -m wbc ", 1)[1] for line in lines if "convert-effnet" not in line]
     assert len(steps) == len(expected)

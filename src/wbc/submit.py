@@ -90,6 +90,9 @@ def submit_from_predictions(pred_dir, data_root, name: str, classes, extra: dict
         ids, labels, rule = df["ID"], df["labels"], "tuned decision rule (test_pred.csv)"
     else:
         probs = load_probs(pred_dir / "test.csv")
+        if set(probs.classes) < set(classes):
+            raise WBCError(f"{pred_dir / 'test.csv'}: a specialist's predictions (classes {', '.join(probs.classes)}) "
+                           "cannot be submitted alone; compose it with full-class runs (ensemble.specialists)")
         ids, labels, rule = probs.ids, np.asarray(probs.classes)[probs.probs.argmax(1)], "argmax of test.csv"
     report = pred_dir / "report.json"
     sidecar = {"predictions": display_path(pred_dir), "decision": rule, **(extra or {})}

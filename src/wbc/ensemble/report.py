@@ -7,6 +7,8 @@ from ..console import print_table
 from ..metrics import per_class_f1
 from .tune import macro_f1_fast
 
+NO_SPECIALIST = "blend w/o specialists"  # the ensemble step before `ensemble.specialists` are composed in
+
 
 def step_scores(y: np.ndarray, preds: dict[str, np.ndarray], classes: list[str]) -> dict:
     """{step: {"macro_f1": f, "per_class_f1": {class: f1}}} for each step's predictions."""
@@ -28,7 +30,8 @@ def print_summary(report: dict) -> None:
     sc = report["scores"]
     oof, ev, shifted = sc["oof"], sc.get("eval") or {}, sc.get("oof_shift_weighted")
     last = list(oof)[-1]
-    nested = {"blend": sc.get("oof_nested_blend"), last: sc.get("oof_nested")}
+    nested = {NO_SPECIALIST: sc.get("oof_nested_no_specialist"), "blend": sc.get("oof_nested_blend"),
+              last: sc.get("oof_nested")}
     nested_w = {"blend": sc.get("oof_nested_blend_shift_weighted"), last: sc.get("oof_nested_shift_weighted")}
     rows = []
     for step in oof:
@@ -42,9 +45,14 @@ def print_summary(report: dict) -> None:
                 + (", shift-tuned" if report.get("shift_tuned") else "") + "; phase2_eval)", cols, rows)
 
 
-def print_rule(rule: dict, weights: dict, tuned: dict) -> None:
+def print_rule(rule: dict, weights: dict, tuned: dict, specialists: list[dict] = ()) -> None:
     classes = rule["classes"]
     rows = [[c, rule["prior"][c], rule["bias"][c], rule["thresholds"].get(c, "")] for c in classes]
     print_table(f"tuned rule (quota {rule['quota']:.3f}, tau {tuned.get('tau', 0.0):.3f})",
                 ["class", "prior", "bias", "threshold"], rows)
     print_table("blend weights", ["member", "weight"], [[m, w] for m, w in weights.items()])
+    if specialists:
+        print_table("specialists (fitted weight of their split of the group)",
+                    ["specialist", "classes", "weight", "kept"],
+                    [[s["name"], " ".join(s["classes"]), s["weight"], "yes" if s["kept"] else "no (nested)"]
+                     for s in specialists])

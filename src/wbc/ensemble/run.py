@@ -10,15 +10,17 @@ import pandas as pd
 from ..config import display_path, dump_config, resolve_path
 from ..console import console
 from ..errors import WBCError
-from ..io import save_probs, write_csv, write_json, write_text
+from ..io import Probs, save_probs, write_csv, write_json, write_text
 from ..metrics import save_confusion_png
 from .blend import SPACES, blend, check_members, load_member, resolve_weights
 from .decision import apply_rule, class_prior, make_rule
-from .report import print_per_class, print_rule, print_summary, step_scores
+from .report import NO_SPECIALIST, print_per_class, print_rule, print_summary, step_scores
+from .specialist import apply_specialists, fit_specialists, load_specialist, nested_check
 from .tune import RuleSpace, macro_f1_fast, make_storage, n_finished, nested_estimate, tune_rule
 
 KEYS = {
-    "ensemble": {"members", "blend", "tuning", "submit", "submit_dir", "shift_weights", "shift_tune"},
+    "ensemble": {"members", "specialists", "specialist_fit", "specialist_select", "blend", "tuning", "submit",
+                 "submit_dir", "shift_weights", "shift_tune"},
     "ensemble.blend": {"space", "weights"},
     "ensemble.tuning": {"n_trials", "seed", "nested", "nested_trials", "storage", "select"}
     | set(RuleSpace.__dataclass_fields__),
@@ -68,6 +70,10 @@ def load_shift_weights(path, ids) -> np.ndarray:
     return w.to_numpy(float) / w.mean()
 
 
+def _with_probs(p: Probs, probs: np.ndarray) -> Probs:
+    return Probs(p.ids, probs, list(p.classes), p.folds, p.labels)
+
+
 def _pred_frame(ids, pred, classes) -> pd.DataFrame:
     return pd.DataFrame({"ID": ids, "labels": np.asarray(classes)[pred]})
 
@@ -86,6 +92,8 @@ def run_ensemble(cfg: dict) -> dict:
 
     members = check_members([load_member(m) for m in ens["members"]])
     names = _member_names(members)
+    specs = [load_specialist(s, members[0]) for s in ens.get("specialists") or []]
+    spec_names = _member_names(specs)
     # Test-shift weights (`make shift`) always add shift-weighted scores; with `shift_tune` (default) the blend
     # weights, the rule, the nested estimate and the selection also aim at the target's damage mix.
     sw = load_shift_weights(ens["shift_weights"], members[0].oof.ids) if ens.get("shift_weights") else None
@@ -95,6 +103,27 @@ def run_ensemble(cfg: dict) -> dict:
     oof, ev, test = blend(members, weights, space)
     classes, n_cls = oof.classes, len(oof.classes)
     y = oof.label_index()
+    plain = {"oof": oof, "eval": ev}  # the blend before the specialists are composed in
+    spec_fit = ens.get("specialist_fit", "macro_f1")
+    spec_weights = fit_specialists(oof.probs, [s.oof.probs for s in specs], [s.group for s in specs], y, fit_sw,
+                                   spec_fit)
+    kept, spec_check = specs, None
+    select = ens.get("specialist_select", "nested")
+    if select not in ("nested", "always"):
+        raise WBCError(f"ensemble.specialist_select: '{select}' is not nested or always")
+    if specs:
+        spec_check = nested_check([m.oof.probs for m in members], y, oof.folds, [s.oof.probs for s in specs],
+                                  [s.group for s in specs], weights=weights if wspec != "fit" else None,
+                                  blend_space=space, sample_weight=fit_sw, fit=spec_fit)
+        if select == "nested" and spec_check["with"] <= spec_check["without"]:
+            kept = []  # out of sample they do not beat the blend alone: leave them out, as the rule step does
+            console.print(f"[yellow]specialists left out[/]: nested blend macro-F1 {spec_check['with']:.4f} with them, "
+                          f"{spec_check['without']:.4f} without")
+    groups = [s.group for s in kept]
+    if kept:
+        oof, ev, test = (_with_probs(p, apply_specialists(p.probs, [getattr(s, split).probs for s in kept], groups,
+                                                          spec_weights)) if p is not None else None
+                         for p, split in ((oof, "oof"), (ev, "eval"), (test, "test")))
     prior = class_prior(y, n_cls)
 
     rspace = RuleSpace.from_cfg(tcfg)
@@ -111,7 +140,8 @@ def run_ensemble(cfg: dict) -> dict:
         nested = nested_estimate([m.oof.probs for m in members], y, oof.folds, classes, rspace,
                                  weights=weights if wspec != "fit" else None, blend_space=space, storage=storage,
                                  study_prefix=f"ensemble-{name}-nested", seed=seed,
-                                 n_trials=int(tcfg.get("nested_trials") or n_trials), sample_weight=fit_sw)
+                                 n_trials=int(tcfg.get("nested_trials") or n_trials), sample_weight=fit_sw,
+                                 specialists=[s.oof.probs for s in kept], groups=groups, specialist_fit=spec_fit)
 
     tuned = rule
     steps = rule_steps(rule)
@@ -122,13 +152,16 @@ def run_ensemble(cfg: dict) -> dict:
 
     def step_preds(split: str, probs: np.ndarray) -> dict:
         preds = {n: getattr(m, split).probs.argmax(1) for n, m in zip(names, members)}
+        if specs:
+            preds[NO_SPECIALIST] = plain[split].probs.argmax(1)
         preds["blend"] = probs.argmax(1)
         preds.update({s: apply_rule(probs, r) for s, r in steps})
         return preds
 
     oof_preds = step_preds("oof", oof.probs)
     scores = {"oof": step_scores(y, oof_preds, classes), "oof_nested": None if nested is None else nested["macro_f1"],
-              "oof_nested_blend": None if nested is None else nested["blend_macro_f1"]}
+              "oof_nested_blend": None if nested is None else nested["blend_macro_f1"],
+              "oof_nested_no_specialist": None if spec_check is None else spec_check["without"]}
     if sw is not None:
         scores["oof_shift_weighted"] = {s: macro_f1_fast(y, p, n_cls, sw) for s, p in oof_preds.items()}
         if nested is not None:
@@ -146,6 +179,10 @@ def run_ensemble(cfg: dict) -> dict:
         "rule": rule,
         "tuned_params": study.best_params,
         "blend": {"space": space, "weights": weights_by_name, "how": how},
+        "specialists": [{"name": n, "path": display_path(s.path), "classes": [classes[i] for i in s.group],
+                         "weight": w, "fit": spec_fit, "kept": bool(kept)}
+                        for n, s, w in zip(spec_names, specs, spec_weights)],
+        "specialist_check": spec_check,
         "shift_weights": display_path(resolve_path(ens["shift_weights"])) if sw is not None else None,
         "shift_tuned": fit_sw is not None,
         "members": [display_path(m.path) for m in members],
@@ -156,6 +193,7 @@ def run_ensemble(cfg: dict) -> dict:
         "name": name,
         "final_step": final_step,
         "members": [{"name": n, "path": display_path(m.path), "weight": float(w)} for n, m, w in zip(names, members, weights)],
+        "specialists": decision["specialists"],
         "scores": scores,
         "nested": None if nested is None else {k: v for k, v in nested.items() if not k.startswith("pred")},
         "n": {"oof": len(y), "eval": 0 if ev is None else len(ev.ids), "test": len(test.ids)},
@@ -182,15 +220,17 @@ def run_ensemble(cfg: dict) -> dict:
     if "eval" in scores:
         print_per_class("phase2_eval per-class F1", ev.label_index(), scores["eval"], classes)
     print_summary(report)
-    print_rule(tuned, weights_by_name, study.best_params)  # the tuned rule, even when the blend is submitted
+    print_rule(tuned, weights_by_name, study.best_params, decision["specialists"])  # even when the blend is submitted
 
     if ens.get("submit", True):
         from ..data.layout import data_root
         from ..submit import write_submission
 
         sidecar = {"step": "ensemble", "name": name, "members": decision["members"], "blend": decision["blend"],
+                   "specialists": decision["specialists"],
                    "decision": display_path(out / "decision.json"), "oof_macro_f1": scores["oof"][final_step]["macro_f1"],
-                   "oof_nested_macro_f1": scores["oof_nested"], "shift_weights": decision["shift_weights"],
+                   "oof_nested_macro_f1": scores["oof_nested_blend" if final_step == "blend" else "oof_nested"],
+                   "shift_weights": decision["shift_weights"],
                    "eval_macro_f1": scores["eval"][final_step]["macro_f1"] if "eval" in scores else None}
         path = write_submission(data_root(cfg), test.ids, [classes[i] for i in test_pred], name, classes, sidecar,
                                 out_dir=resolve_path(ens.get("submit_dir") or "submissions"))

@@ -25,6 +25,7 @@ from ..console import progress
 from ..errors import WBCError
 from .blend import combine, fit_weights
 from .decision import apply_rule, class_prior, make_rule
+from .specialist import apply_specialists, fit_specialists
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -177,16 +178,18 @@ def tune_rule(probs: np.ndarray, y: np.ndarray, classes: list[str], space: RuleS
 
 def nested_estimate(member_probs: list[np.ndarray], y: np.ndarray, folds: np.ndarray, classes: list[str],
                     space: RuleSpace, *, weights: np.ndarray | None, blend_space: str, storage: BaseStorage,
-                    study_prefix: str, n_trials: int, seed: int, sample_weight: np.ndarray | None = None) -> dict:
-    """Honest macro-F1 of the whole recipe: for each OOF fold, fit the blend weights (`weights=None`)
-    and tune the rule on the other folds, then predict the held-out fold; score the pooled predictions.
-    `blend_macro_f1` scores the same out-of-fold blends with a plain argmax (no tuned rule). With
+                    study_prefix: str, n_trials: int, seed: int, sample_weight: np.ndarray | None = None,
+                    specialists: list[np.ndarray] = (), groups: list[list[int]] = (),
+                    specialist_fit: str = "macro_f1") -> dict:
+    """Honest macro-F1 of the whole recipe: for each OOF fold, fit the blend weights (`weights=None`), the
+    specialists' weights and the rule on the other folds, then predict the held-out fold; score the pooled
+    predictions. `blend_macro_f1` scores the same out-of-fold blends with a plain argmax (no tuned rule). With
     `sample_weight`, fitting, tuning and scores are all weighted; `*_unweighted` keep the plain scores."""
     y, folds = np.asarray(y), np.asarray(folds)
     sw = sample_weight
     n_cls = len(classes)
     pred, pred_blend = np.full(len(y), -1), np.full(len(y), -1)
-    per_fold, fold_weights = {}, {}
+    per_fold, fold_weights, fold_spec_weights = {}, {}, {}
     for k in np.unique(folds):
         tr, te = folds != k, folds == k
         if not tr.any():
@@ -194,6 +197,10 @@ def nested_estimate(member_probs: list[np.ndarray], y: np.ndarray, folds: np.nda
         sw_tr = None if sw is None else sw[tr]
         w = fit_weights([p[tr] for p in member_probs], y[tr], blend_space, sw_tr) if weights is None else weights
         probs = combine(member_probs, w, blend_space)
+        if len(specialists):
+            sws = fit_specialists(probs[tr], [s[tr] for s in specialists], groups, y[tr], sw_tr, specialist_fit)
+            probs = apply_specialists(probs, specialists, groups, sws)
+            fold_spec_weights[int(k)] = sws
         rule, _ = tune_rule(probs[tr], y[tr], classes, space, storage=storage, study_prefix=f"{study_prefix}-f{k}",
                             n_trials=n_trials, seed=seed, desc=f"nested fold {k}", sample_weight=sw_tr)
         pred[te] = apply_rule(probs[te], rule)
@@ -202,6 +209,8 @@ def nested_estimate(member_probs: list[np.ndarray], y: np.ndarray, folds: np.nda
         fold_weights[int(k)] = [float(v) for v in w]
     out = {"macro_f1": macro_f1_fast(y, pred, n_cls, sw), "blend_macro_f1": macro_f1_fast(y, pred_blend, n_cls, sw),
            "fold_macro_f1": per_fold, "fold_weights": fold_weights, "pred": pred, "pred_blend": pred_blend}
+    if len(specialists):
+        out["fold_specialist_weights"] = fold_spec_weights
     if sw is not None:
         out.update(macro_f1_unweighted=macro_f1_fast(y, pred, n_cls),
                    blend_macro_f1_unweighted=macro_f1_fast(y, pred_blend, n_cls))

@@ -52,16 +52,17 @@ def predict_fold(cfg: dict, fold: int, data: FoldData, device=None, weights: str
     pool_va = data.pool[va]
     oof = Probs(pool_va["ID"], predict(Rows(data.pool_images, np.flatnonzero(va)), "oof"),
                 classes, np.full(int(va.sum()), fold), pool_va["labels"])
-    lut = {c: i for i, c in enumerate(classes)}
-    y = oof.labels
-    result = {"fold": fold, "oof": summary(np.array([lut[v] for v in y]), oof.probs.argmax(1), classes)}
-    save_confusion_png(out / "confusion_oof.png", np.array([lut[v] for v in y]), oof.probs.argmax(1), classes,
+    # Scores count the images labelled with one of the model's classes (all of them, except in a specialist).
+    y, k = oof.label_index(), oof.label_index() >= 0
+    result = {"fold": fold, "oof": summary(y[k], oof.probs[k].argmax(1), classes)}
+    save_confusion_png(out / "confusion_oof.png", y[k], oof.probs[k].argmax(1), classes,
                        f"{cfg['name']} fold {fold} OOF")
     if data.holdout_images is not None:
         ev = Probs(data.holdout["ID"], predict(data.holdout_images, "eval"), classes,
                    labels=data.holdout["labels"])
         save_probs(out / "eval.csv", ev)
-        result["eval"] = summary(ev.label_index(), ev.probs.argmax(1), classes)
+        ye = ev.label_index()
+        result["eval"] = summary(ye[ye >= 0], ev.probs[ye >= 0].argmax(1), classes)
     if data.test_images is not None:
         te = Probs(data.test["ID"], predict(data.test_images, "test"), classes,
                    labels=data.test["labels"])

@@ -45,11 +45,13 @@ def merge_run(run: Path, expected_ids=None) -> dict:
             console.print(f"[yellow]OOF covers {len(oof.ids)}/{len(set(expected_ids))} pool images "
                           f"(folds {report['folds']} done)[/]")
     save_probs(run / "oof.csv", oof)
-    y = oof.label_index()
-    report["oof"] = summary(y, oof.probs.argmax(1), classes)
-    report["oof_per_fold_macro_f1"] = {int(k): summary(y[oof.folds == k], oof.probs[oof.folds == k].argmax(1),
-                                                         classes)["macro_f1"] for k in report["folds"]}
-    save_confusion_png(run / "confusion_oof.png", y, oof.probs.argmax(1), classes, f"{run.name} OOF")
+    # Scores count the images labelled with one of the run's classes (all of them, except in a specialist).
+    known = oof.label_index() >= 0
+    y, pred, folds = oof.label_index()[known], oof.probs[known].argmax(1), oof.folds[known]
+    report["oof"] = summary(y, pred, classes)
+    report["oof_per_fold_macro_f1"] = {int(k): summary(y[folds == k], pred[folds == k], classes)["macro_f1"]
+                                       for k in report["folds"]}
+    save_confusion_png(run / "confusion_oof.png", y, pred, classes, f"{run.name} OOF")
     for split in ("eval", "test"):
         parts = [load_probs(d / f"{split}.csv") for d in dirs if (d / f"{split}.csv").exists()]
         if not parts:
@@ -58,8 +60,9 @@ def merge_run(run: Path, expected_ids=None) -> dict:
         save_probs(run / f"{split}.csv", merged)
         if split == "eval":
             ye = merged.label_index()
-            report["eval"] = summary(ye, merged.probs.argmax(1), classes)
-            save_confusion_png(run / "confusion_eval.png", ye, merged.probs.argmax(1), classes, f"{run.name} eval")
+            ye, pe = ye[ye >= 0], merged.probs[ye >= 0].argmax(1)
+            report["eval"] = summary(ye, pe, classes)
+            save_confusion_png(run / "confusion_eval.png", ye, pe, classes, f"{run.name} eval")
     write_json(run / "report.json", report)
     o = report["oof"]
     cols = ["class", "OOF F1", "OOF true / predicted"] + (["eval F1"] if "eval" in report else [])

@@ -16,7 +16,7 @@ from ..folds import load_folds
 
 @dataclass
 class FoldData:
-    classes: list[str]
+    classes: list[str]  # the model's outputs: every class, or a specialist's `data.subset_classes`
     pool: pd.DataFrame  # CV pool with a fold column
     holdout: pd.DataFrame  # eval splits (predicted, never trained on)
     test: pd.DataFrame  # test split
@@ -24,6 +24,11 @@ class FoldData:
     holdout_images: np.ndarray | None
     test_images: np.ndarray | None
     pseudo: pd.DataFrame | None = None  # data.pseudo_labels rows: ID, labels, source ("holdout"/"test"), index
+
+    def in_classes(self, df: pd.DataFrame) -> np.ndarray:
+        """Rows whose label is one of the model's classes: a specialist trains and validates on these only,
+        but predicts every image, so that an ensemble can compose it with full-class members."""
+        return df["labels"].isin(self.classes).to_numpy()
 
     def pseudo_rows(self):
         """(images, labels) of the pseudo-labelled rows in `pseudo`'s order; ([], []) without a pseudo-label file."""
@@ -37,10 +42,11 @@ class FoldData:
 def load_fold_data(cfg: dict, with_test: bool = True) -> FoldData:
     """Every image the run needs, from the cache; pool rows carry their fold."""
     root = data_root(cfg)
-    classes = class_list(cfg, root)
+    all_classes = class_list(cfg, root)
     d = cfg["data"]
     pool = read_splits(root, d["train_splits"])
-    check_labels(pool, classes)
+    check_labels(pool, all_classes)
+    classes = subset_classes(d.get("subset_classes"), all_classes)
     folds = load_folds(cfg)
     merged = pool.merge(folds[["ID", "fold"]], on="ID", how="left")
     if merged["fold"].isna().any():
@@ -49,7 +55,7 @@ def load_fold_data(cfg: dict, with_test: bool = True) -> FoldData:
     merged["fold"] = merged["fold"].astype(int)
     holdout_splits = [s for s in d.get("holdout_splits") or [] if s not in d["train_splits"]]
     holdout = read_splits(root, holdout_splits) if holdout_splits else merged.iloc[:0]
-    check_labels(holdout, classes)
+    check_labels(holdout, all_classes)
     test = read_splits(root, [d["test_split"]]) if with_test and d.get("test_split") else merged.iloc[:0]
 
     plain = {**cfg, "data": {**d, "stain_norm": False, "restore": False}}  # the stain reference sees raw images
@@ -57,8 +63,23 @@ def load_fold_data(cfg: dict, with_test: bool = True) -> FoldData:
     if d.get("pseudo_labels") and not len(test) and d.get("test_split"):
         test = read_splits(root, [d["test_split"]])
     imgs = lambda df: load_images(cfg, df, pre) if len(df) else None  # noqa: E731
-    pseudo = read_pseudo(d.get("pseudo_labels"), classes, merged, holdout, test)
+    pseudo = read_pseudo(d.get("pseudo_labels"), all_classes, merged, holdout, test)
+    if pseudo is not None and len(classes) < len(all_classes):  # a specialist trains on its own classes only
+        pseudo = pseudo[pseudo["labels"].isin(classes)].reset_index(drop=True)
     return FoldData(classes, merged, holdout, test, imgs(merged), imgs(holdout), imgs(test), pseudo)
+
+
+def subset_classes(subset, classes: list[str]) -> list[str]:
+    """`data.subset_classes` (a specialist's classes, e.g. a confusable group) in the data's class order."""
+    if not subset:
+        return classes
+    subset = [str(c) for c in subset]
+    unknown = [c for c in subset if c not in classes]
+    if unknown:
+        raise WBCError(f"data.subset_classes: unknown class(es) {', '.join(unknown)} (classes: {', '.join(classes)})")
+    if len(set(subset)) < 2:
+        raise WBCError("data.subset_classes: a specialist needs at least two distinct classes")
+    return [c for c in classes if c in set(subset)]
 
 
 def read_pseudo(path, classes: list[str], pool: pd.DataFrame, holdout: pd.DataFrame,

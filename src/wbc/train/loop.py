@@ -115,9 +115,13 @@ def train_fold(cfg: dict, fold: int, on_epoch: Callable[[int, dict], None] | Non
         raise WBCError(f"fold {fold} not in the folds file (folds: {sorted(set(data.pool['fold']))})")
     classes, n_cls = data.classes, len(data.classes)
     lut = {c: i for i, c in enumerate(classes)}
-    y_all = data.pool["labels"].map(lut).to_numpy()
-    tr_idx = np.flatnonzero(data.pool["fold"].to_numpy() != fold)
-    va_idx = np.flatnonzero(data.pool["fold"].to_numpy() == fold)
+    y_all = data.pool["labels"].map(lut).fillna(-1).astype(int).to_numpy()
+    keep = data.in_classes(data.pool)  # all rows, except in a specialist (`data.subset_classes`)
+    tr_idx = np.flatnonzero((data.pool["fold"].to_numpy() != fold) & keep)
+    va_idx = np.flatnonzero((data.pool["fold"].to_numpy() == fold) & keep)
+    if not keep.all():
+        console.print(f"fold {fold}: specialist on {', '.join(classes)}: {len(tr_idx)} training / {len(va_idx)} "
+                      "validation images")
     pseudo_images, pseudo_labels = data.pseudo_rows()
     tr_images = Chain([Rows(data.pool_images, tr_idx), pseudo_images])
     y_tr = np.concatenate([y_all[tr_idx], [lut[c] for c in pseudo_labels]]).astype(int)
