@@ -104,17 +104,16 @@ def run_ensemble(cfg: dict) -> dict:
     classes, n_cls = oof.classes, len(oof.classes)
     y = oof.label_index()
     plain = {"oof": oof, "eval": ev}  # the blend before the specialists are composed in
-    spec_fit = ens.get("specialist_fit", "macro_f1")
-    spec_weights = fit_specialists(oof.probs, [s.oof.probs for s in specs], [s.group for s in specs], y, fit_sw,
-                                   spec_fit)
-    kept, spec_check = specs, None
-    select = ens.get("specialist_select", "nested")
+    spec_fit, select = ens.get("specialist_fit", "macro_f1"), ens.get("specialist_select", "nested")
     if select not in ("nested", "always"):
         raise WBCError(f"ensemble.specialist_select: '{select}' is not nested or always")
+    spec_oof, spec_groups = [s.oof.probs for s in specs], [s.group for s in specs]
+    spec_weights = fit_specialists(oof.probs, spec_oof, spec_groups, y, fit_sw, spec_fit)
+    kept, spec_check = specs, None
     if specs:
-        spec_check = nested_check([m.oof.probs for m in members], y, oof.folds, [s.oof.probs for s in specs],
-                                  [s.group for s in specs], weights=weights if wspec != "fit" else None,
-                                  blend_space=space, sample_weight=fit_sw, fit=spec_fit)
+        spec_check = nested_check([m.oof.probs for m in members], y, oof.folds, spec_oof, spec_groups,
+                                  weights=weights if wspec != "fit" else None, blend_space=space,
+                                  sample_weight=fit_sw, fit=spec_fit)
         if select == "nested" and spec_check["with"] <= spec_check["without"]:
             kept = []  # out of sample they do not beat the blend alone: leave them out, as the rule step does
             console.print(f"[yellow]specialists left out[/]: nested blend macro-F1 {spec_check['with']:.4f} with them, "
