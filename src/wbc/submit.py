@@ -1,23 +1,15 @@
 """The submission writer: `ID,labels` for exactly the IDs of phase2_test.csv, plus a JSON sidecar."""
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from .config import ROOT, display_path, resolve_path, run_dir
+from .environment import git_commit
 from .errors import WBCError
 from .io import atomic_path, write_json
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def validate_submission(df: pd.DataFrame, test_ids, classes, source: str = "submission") -> None:

@@ -19,6 +19,7 @@ from ..config import run_dir
 from ..console import console, print_table
 from ..data.augment import train_transform
 from ..data.dataset import CellDataset, normalize
+from ..environment import kernel_mode
 from ..io import write_json
 from ..models.factory import create_model, model_data_config
 from ..models.inference import autocast
@@ -41,6 +42,11 @@ def _model(cfg, n_cls, device):
 
 
 def benchmark(cfg: dict, steps: int = 50, warmup: int = 10) -> dict:
+    with kernel_mode(bool(cfg["train"].get("deterministic"))):  # both sides on the kernels training uses
+        return _benchmark(cfg, steps, warmup)
+
+
+def _benchmark(cfg: dict, steps: int, warmup: int) -> dict:
     seed_everything(int(cfg.get("seed", 0)))
     device = pick_device(cfg)
     t = cfg["train"]

@@ -2,8 +2,9 @@
 
 Resumable: `state.pt` after every epoch holds model, EMA, optimizer, scheduler, scaler, RNG states and the
 epoch; `resume=True` continues exactly where a killed run stopped (same sampler draws and augmentations,
-which are seeded per epoch / per sample). On CPU a resumed run matches an uninterrupted one bit for bit;
-on GPU cuDNN / atomics kernels are not deterministic, so runs agree only statistically.
+which are seeded per epoch / per sample). On CPU a resumed run matches an uninterrupted one bit for bit
+on the same CPU kernels (`env.json` records them). On GPU, cuDNN autotuning and atomics make runs agree only
+statistically unless `train.deterministic` is set (slower).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from ..config import dump_config, run_dir
 from ..console import console, progress
 from ..data.augment import train_transform
 from ..data.dataset import CellDataset, EpochTagged, normalize
+from ..environment import describe, differences, kernel_mode
 from ..errors import WBCError
 from ..io import torch_load, torch_save, write_json, write_text
 from ..metrics import macro_f1
@@ -97,12 +99,29 @@ def _set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+def _record_environment(path: Path, start: int) -> None:
+    """env.json: one record per start of the fold; a resume on other kernels or libraries says what changed."""
+    now = {"start_epoch": start, **describe()}
+    starts = json.loads(path.read_text()) if start > 0 and path.exists() else []
+    if starts:
+        changed = differences(starts[-1], now)
+        if changed:
+            console.print(f"[yellow]warning:[/] {path.parent} resumes in another environment, so it will not match an "
+                          f"uninterrupted run bit for bit: {'; '.join(changed)}")
+    write_json(path, starts + [now])
+
+
 def train_fold(cfg: dict, fold: int, on_epoch: Callable[[int, dict], None] | None = None,
                resume: bool = False, data: FoldData | None = None) -> dict:
     """Train `fold` of the K-fold split: best.pt / last.pt / state.pt and metrics.jsonl in outputs/<name>/fold<k>/.
 
     Predictions come after, from `wbc.predict.fold.predict_fold` (the `train-fold` command runs both).
     """
+    with kernel_mode(bool(cfg["train"].get("deterministic"))):
+        return _train_fold(cfg, fold, on_epoch, resume, data)
+
+
+def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | None) -> dict:
     t = cfg["train"]
     out = fold_dir(cfg, fold)
     out.mkdir(parents=True, exist_ok=True)
@@ -192,6 +211,7 @@ def train_fold(cfg: dict, fold: int, on_epoch: Callable[[int, dict], None] | Non
         console.print(f"resumed {out} at epoch {start}")
     elif resume:
         console.print(f"nothing to resume in {out}; starting fresh")
+    _record_environment(out / "env.json", start)
 
     eval_model = lambda: ema.module if ema is not None and stage == 1 else model  # noqa: E731
     total_epochs = epochs1 + epochs2
