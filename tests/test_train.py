@@ -152,3 +152,22 @@ def test_stain_normalised_cache(cfg2):
     stamp = ref.stat().st_mtime_ns
     again = load_fold_data(cfg)  # the cache is reused: no refit
     assert ref.stat().st_mtime_ns == stamp and np.array_equal(again.pool_images, normed.pool_images)
+
+
+def test_ema_warmup_forgets_the_initial_weights(cfg2):
+    # EMA is a passive average: the same seed trains the same model, only the averaged weights differ.
+    over = ["train.epochs=2", "train.ema_decay=0.999", "train.warmup_epochs=0"]
+
+    def params(*extra):
+        cfg = cfg2(*over, *extra)
+        train_fold(cfg, 0)
+        sd = torch_load(run_dir(cfg) / "fold0" / "last.pt")
+        return torch.cat([v.flatten().float() for k, v in sd.items() if "running" not in k and "num_batches" not in k])
+
+    init = params("train.ema=false", "train.lr=1e-12", "train.min_lr=0", "name=init")  # weights stay as initialised
+    plain = params("train.ema=false", "name=plain")
+    flat = params("train.ema=true", "train.ema_warmup=false", "name=flat")
+    warm = params("train.ema=true", "train.ema_warmup=true", "name=warm")
+    moved = (plain - init).norm()
+    assert (flat - init).norm() < 0.25 * moved  # 0.999 per step: still mostly the initial weights (0.12 seen)
+    assert (warm - init).norm() > 0.6 * moved and (warm - plain).norm() < 0.3 * moved  # 0.88 and 0.15 seen
