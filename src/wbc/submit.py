@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import ROOT, display_path, resolve_path, run_dir
+from .config import display_path, resolve_path, run_dir
 from .environment import git_commit
 from .errors import WBCError
 from .io import atomic_path, write_json
