@@ -171,3 +171,26 @@ def test_ema_warmup_forgets_the_initial_weights(cfg2):
     moved = (plain - init).norm()
     assert (flat - init).norm() < 0.25 * moved  # 0.999 per step: still mostly the initial weights (0.12 seen)
     assert (warm - init).norm() > 0.6 * moved and (warm - plain).norm() < 0.3 * moved  # 0.88 and 0.15 seen
+
+
+def test_resume_skips_a_finished_fold(cfg2, capsys):
+    """`RESUME=1 make train-all` after a killed call: finished folds are neither retrained nor re-predicted, but a
+    fold restarted since its predictions (env.json rewritten at every start) is not taken as finished."""
+    from wbc.__main__ import main
+
+    cfg = cfg2("train.epochs=1", "predict.tta=1")
+    args = ["train-fold", "-c", "configs/tiny_cpu.yaml", "--fold", "0", f"data.root={cfg['data']['root']}",
+            f"output_dir={cfg['output_dir']}", f"data.cache_dir={cfg['data']['cache_dir']}",
+            f"folds.file={cfg['folds']['file']}", "folds.n_folds=2", "train.epochs=1", "predict.tta=1"]
+    assert main(args) == 0
+    out = run_dir(cfg) / "fold0"
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 0
+    assert "nothing to resume" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+
+    (out / "env.json").write_text((out / "env.json").read_text())  # a fresh start killed before its first epoch
+    assert main(args + ["--resume"]) == 0
+    assert "nothing to resume" not in capsys.readouterr().out
+    assert (out / "oof.csv").stat().st_mtime_ns > stamps["oof.csv"]  # predicted again

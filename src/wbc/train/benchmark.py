@@ -110,7 +110,7 @@ def _benchmark(cfg: dict, steps: int, warmup: int) -> dict:
         model.train()
         _sync(device)
         t0 = time.perf_counter()
-        for i in range(n_batches):
+        for _ in range(n_batches):
             j = torch.randint(0, len(x_all), (bs * n_views,), device=device)  # the views' forward passes
             with autocast(device, t.get("amp", "none")):
                 loss = loss_fn(fwd(x_all[j]).float(), y_all[j])

@@ -2,6 +2,16 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
+
+def finished(fold_out: Path) -> bool:
+    """Trained to the end and predicted since: oof.csv (written last by predict_fold) is no older than anything
+    training writes (env.json at each start), so a killed re-run of a finished fold does not count as finished."""
+    marks = [fold_out / n for n in ("oof.csv", "train_result.json", "state.pt", "env.json", "metrics.jsonl")]
+    if not all(m.exists() for m in marks[:2]):
+        return False
+    return all(marks[0].stat().st_mtime_ns >= m.stat().st_mtime_ns for m in marks[1:] if m.exists())
 
 
 def register(sub) -> None:
@@ -13,6 +23,8 @@ def register(sub) -> None:
                    help="continue from fold<k>/state.pt (also RESUME=1)")
 
     def run(args):
+        from ..config import run_dir
+        from ..console import console
         from ..errors import WBCError
         from ..predict.fold import predict_fold  # the command orchestrates; the library flows one way
         from .inputs import load_fold_data
@@ -22,6 +34,10 @@ def register(sub) -> None:
         if cfg["predict"].get("checkpoints"):
             raise WBCError(f"{cfg['name']}: predict.checkpoints is set, so this config only predicts "
                            f"with another run's models; use `make predict`")
+        out = run_dir(cfg) / f"fold{args.fold}"
+        if args.resume and finished(out):  # `RESUME=1 make train-all` skips the folds a killed call finished
+            console.print(f"{out}: trained and predicted already; nothing to resume")
+            return
         data = load_fold_data(cfg)
         train_fold(cfg, args.fold, resume=args.resume, data=data)
         predict_fold(cfg, args.fold, data)
