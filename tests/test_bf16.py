@@ -1,0 +1,93 @@
+"""bf16 autocast, the GPU recipes' precision, run on the CPU. CI has no GPU and production code enables autocast on
+CUDA only, so without these tests no loss, mixer, consistency term, stage-2 head, prediction, embedding loss or
+Pix2Pix step would ever see bf16 activations before a paid GPU run did."""
+import numpy as np
+import pytest
+import torch
+
+import wbc.embed.train
+import wbc.models.inference
+import wbc.predict.adapt
+import wbc.restore.pix2pix
+import wbc.train.benchmark
+import wbc.train.loop
+from wbc.config import run_dir
+from wbc.folds import build_folds
+from wbc.io import load_probs, write_csv
+from wbc.predict.fold import predict_fold
+from wbc.train.inputs import load_fold_data
+from wbc.train.loop import train_fold
+
+AUTOCAST_USERS = (wbc.models.inference, wbc.train.loop, wbc.train.benchmark, wbc.predict.adapt, wbc.embed.train,
+                  wbc.restore.pix2pix)
+
+
+@pytest.fixture
+def cpu_bf16(monkeypatch):
+    """Every module's `autocast` helper turned on for the CPU; yields the (training mode, dtype) pairs of all module
+    outputs seen, so a test can tell training steps from validation."""
+    def cpu_autocast(device, amp="bf16"):
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16")
+
+    for mod in AUTOCAST_USERS:
+        assert hasattr(mod, "autocast"), mod.__name__  # a module that stops importing it must leave this list
+        monkeypatch.setattr(mod, "autocast", cpu_autocast)
+    seen = set()
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, i, o: seen.add((m.training, o.dtype)) if isinstance(o, torch.Tensor) else None)
+    yield seen
+    hook.remove()
+
+
+@pytest.mark.parametrize("recipe", [
+    ["train.loss.type=logit_adjusted", "train.loss.tau=0.5", "train.sampler.type=sqrt", "train.ema=true",
+     "train.stage2.epochs=1"],
+    ["train.loss.type=focal", "train.loss.class_weight=effective", "train.mix.mixup_alpha=0.4",
+     "train.mix.cutmix_alpha=1.0", "train.mix.remix_kappa=3"],
+    ["train.loss.type=balanced_softmax", "train.consistency.weight=2", "train.consistency.views=2"],
+], ids=["logit_adjusted+ema+stage2", "focal+mix", "balanced_softmax+consistency"])
+def test_training_and_prediction_under_bf16(sample_root, make_cfg, cpu_bf16, recipe):
+    cfg = make_cfg(sample_root, "folds.n_folds=2", "train.epochs=1", "train.amp=bf16", "predict.tta=2", *recipe)
+    write_csv(cfg["folds"]["file"], build_folds(cfg))
+    data = load_fold_data(cfg)
+    res = train_fold(cfg, 0, data=data)
+    assert (True, torch.bfloat16) in cpu_bf16  # the training steps ran under autocast, not only validation
+    assert all(np.isfinite(h["train_loss"]) and np.isfinite(h["val_loss"]) for h in res["history"])
+    assert [h["stage"] for h in res["history"]] == [1] + [2] * int(cfg["train"]["stage2"]["epochs"])
+    predict_fold(cfg, 0, data)
+    for split in ("oof", "eval", "test"):
+        p = load_probs(run_dir(cfg) / "fold0" / f"{split}.csv")
+        assert p.probs.dtype != np.float16 and np.isfinite(p.probs).all()
+        np.testing.assert_allclose(p.probs.sum(1), 1.0, atol=1e-4)
+
+
+def test_embedding_losses_under_bf16(tmp_path, cpu_bf16):
+    from wbc.embed.encoders import EmbeddingHead, EmbeddingModel
+    from wbc.embed.losses import SigLIPLoss, SupConLoss
+    from wbc.embed.run import DEFAULTS
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), [30, 12, 6])
+    feats = (rng.normal(size=(3, 16))[y] + rng.normal(size=(len(y), 16))).astype(np.float32)
+    e = {**DEFAULTS, "epochs": 2, "classes_per_batch": 3, "samples_per_class": 4, "steps_per_epoch": 3,
+         "lr": 3e-3, "proj_dim": 8, "hidden_dim": 16}
+    for loss in (SigLIPLoss(8, 3, class_embeddings=True), SupConLoss()):
+        torch.manual_seed(0)
+        model = EmbeddingModel(None, EmbeddingHead(16, 8, 16))
+        hist = wbc.embed.train.train_embedding(model, loss, feats, y, e, torch.device("cpu"), tmp_path, seed=0,
+                                               amp="bf16")
+        assert all(np.isfinite(h["loss"]) for h in hist), type(loss).__name__
+    assert (True, torch.bfloat16) in cpu_bf16
+
+
+def test_pix2pix_step_under_bf16(cpu_bf16):
+    from wbc.restore.pix2pix import Pix2Pix
+
+    torch.manual_seed(0)
+    x, y = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
+    model = Pix2Pix({"encoder": "tu-mobilenetv3_small_050", "decoder_channels": [32, 16, 16, 8, 8], "ndf": 8,
+                     "epochs": 1, "batch_size": 2, "lr": 1e-3, "lambda_l1": 100, "gan_mode": "vanilla",
+                     "num_workers": 0, "amp": "bf16"}, torch.device("cpu"))
+    out = model.step(x, y)
+    assert all(np.isfinite(v) for v in out.values())
+    assert (True, torch.bfloat16) in cpu_bf16
