@@ -1,5 +1,6 @@
 """A real (tiny) training run on CPU: it learns, it resumes exactly, its OOF covers the pool."""
 import json
+import sys
 
 import numpy as np
 import pandas as pd
@@ -194,3 +195,45 @@ def test_resume_skips_a_finished_fold(cfg2, capsys):
     assert main(args + ["--resume"]) == 0
     assert "nothing to resume" not in capsys.readouterr().out
     assert (out / "oof.csv").stat().st_mtime_ns > stamps["oof.csv"]  # predicted again
+
+
+def test_training_steps_never_wait_for_the_device(cfg2, monkeypatch):
+    """A GPU stays busy only while the host queues steps ahead of it, so a step must not read a value back
+    (`.item()`: the running loss stays on the device) nor copy constants host-to-device (the normalisation
+    statistics and Remix's class counts are built once). Counted here on the CPU, inside the training epochs."""
+    import wbc.data.dataset as dataset
+    import wbc.train.loop as loop
+
+    cfg = cfg2("train.epochs=2", "train.mix.mixup_alpha=0.4", "train.mix.remix_kappa=3")
+    counts = {"item": 0, "as_tensor": 0, "steps": 0, "epochs": 0}
+    inside = [False]
+
+    def counting(name, real):
+        def f(*a, **k):  # calls from this package only: torch's AdamW reads its CPU step counters by design
+            counts[name] += inside[0] and "/wbc/" in sys._getframe(1).f_code.co_filename.replace("\\", "/")
+            return real(*a, **k)
+        return f
+
+    monkeypatch.setattr(torch.Tensor, "item", counting("item", torch.Tensor.item))
+    monkeypatch.setattr(torch, "as_tensor", counting("as_tensor", torch.as_tensor))
+    real_epoch = loop._train_epoch
+
+    def epoch(*a, **k):
+        counts["steps"] += len(a[3])
+        counts["epochs"] += 1
+        inside[0] = True
+        try:
+            return real_epoch(*a, **k)
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(loop, "_train_epoch", epoch)
+    before = dataset._stats.cache_info()
+    res = train_fold(cfg, 0)
+    after = dataset._stats.cache_info()
+    assert counts["epochs"] == 2 and counts["steps"] >= 8
+    assert counts["item"] == 0  # the epoch's loss is read once, by float(), at its end
+    assert counts["as_tensor"] <= counts["epochs"]  # one Mixer per epoch copies its class counts once
+    assert after.hits + after.misses - before.hits - before.misses >= counts["steps"]
+    assert after.misses - before.misses <= 1
+    assert all(np.isfinite(h["train_loss"]) for h in res["history"])

@@ -6,6 +6,8 @@ persistent workers (started once per run, not per epoch) still know each sample'
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -63,8 +65,17 @@ class EpochTagged(Sampler):
         return iter([(self.epoch, i) for i in order])
 
 
+@functools.lru_cache(maxsize=32)
+def _stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Once per device: a tensor made from Python floats is a pageable host-to-device copy, which waits for the
+    # GPU's queue to drain; made at every step, it would stall the training loop at every step.
+    with torch.inference_mode(False):
+        m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255
+        s = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255
+    return m, s
+
+
 def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 NCHW batch -> float, normalised, on whatever device x lives on."""
-    mean = torch.as_tensor(mean, device=x.device, dtype=torch.float32).view(1, -1, 1, 1) * 255
-    std = torch.as_tensor(std, device=x.device, dtype=torch.float32).view(1, -1, 1, 1) * 255
-    return (x.float() - mean) / std
+    m, s = _stats(tuple(float(v) for v in np.ravel(mean)), tuple(float(v) for v in np.ravel(std)), x.device)
+    return (x.float() - m) / s

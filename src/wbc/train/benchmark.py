@@ -6,11 +6,14 @@ says whether the input pipeline starves the accelerator (target >= 0.9). A third
 (the same batches delivered to the device, no model), says which side is short when the ratio is low:
 a loader slower than the plain loop means more workers or cheaper augmentation, not a faster model.
 With damage consistency on (`train.consistency.weight` > 0) each image is `views` images through the model, on
-both sides; img/s counts images, not views.
+both sides; img/s counts images, not views. On CUDA it also counts the pipeline's host-device synchronisations per
+step (CUDA's sync debug mode, on a separate short run): each one stops the CPU from queueing the next step while the
+GPU works, which a plain loop never does.
 """
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -39,6 +42,21 @@ def _model(cfg, n_cls, device):
     if cfg["train"].get("channels_last") and device.type == "cuda":
         m = m.to(memory_format=torch.channels_last)
     return m
+
+
+def _syncs_per_step(device, run, n_batches: int) -> float | None:
+    """Host-device synchronisations per training step of `run(n_batches)`, or None off CUDA. The floor is
+    1 / n_batches: the epoch's one read of its loss at the end."""
+    if device.type != "cuda":
+        return None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            run(n_batches)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught) / n_batches
 
 
 def benchmark(cfg: dict, steps: int = 50, warmup: int = 10) -> dict:
@@ -71,14 +89,16 @@ def _benchmark(cfg: dict, steps: int, warmup: int) -> dict:
     n_views = getattr(transform, "n_views", 1)
     ds = CellDataset(data.pool_images, y, transform, 0)
 
-    def pipeline_run(n_batches):
+    def pipeline_run(n_batches, timed=True):
         sub = torch.utils.data.Subset(ds, idx[: n_batches * bs].tolist())
         loader = _loader(sub, None, bs, int(t["num_workers"]), device)
-        _sync(device)
+        if timed:
+            _sync(device)
         t0 = time.perf_counter()
         _, n = _train_epoch(fwd, model, None, loader, opt, sched, scaler, loss_fn, device, norm, t, 1, "pipeline",
                             mixer=build_mixer(t, counts, int(cfg.get("seed", 0)), 0))
-        _sync(device)
+        if timed:
+            _sync(device)
         return n / (time.perf_counter() - t0)
 
     def loader_run(n_batches):
@@ -95,6 +115,7 @@ def _benchmark(cfg: dict, steps: int, warmup: int) -> dict:
     pipeline_run(warmup)
     pipe = pipeline_run(steps)  # includes worker start-up, as every real epoch does
     loader = loader_run(steps)
+    syncs = _syncs_per_step(device, lambda n: pipeline_run(n, timed=False), max(warmup, 4))
 
     # The plain loop: the same images, pre-normalised and resident on the device.
     model = _model(cfg, n_cls, device)
@@ -127,10 +148,12 @@ def _benchmark(cfg: dict, steps: int, warmup: int) -> dict:
            "device": str(device),
            "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "steps": steps,
            "pipeline_img_per_s": pipe, "plain_img_per_s": plain, "loader_img_per_s": loader, "ratio": pipe / plain,
+           "pipeline_syncs_per_step": syncs,
            "limited_by": "input pipeline" if loader < plain else "model step"}
     print_table("training throughput", ["path", "img/s"],
                 [["train-fold pipeline", pipe], ["plain loop, data on device", plain],
-                 ["loader alone (no model)", loader], ["ratio pipeline / plain", pipe / plain]], "{:.2f}")
+                 ["loader alone (no model)", loader], ["ratio pipeline / plain", pipe / plain],
+                 ["pipeline host-device syncs / step", "n/a (CUDA only)" if syncs is None else syncs]], "{:.2f}")
     console.print(f"limited by the {res['limited_by']}")
     out = run_dir(cfg) / "throughput.json"
     write_json(out, res)

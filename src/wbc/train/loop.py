@@ -35,6 +35,8 @@ from .mix import build_mixer
 from .prior_correction import report_prior_correction
 from .sampling import build_sampler
 
+LOSS_SHOW_EVERY = 25  # steps between running-loss updates on the progress bar
+
 
 class StopTraining(Exception):
     """Raised by an `on_epoch` callback to end a run early (e.g. an Optuna pruner)."""
@@ -268,7 +270,9 @@ def _train_epoch(fwd, model, ema, loader, opt, sched, scaler, loss_fn, device, n
     if stage == 2:  # frozen backbone: BN statistics stay as trained
         model.eval()
         model.get_classifier().train()
-    total, n = 0.0, 0
+    # float64 as the Python float it replaces, so logged losses stay bit for bit (MPS has no float64)
+    acc = torch.float32 if device.type == "mps" else torch.float64
+    total, n, step = torch.zeros((), dtype=acc, device=device), 0, 0
     cl = bool(t.get("channels_last")) and device.type == "cuda"
     with progress() as bar:
         task = bar.add_task(desc, total=len(loader), info="")
@@ -306,10 +310,13 @@ def _train_epoch(fwd, model, ema, loader, opt, sched, scaler, loss_fn, device, n
             sched.step()
             if ema is not None:
                 ema.update(model, step=sched.last_epoch)  # stage-1 optimizer steps so far; resumes with sched
-            total += loss.item() * len(y)
+            total = total + loss.detach().to(total.dtype) * len(y)  # on the device: no host-device sync per step
             n += len(y)
-            bar.update(task, advance=1, info=f"loss {total / n:.4f}")
-    return total / max(n, 1), n
+            step += 1
+            if step % LOSS_SHOW_EVERY == 0 and not bar.disable:  # the running loss costs a sync: shown now and then
+                bar.update(task, info=f"loss {total.item() / n:.4f}")
+            bar.update(task, advance=1)
+    return float(total) / max(n, 1), n
 
 
 def _read_metrics(path: Path) -> list[dict]:

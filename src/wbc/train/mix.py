@@ -49,10 +49,12 @@ def label_weights(y: torch.Tensor, lam: float, class_counts, kappa: float = 0.0,
     """Per-sample weight of each image's own label (the rest goes to its partner's): lam, or Remix's 0 / 1."""
     lam_y = torch.full((len(y),), float(lam), device=y.device)
     if kappa > 1:
-        n = torch.as_tensor(np.maximum(np.asarray(class_counts, dtype=np.float32), 1.0), device=y.device)
+        n = class_counts if torch.is_tensor(class_counts) else \
+            torch.as_tensor(np.maximum(np.asarray(class_counts, dtype=np.float32), 1.0), device=y.device)
         ratio = n[y] / n[y.flip(0)]  # own class count over partner's
-        lam_y[(ratio >= kappa) & (lam < tau)] = 0.0  # frequent self, rare partner holds > 1 - tau
-        lam_y[(ratio <= 1.0 / kappa) & (1.0 - lam < tau)] = 1.0  # rare self holds > 1 - tau
+        # torch.where, not boolean-mask assignment: no host-device sync
+        lam_y = torch.where((ratio >= kappa) & (lam < tau), 0.0, lam_y)  # frequent self, rare partner holds > 1 - tau
+        lam_y = torch.where((ratio <= 1.0 / kappa) & (1.0 - lam < tau), 1.0, lam_y)  # rare self holds > 1 - tau
     return lam_y
 
 
@@ -74,6 +76,7 @@ class Mixer:
         self.kappa = float(mix.get("remix_kappa", 0.0) or 0.0)
         self.tau = float(mix.get("remix_tau", 0.5))
         self.counts = np.asarray(class_counts)
+        self._counts_on = None
         self.rng = np.random.default_rng([int(seed), int(epoch), 0x6D6978])
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +89,9 @@ class Mixer:
             x, lam = mix_images(x, lam, cutmix_box(x.shape[-2], x.shape[-1], lam, self.rng))
         else:
             x, lam = mix_images(x, float(self.rng.beta(self.mixup_alpha, self.mixup_alpha)))
-        return x, mix_targets(y, label_weights(y, lam, self.counts, self.kappa, self.tau), n_cls)
+        if self._counts_on is None or self._counts_on.device != y.device:  # once: a host-to-device copy syncs
+            self._counts_on = torch.as_tensor(np.maximum(self.counts.astype(np.float32), 1.0), device=y.device)
+        return x, mix_targets(y, label_weights(y, lam, self._counts_on, self.kappa, self.tau), n_cls)
 
 
 def build_mixer(t: dict, class_counts, seed: int, epoch: int) -> Mixer | None:
