@@ -40,9 +40,10 @@ def test_learns_above_chance(cfg2):
 
 
 def test_resume_is_exact(cfg2):
-    # EMA, a stage-2 classifier re-training and augmentation all have state that must survive a kill.
-    over = ["train.epochs=2", "train.stage2.epochs=1", "train.ema=true", "train.ema_decay=0.9",
-            "train.loss.type=focal", "train.sampler.type=balanced", "train.num_workers=1"]
+    # EMA, a stage-2 classifier re-training, augmentation and drop-path (the global RNG) all have state that must
+    # survive a kill.
+    over = ["train.epochs=3", "train.stage2.epochs=1", "train.ema=true", "train.ema_decay=0.9",
+            "train.loss.type=focal", "train.sampler.type=balanced", "train.num_workers=1", "model.drop_path_rate=0.2"]
     full = cfg2(*over, "name=full")
     data = load_fold_data(full)
     train_fold(full, 0, data=data)
@@ -67,7 +68,7 @@ def test_resume_is_exact(cfg2):
     ma = [json.loads(x) for x in (run_dir(full) / "fold0" / "metrics.jsonl").read_text().splitlines()]
     mb = [json.loads(x) for x in (run_dir(part) / "fold0" / "metrics.jsonl").read_text().splitlines()]
     assert [m["val_macro_f1"] for m in ma] == [m["val_macro_f1"] for m in mb]
-    assert [m["stage"] for m in mb] == [1, 1, 2]
+    assert [m["stage"] for m in mb] == [1, 1, 1, 2]
     prior = json.loads((run_dir(full) / "fold0" / "train_result.json").read_text())["prior_correction"]
     assert prior["stage1"]["total"] == pytest.approx(1.0) and prior["stage2"]["total"] == pytest.approx(1.0)  # balanced
 
@@ -153,6 +154,19 @@ def test_stain_normalised_cache(cfg2):
     stamp = ref.stat().st_mtime_ns
     again = load_fold_data(cfg)  # the cache is reused: no refit
     assert ref.stat().st_mtime_ns == stamp and np.array_equal(again.pool_images, normed.pool_images)
+
+
+def test_worker_count_does_not_change_training(cfg2):
+    """In-process loading (num_workers 0) and persistent workers train the same model: augmentation is seeded per
+    sample, and the loader no longer takes a seed from the global RNG (drop-path's) at every in-process epoch."""
+    over = ["train.epochs=3", "model.drop_path_rate=0.2", "train.stage2.epochs=1"]
+    runs = {}
+    for nw in (0, 1):
+        cfg = cfg2(*over, f"train.num_workers={nw}", f"name=nw{nw}")
+        train_fold(cfg, 0)
+        runs[nw] = torch_load(run_dir(cfg) / "fold0" / "last.pt")
+    for k in runs[0]:
+        assert torch.equal(runs[0][k], runs[1][k]), k
 
 
 def test_ema_warmup_forgets_the_initial_weights(cfg2):

@@ -231,7 +231,7 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
         mixer = build_mixer(t, counts, seed, epoch) if stage == 1 else None
         train_loss, n_seen = _train_epoch(fwd, model, ema if stage == 1 else None, loader, opt, sched, scaler,
                                           loss_fn, device, norm, t, stage, desc=f"fold {fold} ep {epoch}",
-                                          mixer=mixer)
+                                          mixer=mixer, draw_seed=epoch in (0, epochs1))  # a stage's first epoch
         t_train = time.perf_counter() - t0
         val_probs = predict_probs(eval_model(), Rows(data.pool_images, va_idx), device, norm["mean"], norm["std"],
                                   tta=int(t.get("val_tta", 1)), batch_size=int(cfg["predict"]["batch_size"]),
@@ -265,7 +265,23 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
     return {"fold": fold, "best_macro_f1": best, "history": history}
 
 
-def _train_epoch(fwd, model, ema, loader, opt, sched, scaler, loss_fn, device, norm, t, stage, desc, mixer=None):
+def _batches(loader, draw_seed: bool):
+    """iter(loader), letting it draw its base seed from the global torch RNG only when `draw_seed`.
+
+    A DataLoader draws one at every in-process epoch but only once for persistent workers, and a resumed run
+    draws again at its first epoch. The global RNG also drives dropout and drop-path on the CPU, so their masks
+    depended on num_workers and on where a run was killed. Drawing only at each stage's first epoch makes
+    every worker count and every resume follow the uninterrupted multi-worker run."""
+    if draw_seed:
+        return iter(loader)
+    state = torch.get_rng_state()
+    batches = iter(loader)
+    torch.set_rng_state(state)
+    return batches
+
+
+def _train_epoch(fwd, model, ema, loader, opt, sched, scaler, loss_fn, device, norm, t, stage, desc, mixer=None,
+                 draw_seed: bool = True):
     model.train()
     if stage == 2:  # frozen backbone: BN statistics stay as trained
         model.eval()
@@ -276,7 +292,7 @@ def _train_epoch(fwd, model, ema, loader, opt, sched, scaler, loss_fn, device, n
     cl = bool(t.get("channels_last")) and device.type == "cuda"
     with progress() as bar:
         task = bar.add_task(desc, total=len(loader), info="")
-        for x, y in loader:
+        for x, y in _batches(loader, draw_seed):
             n_views = x.shape[1] if x.ndim == 5 else 0
             if n_views and stage == 2:  # consistency is a stage-1 term: the head sees the recipe's view only
                 x, n_views = x[:, 0], 0
