@@ -66,29 +66,25 @@ def test_consistency_views_go_through_the_model_on_both_sides(sample_root, make_
 
 
 def test_sync_count_reads_cudas_sync_debug_warnings(monkeypatch):
-    """On CUDA the benchmark counts the pipeline's host-device syncs per step from the warnings of CUDA's sync
-    debug mode (faked here: no GPU), and always leaves that mode off again."""
+    """On CUDA the benchmark counts the pipeline's host-device syncs from the warnings of CUDA's sync debug mode
+    (faked here: no GPU), and always leaves that mode off again."""
     import warnings
 
     import torch
 
-    from wbc.train.benchmark import _syncs_per_step
+    from wbc.train.benchmark import count_syncs
 
     modes = []
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
-
-    def run(n):  # what torch emits for each .item() or pageable copy under mode "warn"
-        for _ in range(2 * n + 1):
+    with count_syncs(torch.device("cuda")) as found:
+        for _ in range(9):  # what torch emits for each .item() or pageable copy under mode "warn"
             warnings.warn("called a synchronizing CUDA operation", UserWarning)
         warnings.warn("something else", UserWarning)
+    assert found == [9] and modes == ["warn", "default"]
 
-    assert _syncs_per_step(torch.device("cuda"), run, 4) == pytest.approx(9 / 4)
-    assert modes == ["warn", "default"]
-
-    def fails(n):
+    with pytest.raises(RuntimeError), count_syncs(torch.device("cuda")):
         raise RuntimeError("step failed")
-
-    with pytest.raises(RuntimeError):
-        _syncs_per_step(torch.device("cuda"), fails, 4)
     assert modes[-1] == "default"
-    assert _syncs_per_step(torch.device("cpu"), run, 4) is None
+    with count_syncs(torch.device("cpu")) as found:
+        pass
+    assert found == [None]

@@ -79,7 +79,7 @@ def test_training_step_adds_the_js_term_to_the_view_zero_loss():
 
     def step(batch, weight):
         t = {"amp": "none", "consistency": {"weight": weight, "views": 3}}
-        return _train_epoch(model, model, None, [(batch, y)], opt, sched, scaler, ce, torch.device("cpu"), norm, t, 1,
+        return _train_epoch(model, model, None, [(batch, y)], 1, opt, sched, scaler, ce, torch.device("cpu"), norm, t, 1,
                             "test")
 
     model.train()

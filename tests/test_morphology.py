@@ -207,7 +207,7 @@ def make_dataset(root, n_per_class=3):
     (root / "phase1").mkdir(parents=True)
     (root / "phase2" / "test").mkdir(parents=True)
     rows, test = [], []
-    for i in range(n_per_class):
+    for _ in range(n_per_class):
         for cls, r in (("BIG", 60), ("SMALL", 35)):
             img, _, _ = smear(disc(r), disc(r // 2), seed=len(rows))
             name = f"{len(rows):08d}.png"

@@ -233,7 +233,7 @@ def test_training_steps_never_wait_for_the_device(cfg2, monkeypatch):
     real_epoch = loop._train_epoch
 
     def epoch(*a, **k):
-        counts["steps"] += len(a[3])
+        counts["steps"] += a[4]  # n_batches
         counts["epochs"] += 1
         inside[0] = True
         try:
@@ -251,3 +251,23 @@ def test_training_steps_never_wait_for_the_device(cfg2, monkeypatch):
     assert after.hits + after.misses - before.hits - before.misses >= counts["steps"]
     assert after.misses - before.misses <= 1
     assert all(np.isfinite(h["train_loss"]) for h in res["history"])
+
+
+def test_one_loader_iterator_serves_each_stage(cfg2, monkeypatch):
+    """The workers prefetch across epoch boundaries (and during validation) only if a stage keeps one iterator:
+    3 + 2 epochs make two, each taking the loader's seed at its stage's first epoch."""
+    import wbc.train.loop as loop
+    from wbc.data.dataset import EpochTagged, StageBatches
+
+    made = []
+    real = loop._batches
+    monkeypatch.setattr(loop, "_batches", lambda loader, draw_seed: made.append(draw_seed) or real(loader, draw_seed))
+    res = train_fold(cfg2("train.epochs=3", "train.stage2.epochs=2", "train.num_workers=1"), 0)
+    assert made == [True, True] and [h["stage"] for h in res["history"]] == [1, 1, 1, 2, 2]
+
+    tagged = EpochTagged(10, seed=3)
+    stream = list(StageBatches(tagged, 4, first=2, end=4))
+    assert len(stream) == len(StageBatches(tagged, 4, 2, 4)) == 4  # two full batches of 4 per 10-image epoch
+    for epoch, batches in ((2, stream[:2]), (3, stream[2:])):
+        tagged.set_epoch(epoch)
+        assert sum(batches, []) == list(tagged)[:8]  # that epoch's own draw, its partial batch dropped

@@ -2,7 +2,7 @@
 
 Per-sample seeding makes a run independent of worker count and lets a resumed run draw exactly the
 augmentations an uninterrupted one would. `EpochTagged` sends `(epoch, index)` pairs through the loader, so
-persistent workers (started once per run, not per epoch) still know each sample's epoch.
+workers that serve a whole stage (`StageBatches`, one loader iterator per stage) still know each sample's epoch.
 """
 from __future__ import annotations
 
@@ -63,6 +63,29 @@ class EpochTagged(Sampler):
             g = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0]))
             order = torch.randperm(self.n, generator=g).tolist()
         return iter([(self.epoch, i) for i in order])
+
+
+class StageBatches(Sampler):
+    """Batches of `(epoch, index)` pairs for epochs `first`..`end - 1` of a training stage, as one stream.
+
+    One loader iterator then serves the whole stage, so its workers prefetch the next epoch's batches while the
+    main process validates, instead of each epoch starting on an empty queue (with short epochs on a GPU that
+    wait is a large share of the epoch). Each epoch is `sampler`'s draw for it, cut into full batches; the draws
+    are pure functions of (seed, epoch), so making them ahead of time changes nothing."""
+
+    def __init__(self, sampler: EpochTagged, batch_size: int, first: int, end: int):
+        self.sampler, self.batch_size, self.first, self.end = sampler, int(batch_size), int(first), int(end)
+        self.per_epoch = len(sampler) // self.batch_size
+
+    def __len__(self) -> int:
+        return max(self.end - self.first, 0) * self.per_epoch
+
+    def __iter__(self):
+        for epoch in range(self.first, self.end):
+            self.sampler.set_epoch(epoch)
+            order = list(self.sampler)
+            for k in range(self.per_epoch):
+                yield order[k * self.batch_size:(k + 1) * self.batch_size]
 
 
 @functools.lru_cache(maxsize=32)

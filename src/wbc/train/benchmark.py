@@ -12,6 +12,8 @@ GPU works, which a plain loop never does.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import time
 import warnings
 
@@ -44,19 +46,22 @@ def _model(cfg, n_cls, device):
     return m
 
 
-def _syncs_per_step(device, run, n_batches: int) -> float | None:
-    """Host-device synchronisations per training step of `run(n_batches)`, or None off CUDA. The floor is
-    1 / n_batches: the epoch's one read of its loss at the end."""
+@contextlib.contextmanager
+def count_syncs(device):
+    """Counts host-device synchronisations inside the block with CUDA's sync debug mode; yields a list that
+    holds the count on exit, or None off CUDA."""
     if device.type != "cuda":
-        return None
+        yield [None]
+        return
+    found = [0]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            run(n_batches)
+            yield found
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    return sum("synchroniz" in str(w.message) for w in caught) / n_batches
+            found[0] = sum("synchroniz" in str(w.message) for w in caught)
 
 
 def benchmark(cfg: dict, steps: int = 50, warmup: int = 10) -> dict:
@@ -89,33 +94,45 @@ def _benchmark(cfg: dict, steps: int, warmup: int) -> dict:
     n_views = getattr(transform, "n_views", 1)
     ds = CellDataset(data.pool_images, y, transform, 0)
 
-    def pipeline_run(n_batches, timed=True):
+    def batches(n_batches):
         sub = torch.utils.data.Subset(ds, idx[: n_batches * bs].tolist())
-        loader = _loader(sub, None, bs, int(t["num_workers"]), device)
-        if timed:
+        sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(sub), bs, drop_last=True)
+        return iter(_loader(sub, sampler, int(t["num_workers"]), device))
+
+    def pipeline_run(n_batches):
+        """(img/s, host-device syncs per step) of the trainer's steps after `warmup` of them on the same iterator:
+        a training stage makes one loader iterator (StageBatches), so its workers start once per stage. The
+        syncs come from a second, untimed pass (the debug mode costs time); their floor is 1 / n_batches, the
+        epoch's one read of its loss."""
+        rates, found = [], [None]
+        for counted in (False, True) if device.type == "cuda" else (False,):
+            stream = batches(warmup + n_batches)
+            mixer = build_mixer(t, counts, int(cfg.get("seed", 0)), 0)
+            args = (opt, sched, scaler, loss_fn, device, norm, t, 1, "pipeline")
+            _train_epoch(fwd, model, None, itertools.islice(stream, warmup), warmup, *args, mixer=mixer)
             _sync(device)
-        t0 = time.perf_counter()
-        _, n = _train_epoch(fwd, model, None, loader, opt, sched, scaler, loss_fn, device, norm, t, 1, "pipeline",
-                            mixer=build_mixer(t, counts, int(cfg.get("seed", 0)), 0))
-        if timed:
+            t0 = time.perf_counter()
+            with count_syncs(device) if counted else contextlib.nullcontext([None]) as got:
+                _, n = _train_epoch(fwd, model, None, stream, n_batches, *args, mixer=mixer)
             _sync(device)
-        return n / (time.perf_counter() - t0)
+            rates.append(n / (time.perf_counter() - t0))
+            found = got
+        return rates[0], None if found[0] is None else found[0] / n_batches
 
     def loader_run(n_batches):
-        sub = torch.utils.data.Subset(ds, idx[: n_batches * bs].tolist())
-        loader = _loader(sub, None, bs, int(t["num_workers"]), device)
+        stream = batches(warmup + n_batches)
+        for _ in itertools.islice(stream, warmup):
+            pass
         _sync(device)
         t0, n = time.perf_counter(), 0
-        for x, _ in loader:
+        for x, _ in stream:
             x.to(device, non_blocking=True)
             n += len(x)
         _sync(device)
         return n / (time.perf_counter() - t0)
 
-    pipeline_run(warmup)
-    pipe = pipeline_run(steps)  # includes worker start-up, as every real epoch does
+    pipe, syncs = pipeline_run(steps)
     loader = loader_run(steps)
-    syncs = _syncs_per_step(device, lambda n: pipeline_run(n, timed=False), max(warmup, 4))
 
     # The plain loop: the same images, pre-normalised and resident on the device.
     model = _model(cfg, n_cls, device)

@@ -8,6 +8,7 @@ statistically unless `train.deterministic` is set (slower).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import random
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader
 from ..config import dump_config, run_dir
 from ..console import console, progress
 from ..data.augment import train_transform
-from ..data.dataset import CellDataset, EpochTagged, normalize
+from ..data.dataset import CellDataset, EpochTagged, StageBatches, normalize
 from ..environment import describe, differences, kernel_mode
 from ..errors import WBCError
 from ..io import torch_load, torch_save, write_json, write_text
@@ -78,10 +79,9 @@ def _optimizer(params, lr: float, weight_decay: float, model=None):
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def _loader(ds, sampler, batch_size: int, workers: int, device, drop_last: bool = True):
-    # Persistent workers fork once per stage; the epoch reaches them inside each (epoch, index) pair.
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                      pin_memory=device.type == "cuda", drop_last=drop_last, persistent_workers=workers > 0,
+def _loader(ds, batch_sampler, workers: int, device):
+    # One iterator per stage (StageBatches): the epoch reaches the workers inside each (epoch, index) pair.
+    return DataLoader(ds, batch_sampler=batch_sampler, num_workers=workers, pin_memory=device.type == "cuda",
                       prefetch_factor=4 if workers > 0 else None)
 
 
@@ -191,10 +191,16 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
             total, warm, lr0 = epochs2 * steps_per_epoch, 0, float(s2["lr"])
             loss = build_loss({"type": "ce", "label_smoothing": t["loss"].get("label_smoothing", 0.0)}, counts)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(max(total, 1), warm, float(t["min_lr"]) / lr0))
-        return sampler, _loader(ds, sampler, bs, int(t["num_workers"]), device), opt, sched, loss
+        return sampler, opt, sched, loss
+
+    def stage_batches(stage: int, first: int):
+        """The rest of the stage from epoch `first` as one stream of batches."""
+        end = epochs1 if stage == 1 else epochs1 + epochs2
+        loader = _loader(ds, StageBatches(sampler, bs, first, end), int(t["num_workers"]), device)
+        return _batches(loader, draw_seed=first in (0, epochs1))  # a resume starts mid-stage: no draw
 
     stage = 1 if epochs1 > 0 else 2
-    sampler, loader, opt, sched, loss_fn = stage_objects(stage)
+    sampler, opt, sched, loss_fn = stage_objects(stage)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and t.get("amp") == "fp16")
     start, best, history = 0, -1.0, []
 
@@ -203,7 +209,7 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
         st = torch_load(state_path)
         if st["stage"] == 2 and stage == 1:
             stage = 2
-            sampler, loader, opt, sched, loss_fn = stage_objects(2)
+            sampler, opt, sched, loss_fn = stage_objects(2)
         model.load_state_dict(st["model"])
         if ema is not None and st.get("ema") is not None:
             ema.load_state_dict(st["ema"])
@@ -220,18 +226,22 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
 
     eval_model = lambda: ema.module if ema is not None and stage == 1 else model  # noqa: E731
     total_epochs = epochs1 + epochs2
+    batches = None
     for epoch in range(start, total_epochs):
         if stage == 1 and epoch >= epochs1:
             stage = 2
             if ema is not None:  # stage 2 starts from the averaged backbone
                 model.load_state_dict(ema.module.state_dict())
-            sampler, loader, opt, sched, loss_fn = stage_objects(2)
+            sampler, opt, sched, loss_fn = stage_objects(2)
+            batches = None
         t0 = time.perf_counter()
-        sampler.set_epoch(epoch)
+        if batches is None:
+            batches = stage_batches(stage, epoch)
         mixer = build_mixer(t, counts, seed, epoch) if stage == 1 else None
-        train_loss, n_seen = _train_epoch(fwd, model, ema if stage == 1 else None, loader, opt, sched, scaler,
-                                          loss_fn, device, norm, t, stage, desc=f"fold {fold} ep {epoch}",
-                                          mixer=mixer, draw_seed=epoch in (0, epochs1))  # a stage's first epoch
+        train_loss, n_seen = _train_epoch(fwd, model, ema if stage == 1 else None,
+                                          itertools.islice(batches, steps_per_epoch), steps_per_epoch, opt, sched,
+                                          scaler, loss_fn, device, norm, t, stage, desc=f"fold {fold} ep {epoch}",
+                                          mixer=mixer)
         t_train = time.perf_counter() - t0
         val_probs = predict_probs(eval_model(), Rows(data.pool_images, va_idx), device, norm["mean"], norm["std"],
                                   tta=int(t.get("val_tta", 1)), batch_size=int(cfg["predict"]["batch_size"]),
@@ -268,10 +278,9 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
 def _batches(loader, draw_seed: bool):
     """iter(loader), letting it draw its base seed from the global torch RNG only when `draw_seed`.
 
-    A DataLoader draws one at every in-process epoch but only once for persistent workers, and a resumed run
-    draws again at its first epoch. The global RNG also drives dropout and drop-path on the CPU, so their masks
-    depended on num_workers and on where a run was killed. Drawing only at each stage's first epoch makes
-    every worker count and every resume follow the uninterrupted multi-worker run."""
+    Every new iterator draws one, and on the CPU the same RNG draws the dropout and drop-path masks. An
+    uninterrupted run makes one iterator per stage; a resumed run makes one more mid-stage, which must not
+    draw, or its masks would differ from the uninterrupted run's."""
     if draw_seed:
         return iter(loader)
     state = torch.get_rng_state()
@@ -280,8 +289,8 @@ def _batches(loader, draw_seed: bool):
     return batches
 
 
-def _train_epoch(fwd, model, ema, loader, opt, sched, scaler, loss_fn, device, norm, t, stage, desc, mixer=None,
-                 draw_seed: bool = True):
+def _train_epoch(fwd, model, ema, batches, n_batches: int, opt, sched, scaler, loss_fn, device, norm, t, stage, desc,
+                 mixer=None):
     model.train()
     if stage == 2:  # frozen backbone: BN statistics stay as trained
         model.eval()
@@ -291,8 +300,8 @@ def _train_epoch(fwd, model, ema, loader, opt, sched, scaler, loss_fn, device, n
     total, n, step = torch.zeros((), dtype=acc, device=device), 0, 0
     cl = bool(t.get("channels_last")) and device.type == "cuda"
     with progress() as bar:
-        task = bar.add_task(desc, total=len(loader), info="")
-        for x, y in _batches(loader, draw_seed):
+        task = bar.add_task(desc, total=n_batches, info="")
+        for x, y in batches:
             n_views = x.shape[1] if x.ndim == 5 else 0
             if n_views and stage == 2:  # consistency is a stage-1 term: the head sees the recipe's view only
                 x, n_views = x[:, 0], 0
