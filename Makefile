@@ -35,6 +35,8 @@ BENCH_ENSEMBLES_cpu := pbcbench_cpu_imagenet
 BENCH_MEMBERS ?= $(BENCH_MEMBERS_$(BENCH))
 BENCH_SPECIALISTS ?= $(BENCH_SPECIALISTS_$(BENCH))
 BENCH_ENSEMBLES ?= $(BENCH_ENSEMBLES_$(BENCH))
+comma := ,
+space := $(subst ,, )
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 # DATA= wins over the config's data.root (as does the WBC_DATA environment variable).
@@ -67,8 +69,8 @@ folds: ## write folds/<dataset>.csv (stratified, grouped when groups exist)
 train-fold: ## train fold FOLD with CONFIG, then predict its OOF / eval / test (RESUME=1 continues)
 	$(WBC) train-fold -c $(CONFIG) --fold $(FOLD) $(OVR)
 
-train-all: ## train every fold in FOLDS with CONFIG
-	for k in $(FOLDS); do $(WBC) train-fold -c $(CONFIG) --fold $$k $(OVR) || exit 1; done
+train-all: ## train every fold in FOLDS with CONFIG, in one process (RESUME=1 skips finished folds)
+	$(WBC) train-fold -c $(CONFIG) --fold $(subst $(space),$(comma),$(strip $(FOLDS))) $(OVR)
 
 predict: ## fill in missing fold predictions and merge folds: outputs/<name>/{oof,eval,test}.csv + report
 	$(WBC) predict -c $(CONFIG) $(OVR)

@@ -271,3 +271,26 @@ def test_one_loader_iterator_serves_each_stage(cfg2, monkeypatch):
     for epoch, batches in ((2, stream[:2]), (3, stream[2:])):
         tagged.set_epoch(epoch)
         assert sum(batches, []) == list(tagged)[:8]  # that epoch's own draw, its partial batch dropped
+
+
+def test_several_folds_in_one_process_match_separate_runs(cfg2, capsys):
+    """`make train-all` trains its folds in one process (`--fold 0,1`): each fold is seeded afresh, so fold 1
+    after fold 0 is the fold 1 of a run of its own."""
+    from wbc.__main__ import main
+
+    cfg = cfg2("train.epochs=2", "model.drop_path_rate=0.2", "train.num_workers=1", "predict.tta=1")
+    base = ["-c", "configs/tiny_cpu.yaml", f"data.root={cfg['data']['root']}", f"output_dir={cfg['output_dir']}",
+            f"data.cache_dir={cfg['data']['cache_dir']}", f"folds.file={cfg['folds']['file']}", "folds.n_folds=2",
+            "train.epochs=2", "model.drop_path_rate=0.2", "train.num_workers=1", "predict.tta=1"]
+    assert main(["train-fold", "--fold", "1", *base, "name=apart"]) == 0
+    assert main(["train-fold", "--fold", "0,1", *base, "name=together"]) == 0
+    out = run_dir(cfg).parent
+    a, b = torch_load(out / "apart" / "fold1" / "last.pt"), torch_load(out / "together" / "fold1" / "last.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    pd.testing.assert_frame_equal(pd.read_csv(out / "apart" / "fold1" / "oof.csv"),
+                                  pd.read_csv(out / "together" / "fold1" / "oof.csv"))
+    assert (out / "together" / "fold0" / "oof.csv").exists()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # argparse's usage error
+        main(["train-fold", "--fold", "0,x", *base])
+    assert e.value.code == 2 and "integers separated by commas" in capsys.readouterr().err

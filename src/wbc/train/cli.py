@@ -1,6 +1,7 @@
 """`train-fold` and `benchmark-throughput` commands (heavy imports happen only when a command runs)."""
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -14,11 +15,23 @@ def finished(fold_out: Path) -> bool:
     return all(marks[0].stat().st_mtime_ns >= m.stat().st_mtime_ns for m in marks[1:] if m.exists())
 
 
+def fold_list(text: str) -> list[int]:
+    """`--fold 3` or `--fold 0,1,2` (one token, so `key=value` overrides may follow)."""
+    try:
+        folds = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"folds are integers separated by commas, got '{text}'") from None
+    if not folds:
+        raise argparse.ArgumentTypeError("no fold given")
+    return folds
+
+
 def register(sub) -> None:
     from ..cli_common import add_config_args, config_from_args
 
-    p = add_config_args(sub.add_parser("train-fold", help="train one fold, then predict OOF / eval / test"))
-    p.add_argument("--fold", type=int, required=True)
+    p = add_config_args(sub.add_parser("train-fold", help="train folds, each then predicting OOF / eval / test"))
+    p.add_argument("--fold", type=fold_list, required=True,
+                   help="a fold, or several as 0,1,2: trained in turn in this process (one start-up, one image load)")
     p.add_argument("--resume", action="store_true", default=os.environ.get("RESUME") == "1",
                    help="continue from fold<k>/state.pt (also RESUME=1)")
 
@@ -34,13 +47,15 @@ def register(sub) -> None:
         if cfg["predict"].get("checkpoints"):
             raise WBCError(f"{cfg['name']}: predict.checkpoints is set, so this config only predicts "
                            f"with another run's models; use `make predict`")
-        out = run_dir(cfg) / f"fold{args.fold}"
-        if args.resume and finished(out):  # `RESUME=1 make train-all` skips the folds a killed call finished
-            console.print(f"{out}: trained and predicted already; nothing to resume")
-            return
-        data = load_fold_data(cfg)
-        train_fold(cfg, args.fold, resume=args.resume, data=data)
-        predict_fold(cfg, args.fold, data)
+        data = None
+        for fold in args.fold:
+            out = run_dir(cfg) / f"fold{fold}"
+            if args.resume and finished(out):  # `RESUME=1 make train-all` skips the folds a killed call finished
+                console.print(f"{out}: trained and predicted already; nothing to resume")
+                continue
+            data = data or load_fold_data(cfg)
+            train_fold(cfg, fold, resume=args.resume, data=data)
+            predict_fold(cfg, fold, data)
 
     p.set_defaults(func=run)
 
