@@ -294,3 +294,25 @@ def test_several_folds_in_one_process_match_separate_runs(cfg2, capsys):
     with pytest.raises(SystemExit) as e:  # argparse's usage error
         main(["train-fold", "--fold", "0,x", *base])
     assert e.value.code == 2 and "integers separated by commas" in capsys.readouterr().err
+
+
+def test_checkpoints_every_so_often_keep_the_same_best_and_last(cfg2):
+    """`train.checkpoint_every_s`: resume checkpoints only that often and at each stage's end, the best weights
+    kept in memory meanwhile; the files at the end are those of a run that saved every epoch."""
+    over = ["train.epochs=3", "train.stage2.epochs=1", "train.ema=true", "train.ema_decay=0.9"]
+    every = cfg2(*over, "name=every")
+    train_fold(every, 0)
+    seen = []
+
+    def look(epoch, rec):
+        p = run_dir(rare) / "fold0" / "state.pt"
+        seen.append(torch_load(p)["epoch"] if p.exists() else None)
+
+    rare = cfg2(*over, "train.checkpoint_every_s=1e9", "name=rare")
+    train_fold(rare, 0, on_epoch=look)
+    assert seen == [None, None, 2, 3]  # stage 1 ends at epoch 2, the run at 3
+    for name in ("best.pt", "last.pt"):
+        a, b = torch_load(run_dir(every) / "fold0" / name), torch_load(run_dir(rare) / "fold0" / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    hist = [json.loads(x) for x in (run_dir(rare) / "fold0" / "metrics.jsonl").read_text().splitlines()]
+    assert len(hist) == 4

@@ -227,6 +227,7 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
     eval_model = lambda: ema.module if ema is not None and stage == 1 else model  # noqa: E731
     total_epochs = epochs1 + epochs2
     batches = None
+    every, saved_at, best_sd = float(t.get("checkpoint_every_s", 0) or 0), time.monotonic(), None
     for epoch in range(start, total_epochs):
         if stage == 1 and epoch >= epochs1:
             stage = 2
@@ -255,14 +256,22 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
                "epoch_s": time.perf_counter() - t0}
         history.append(rec)
         improved = f1 > best
+        # Checkpoints (about 450 MB for ConvNeXt-T with EMA and AdamW) every `checkpoint_every_s` and at each
+        # stage's end; in between, new best weights wait in host memory and a kill loses at most that long.
+        save = every <= 0 or epoch in (epochs1 - 1, total_epochs - 1) or time.monotonic() - saved_at >= every
         if improved:
             best = f1
-            torch_save(out / "best.pt", eval_model().state_dict())
-        torch_save(out / "last.pt", eval_model().state_dict())
-        torch_save(state_path, {"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
-                                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                "scaler": scaler.state_dict(), "rng": _rng_state(), "epoch": epoch,
-                                "best": best, "stage": stage})
+            best_sd = eval_model().state_dict() if save else _host_copy(eval_model().state_dict())
+        if save:
+            if best_sd is not None:
+                torch_save(out / "best.pt", best_sd)
+                best_sd = None
+            torch_save(out / "last.pt", eval_model().state_dict())
+            torch_save(state_path, {"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
+                                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                                    "scaler": scaler.state_dict(), "rng": _rng_state(), "epoch": epoch,
+                                    "best": best, "stage": stage})
+            saved_at = time.monotonic()
         write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
         console.print(f"fold {fold} epoch {epoch} stage {stage}: loss {train_loss:.4f} val_loss {val_loss:.4f} "
                       f"val_macro_f1 {f1:.4f}{' *' if improved else ''} ({rec['train_img_per_s']:.0f} img/s)",
@@ -273,6 +282,10 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
     write_json(out / "train_result.json", {"fold": fold, "best_macro_f1": best, "epochs": len(history),
                                            "prior_correction": prior, "pseudo_labelled": len(pseudo_labels)})
     return {"fold": fold, "best_macro_f1": best, "history": history}
+
+
+def _host_copy(state_dict: dict) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}
 
 
 def _batches(loader, draw_seed: bool):
