@@ -1,14 +1,15 @@
 """Training throughput of the real `train-fold` input pipeline vs a plain timm loop on GPU-resident data.
 
-Both sides use the same model, batch size, precision and channels_last; the pipeline side runs the
-trainer's own epoch function over cached images with its augmentation and data-loader workers. The ratio
-says whether the input pipeline starves the accelerator (target >= 0.9). A third figure, the loader alone
-(the same batches delivered to the device, no model), says which side is short when the ratio is low:
-a loader slower than the plain loop means more workers or cheaper augmentation, not a faster model.
-With damage consistency on (`train.consistency.weight` > 0) each image is `views` images through the model, on
-both sides; img/s counts images, not views. On CUDA it also counts the pipeline's host-device synchronisations per
-step (CUDA's sync debug mode, on a separate short run): each one stops the CPU from queueing the next step while the
-GPU works, which a plain loop never does.
+Both sides use the same model, batch size, precision and channels_last; the pipeline side runs the trainer's own
+epoch function (gradient clipping and EMA included, as configured) over cached images with its augmentation and
+data-loader workers, timed after a warm-up on the same loader iterator, as a training stage keeps one. The ratio
+says whether the input pipeline starves the accelerator (target >= 0.9). A third figure, the loader alone (the same
+batches delivered to the device, no model), says which side is short when the ratio is low: a loader slower than
+the plain loop means more workers or cheaper augmentation, not a faster model. With damage consistency on
+(`train.consistency.weight` > 0) each image is `views` images through the model, on both sides; img/s counts
+images, not views. On CUDA it also counts the pipeline's host-device synchronisations per step (CUDA's sync debug
+mode, on a second, untimed pass): each one stops the CPU from queueing the next step while the GPU works, which a
+plain loop never does.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from ..io import write_json
 from ..models.factory import create_model, model_data_config
 from ..models.inference import autocast
 from .inputs import load_fold_data
-from .loop import _loader, _optimizer, _train_epoch, pick_device, seed_everything
+from .loop import _loader, _optimizer, _train_epoch, build_ema, pick_device, seed_everything
 from .losses import build_loss
 from .mix import build_mixer
 
@@ -85,6 +86,7 @@ def _benchmark(cfg: dict, steps: int, warmup: int) -> dict:
     # The trainer's path: cached uint8 images -> augmentation in workers -> device normalisation -> step.
     model = _model(cfg, n_cls, device)
     norm = model_data_config(model)
+    ema = build_ema(model, t)  # the trainer's step includes the weight average's update
     opt = _optimizer(None, float(t["lr"]), float(t["weight_decay"]), model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
@@ -109,11 +111,11 @@ def _benchmark(cfg: dict, steps: int, warmup: int) -> dict:
             stream = batches(warmup + n_batches)
             mixer = build_mixer(t, counts, int(cfg.get("seed", 0)), 0)
             args = (opt, sched, scaler, loss_fn, device, norm, t, 1, "pipeline")
-            _train_epoch(fwd, model, None, itertools.islice(stream, warmup), warmup, *args, mixer=mixer)
+            _train_epoch(fwd, model, ema, itertools.islice(stream, warmup), warmup, *args, mixer=mixer)
             _sync(device)
             t0 = time.perf_counter()
             with count_syncs(device) if counted else contextlib.nullcontext([None]) as got:
-                _, n = _train_epoch(fwd, model, None, stream, n_batches, *args, mixer=mixer)
+                _, n = _train_epoch(fwd, model, ema, stream, n_batches, *args, mixer=mixer)
             _sync(device)
             rates.append(n / (time.perf_counter() - t0))
             found = got
