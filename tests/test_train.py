@@ -316,3 +316,16 @@ def test_checkpoints_every_so_often_keep_the_same_best_and_last(cfg2):
         assert all(torch.equal(a[k], b[k]) for k in a), name
     hist = [json.loads(x) for x in (run_dir(rare) / "fold0" / "metrics.jsonl").read_text().splitlines()]
     assert len(hist) == 4
+
+
+def test_shared_memory_check_warns_before_workers_would_die(tmp_path, capsys):
+    """Loader workers pass batches through /dev/shm, 64 MB in many containers: the check names the shortfall."""
+    from wbc.train.loop import check_shared_memory
+
+    free = __import__("shutil").disk_usage(tmp_path).free
+    assert check_shared_memory(12, 10, shm=str(tmp_path))  # 12 workers x 4 batches x 10 bytes, x 2 to spare
+    assert check_shared_memory(0, free, shm=str(tmp_path))  # in-process loading needs none
+    assert check_shared_memory(4, free, shm=str(tmp_path / "missing"))  # nothing to check
+    capsys.readouterr()
+    assert not check_shared_memory(12, free // 50, shm=str(tmp_path))
+    assert "lower train.num_workers" in capsys.readouterr().out

@@ -12,6 +12,7 @@ import itertools
 import json
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -90,10 +91,27 @@ def build_ema(model, t: dict):
     return ModelEmaV3(model, decay=float(t["ema_decay"]), use_warmup=bool(t.get("ema_warmup")), warmup_power=0.75)
 
 
+PREFETCH = 4  # batches in flight per loader worker
+
+
 def _loader(ds, batch_sampler, workers: int, device):
     # One iterator per stage (StageBatches): the epoch reaches the workers inside each (epoch, index) pair.
     return DataLoader(ds, batch_sampler=batch_sampler, num_workers=workers, pin_memory=device.type == "cuda",
-                      prefetch_factor=4 if workers > 0 else None)
+                      prefetch_factor=PREFETCH if workers > 0 else None)
+
+
+def check_shared_memory(workers: int, batch_bytes: int, shm: str = "/dev/shm") -> bool:
+    """Warn when the workers' batches in flight may not fit in shared memory (containers often give /dev/shm
+    64 MB), where they would die with a bus error mid-run. True when they fit or cannot be checked."""
+    if workers <= 0 or not Path(shm).is_dir():
+        return True
+    need, free = 2 * workers * PREFETCH * batch_bytes, shutil.disk_usage(shm).free
+    if free >= need:
+        return True
+    console.print(f"[yellow]warning:[/] {shm} has {free / 2**20:.0f} MiB free; {workers} loader workers with "
+                  f"{PREFETCH} batches of {batch_bytes / 2**20:.1f} MiB in flight want about {need / 2**20:.0f} MiB: "
+                  "lower train.num_workers or enlarge it")
+    return False
 
 
 def _rng_state() -> dict:
@@ -200,6 +218,8 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
     def stage_batches(stage: int, first: int):
         """The rest of the stage from epoch `first` as one stream of batches."""
         end = epochs1 if stage == 1 else epochs1 + epochs2
+        item_bytes = np.asarray(ds.images[0]).nbytes * getattr(ds.transform, "n_views", 1)
+        check_shared_memory(int(t["num_workers"]), bs * item_bytes)
         loader = _loader(ds, StageBatches(sampler, bs, first, end), int(t["num_workers"]), device)
         return _batches(loader, draw_seed=first in (0, epochs1))  # a resume starts mid-stage: no draw
 
