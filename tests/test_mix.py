@@ -101,17 +101,17 @@ def test_training_feeds_mixed_soft_targets_to_the_loss_and_resumes_exactly(sampl
     """A fold run with Mixup + CutMix + Remix: the loss sees (B, C) targets that are real mixtures in the mixed
     epochs and class indices in the unmixed last one; a killed run resumes to the same weights."""
     seen = []
-    real = loop.build_loss
+    real = loop.stage_loss
 
-    def recording(cfg_loss, counts):
-        fn = real(cfg_loss, counts)
+    def recording(t, counts, stage, device):
+        fn = real(t, counts, stage, device)
 
         def call(logits, target):
             seen.append((len(seen), target.detach().clone()))
             return fn(logits, target)
         return call
 
-    monkeypatch.setattr(loop, "build_loss", recording)
+    monkeypatch.setattr(loop, "stage_loss", recording)
     over = ["folds.n_folds=2", "train.epochs=3", "train.mix.mixup_alpha=0.4", "train.mix.cutmix_alpha=1.0",
             "train.mix.remix_kappa=3", "train.mix.off_epochs=1"]
     cfg = make_cfg(sample_root, *over)

@@ -329,3 +329,43 @@ def test_shared_memory_check_warns_before_workers_would_die(tmp_path, capsys):
     capsys.readouterr()
     assert not check_shared_memory(12, free // 50, shm=str(tmp_path))
     assert "lower train.num_workers" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("stage, recipe", [
+    (1, {"loss": {"type": "logit_adjusted", "tau": 0.5}, "mix": {"mixup_alpha": 0.4, "cutmix_alpha": 1.0, "remix_kappa": 3}}),
+    (1, {"loss": {"type": "focal", "class_weight": "effective"}}),
+    (1, {"loss": {"type": "balanced_softmax"}, "consistency": {"weight": 2.0, "views": 2}}),
+    (2, {"loss": {"type": "logit_adjusted", "tau": 1.0}}),
+], ids=["logit_adjusted+mix", "focal+weights", "balanced_softmax+consistency", "stage2"])
+def test_a_training_batch_stays_on_the_device(stage, recipe):
+    """No GPU here, so a fake CUDA device (PyTorch's FakeTensorMode: shapes and devices, no data) runs a batch's
+    way to its loss as the trainer builds it; a buffer, count or constant left on the CPU raises a device mismatch,
+    as on a GPU. (The trainer's loss used to stay on the CPU: its first GPU step would have failed.) Backward,
+    the optimizer and timm's EMA need a real CUDA runtime, so they are left out."""
+    import timm
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import wbc.data.dataset as dataset
+    from wbc.config import CONFIG_DIR, load_config
+    from wbc.train.loop import _batch_loss, stage_loss
+    from wbc.train.mix import build_mixer
+
+    t = load_config(CONFIG_DIR / "base.yaml", [])["train"]
+    t = {**t, **{k: ({**t[k], **v} if isinstance(v, dict) else v) for k, v in recipe.items()}, "epochs": 3,
+         "amp": "none"}
+    counts, device = np.array([50, 20, 5, 1]), torch.device("cuda")
+    dataset._stats.cache_clear()  # fake constants must not outlive the fake mode
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            with device:  # made there: converting a module's parameters to fake tensors is not supported
+                model = timm.create_model("test_resnet", num_classes=4)
+            loss_fn = stage_loss(t, counts, stage, device)
+            views = int(t["consistency"]["views"]) if t["consistency"]["weight"] > 0 else 0
+            x = torch.randint(0, 255, (8, *([views] if views else []), 3, 32, 32), dtype=torch.uint8)  # as loaded
+            y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+            mixer = build_mixer(t, counts, 0, 0) if stage == 1 else None
+            norm = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+            loss = _batch_loss(model, model, x, y, loss_fn, device, norm, t, stage, mixer, channels_last=True)
+            assert loss.device == torch.device("cuda", 0) and loss.shape == ()
+    finally:
+        dataset._stats.cache_clear()

@@ -30,8 +30,7 @@ from ..io import write_json
 from ..models.factory import create_model, model_data_config
 from ..models.inference import autocast
 from .inputs import load_fold_data
-from .loop import _loader, _optimizer, _train_epoch, build_ema, pick_device, seed_everything
-from .losses import build_loss
+from .loop import _loader, _optimizer, _train_epoch, build_ema, pick_device, seed_everything, stage_loss
 from .mix import build_mixer
 
 
@@ -80,7 +79,7 @@ def _benchmark(cfg: dict, steps: int, warmup: int) -> dict:
     lut = {c: i for i, c in enumerate(data.classes)}
     y = data.pool["labels"].map(lut).to_numpy()
     counts = np.bincount(y, minlength=n_cls)
-    loss_fn = build_loss(t["loss"], counts)
+    loss_fn = stage_loss(t, counts, 1, device)
     cl = bool(t.get("channels_last")) and device.type == "cuda"
 
     # The trainer's path: cached uint8 images -> augmentation in workers -> device normalisation -> step.

@@ -80,6 +80,13 @@ def _optimizer(params, lr: float, weight_decay: float, model=None):
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
+def stage_loss(t: dict, counts, stage: int, device) -> torch.nn.Module:
+    """The stage's loss on `device` (its class weights and prior offset are buffers): the recipe's loss in stage 1,
+    smoothed plain cross-entropy for stage 2's classifier re-training."""
+    cfg_loss = t["loss"] if stage == 1 else {"type": "ce", "label_smoothing": t["loss"].get("label_smoothing", 0.0)}
+    return build_loss(cfg_loss, counts).to(device)
+
+
 def build_ema(model, t: dict):
     """timm's ModelEmaV3 when `train.ema` is on, else None."""
     if not t.get("ema"):
@@ -200,7 +207,7 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
             sampler = EpochTagged(n_tr, build_sampler(y_tr, n_cls, t["sampler"], seed=seed), seed)
             opt = _optimizer(None, float(t["lr"]), float(t["weight_decay"]), model)
             total, warm, lr0 = epochs1 * steps_per_epoch, int(t["warmup_epochs"]) * steps_per_epoch, float(t["lr"])
-            loss = build_loss(t["loss"], counts)
+            loss = stage_loss(t, counts, 1, device)
         else:  # decoupled: re-train a fresh classifier on the frozen backbone with balanced sampling
             s2 = t["stage2"]
             sampler = EpochTagged(n_tr, build_sampler(y_tr, n_cls, {"type": s2.get("sampler", "balanced")},
@@ -211,7 +218,7 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
             model.get_classifier().to(device).requires_grad_(True)
             opt = _optimizer(model.get_classifier().parameters(), float(s2["lr"]), 0.0)
             total, warm, lr0 = epochs2 * steps_per_epoch, 0, float(s2["lr"])
-            loss = build_loss({"type": "ce", "label_smoothing": t["loss"].get("label_smoothing", 0.0)}, counts)
+            loss = stage_loss(t, counts, 2, device)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(max(total, 1), warm, float(t["min_lr"]) / lr0))
         return sampler, opt, sched, loss
 
@@ -339,39 +346,7 @@ def _train_epoch(fwd, model, ema, batches, n_batches: int, opt, sched, scaler, l
     with progress() as bar:
         task = bar.add_task(desc, total=n_batches, info="")
         for x, y in batches:
-            n_views = x.shape[1] if x.ndim == 5 else 0
-            if n_views and stage == 2:  # consistency is a stage-1 term: the head sees the recipe's view only
-                x, n_views = x[:, 0], 0
-            x = x.to(device, non_blocking=True)
-            x = normalize(x.flatten(0, 1) if n_views else x, norm["mean"], norm["std"])
-            y = y.to(device, non_blocking=True)
-            if mixer is not None:  # soft targets from here on
-                x, y = mixer(x, y)
-            if cl:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with autocast(device, t.get("amp", "none")):
-                if stage == 2:
-                    with torch.no_grad():
-                        feats = model.forward_head(model.forward_features(x), pre_logits=True)
-                    logits = model.get_classifier()(feats.float())
-                else:
-                    logits = fwd(x)
-            if n_views:  # the recipe's loss on view 0, plus agreement across the damage draws
-                logits = logits.float().view(len(y), n_views, -1)
-                loss = loss_fn(logits[:, 0], y) + float(t["consistency"]["weight"]) * js_consistency(logits)
-            else:
-                loss = loss_fn(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if t.get("grad_clip"):
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]],
-                                               float(t["grad_clip"]))
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            if ema is not None:
-                ema.update(model, step=sched.last_epoch)  # stage-1 optimizer steps so far; resumes with sched
+            loss = _train_step(fwd, model, ema, x, y, opt, sched, scaler, loss_fn, device, norm, t, stage, mixer, cl)
             total = total + loss.detach().to(total.dtype) * len(y)  # on the device: no host-device sync per step
             n += len(y)
             step += 1
@@ -379,6 +354,50 @@ def _train_epoch(fwd, model, ema, batches, n_batches: int, opt, sched, scaler, l
                 bar.update(task, info=f"loss {total.item() / n:.4f}")
             bar.update(task, advance=1)
     return float(total) / max(n, 1), n
+
+
+def _train_step(fwd, model, ema, x, y, opt, sched, scaler, loss_fn, device, norm, t, stage, mixer=None,
+                channels_last=False) -> torch.Tensor:
+    """One optimizer step on a loader batch (uint8 images, integer labels); returns the loss (on the device)."""
+    loss = _batch_loss(fwd, model, x, y, loss_fn, device, norm, t, stage, mixer, channels_last)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if t.get("grad_clip"):
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], float(t["grad_clip"]))
+    scaler.step(opt)
+    scaler.update()
+    sched.step()
+    if ema is not None:
+        ema.update(model, step=sched.last_epoch)  # stage-1 optimizer steps so far; resumes with sched
+    return loss
+
+
+def _batch_loss(fwd, model, x, y, loss_fn, device, norm, t, stage, mixer=None, channels_last=False) -> torch.Tensor:
+    """The training loss of a loader batch: to the device, normalised, mixed, forward (autocast), loss."""
+    n_views = x.shape[1] if x.ndim == 5 else 0
+    if n_views and stage == 2:  # consistency is a stage-1 term: the head sees the recipe's view only
+        x, n_views = x[:, 0], 0
+    x = x.to(device, non_blocking=True)
+    x = normalize(x.flatten(0, 1) if n_views else x, norm["mean"], norm["std"])
+    y = y.to(device, non_blocking=True)
+    if mixer is not None:  # soft targets from here on
+        x, y = mixer(x, y)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(device, t.get("amp", "none")):
+        if stage == 2:
+            with torch.no_grad():
+                feats = model.forward_head(model.forward_features(x), pre_logits=True)
+            logits = model.get_classifier()(feats.float())
+        else:
+            logits = fwd(x)
+    if n_views:  # the recipe's loss on view 0, plus agreement across the damage draws
+        logits = logits.float().view(len(y), n_views, -1)
+        loss = loss_fn(logits[:, 0], y) + float(t["consistency"]["weight"]) * js_consistency(logits)
+    else:
+        loss = loss_fn(logits.float(), y)
+    return loss
 
 
 def _read_metrics(path: Path) -> list[dict]:
