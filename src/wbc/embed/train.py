@@ -74,7 +74,9 @@ def train_embedding(model: nn.Module, loss_fn: nn.Module, inputs, targets: np.nd
         model.train()
         if model.encoder is not None and not any(p.requires_grad for p in model.encoder.parameters()):
             model.encoder.eval()
-        run_loss, n = 0.0, 0
+        # summed on the device (float64 as the Python float it replaces; MPS has none): no host-device sync per step
+        run_loss = torch.zeros((), dtype=torch.float32 if device.type == "mps" else torch.float64, device=device)
+        n = 0
         with progress() as bar:
             task = bar.add_task(f"{desc} ep {epoch}", total=len(sampler), info="")
             for x, y in loader:
@@ -92,10 +94,10 @@ def train_embedding(model: nn.Module, loss_fn: nn.Module, inputs, targets: np.nd
                     torch.nn.utils.clip_grad_norm_(both.parameters(), float(ecfg["grad_clip"]))
                 opt.step()
                 sched.step()
-                run_loss += float(loss.detach()) * len(y)
+                run_loss = run_loss + loss.detach().to(run_loss.dtype) * len(y)
                 n += len(y)
-                bar.update(task, advance=1, info=f"loss {run_loss / n:.4f}")
-        rec = {"epoch": epoch, "loss": run_loss / max(n, 1), **loss_fn.temperature_bias(),
+                bar.update(task, advance=1)
+        rec = {"epoch": epoch, "loss": float(run_loss) / max(n, 1), **loss_fn.temperature_bias(),
                "lr": opt.param_groups[-1]["lr"], "epoch_s": time.perf_counter() - t0}
         history.append(rec)
         torch_save(out_dir / "embed.pt", both.state_dict())
