@@ -45,12 +45,17 @@ def mix_images(x: torch.Tensor, lam: float, box: tuple[int, int, int, int] | Non
     return out, 1.0 - (y1 - y0) * (x1 - x0) / float(x.shape[-2] * x.shape[-1])
 
 
+def count_tensor(class_counts, device) -> torch.Tensor:
+    """Class counts as float32 on `device`, absent classes counted once (no division by zero)."""
+    return torch.as_tensor(np.maximum(np.asarray(class_counts, dtype=np.float32), 1.0), device=device)
+
+
 def label_weights(y: torch.Tensor, lam: float, class_counts, kappa: float = 0.0, tau: float = 0.5) -> torch.Tensor:
-    """Per-sample weight of each image's own label (the rest goes to its partner's): lam, or Remix's 0 / 1."""
+    """Per-sample weight of each image's own label (the rest goes to its partner's): lam, or Remix's 0 / 1.
+    `class_counts` may already be a `count_tensor` on y's device."""
     lam_y = torch.full((len(y),), float(lam), device=y.device)
     if kappa > 1:
-        n = class_counts if torch.is_tensor(class_counts) else \
-            torch.as_tensor(np.maximum(np.asarray(class_counts, dtype=np.float32), 1.0), device=y.device)
+        n = class_counts if torch.is_tensor(class_counts) else count_tensor(class_counts, y.device)
         ratio = n[y] / n[y.flip(0)]  # own class count over partner's
         # torch.where, not boolean-mask assignment: no host-device sync
         lam_y = torch.where((ratio >= kappa) & (lam < tau), 0.0, lam_y)  # frequent self, rare partner holds > 1 - tau
@@ -89,8 +94,8 @@ class Mixer:
             x, lam = mix_images(x, lam, cutmix_box(x.shape[-2], x.shape[-1], lam, self.rng))
         else:
             x, lam = mix_images(x, float(self.rng.beta(self.mixup_alpha, self.mixup_alpha)))
-        if self._counts_on is None or self._counts_on.device != y.device:  # once: a host-to-device copy syncs
-            self._counts_on = torch.as_tensor(np.maximum(self.counts.astype(np.float32), 1.0), device=y.device)
+        if self.kappa > 1 and (self._counts_on is None or self._counts_on.device != y.device):
+            self._counts_on = count_tensor(self.counts, y.device)  # once: a host-to-device copy syncs
         return x, mix_targets(y, label_weights(y, lam, self._counts_on, self.kappa, self.tau), n_cls)
 
 
