@@ -47,6 +47,7 @@ def test_duplicate_id(capsys, data_copy, tmp_path):
     n = len(pd.read_csv(data_copy / "phase1_label.csv"))
     code, text = folds_cli(capsys, data_copy, tmp_path)
     assert_one_error(code, text, f"phase1_label.csv:{n + 1}", "duplicate ID")
+    assert "another split" not in text  # caught inside its own split, not only by the cross-split check
     assert not (tmp_path / "folds.csv").exists()
 
 
@@ -97,3 +98,27 @@ def test_truncated_and_unreadable_jpeg(capsys, data_copy, tmp_path):
     (data_copy / "phase1" / ids[3]).write_bytes(b"not a jpeg at all")
     with pytest.raises(WBCError, match="unreadable image"):
         read_image(data_copy / "phase1" / ids[3])
+
+
+def test_empty_label_in_a_labelled_split(capsys, data_copy, tmp_path):
+    edit_csv(data_copy / "phase2_train.csv", lambda d: d.assign(labels=d["labels"].where(d.index != 2, "")))
+    code, text = folds_cli(capsys, data_copy, tmp_path)
+    assert_one_error(code, text, "phase2_train.csv:4", "empty label")
+    assert not (tmp_path / "folds.csv").exists()
+
+
+def test_truncated_jpeg_that_the_decoder_accepts(monkeypatch, data_copy):
+    """Some OpenCV / libjpeg builds decode a truncated JPEG (grey bottom rows) instead of failing; the missing
+    end-of-image marker still gives it away. Simulated here with a lenient decoder."""
+    import numpy as np
+
+    import wbc.data.cache as cache
+    from wbc.errors import WBCError
+
+    ids = pd.read_csv(data_copy / "phase1_label.csv", dtype=str)["ID"]
+    whole, cut = data_copy / "phase1" / ids[1], data_copy / "phase1" / ids[7]
+    cut.write_bytes(cut.read_bytes()[: len(cut.read_bytes()) * 3 // 4])
+    monkeypatch.setattr(cache.cv2, "imdecode", lambda buf, flag: np.zeros((8, 8, 3), np.uint8))
+    assert cache.read_image(whole).shape == (8, 8, 3)  # a complete file passes
+    with pytest.raises(WBCError, match=f"phase1_label.csv:9: truncated JPEG: .*{ids[7]}"):
+        cache.read_image(cut, data_copy / "phase1_label.csv", 9)

@@ -90,6 +90,20 @@ def test_composite_identity_and_kind_choice():
         D.apply(IMG.astype(np.float32), "gain", 1, np.random.default_rng(0))
 
 
+def test_n_ops_applies_that_many_groups():
+    # Blur alone keeps the mean colour; gain alone scales every pixel by one factor; both do neither.
+    kinds = []
+    for s in range(12):
+        out = D.damage(IMG, 3, np.random.default_rng(s), kinds=D.BLUR + ("gain",), n_ops=1).astype(float)
+        ok = (out > 5) & (out < 250)
+        if np.abs(out.mean((0, 1)) - IMG.mean((0, 1))).max() < 1:
+            kinds.append("blur")
+        else:
+            assert (out[ok] / IMG.astype(float)[ok]).std() < 0.02, s
+            kinds.append("gain")
+    assert set(kinds) == {"blur", "gain"}
+
+
 def test_transform_in_compose_is_reproducible():
     import albumentations as A
 

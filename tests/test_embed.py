@@ -92,6 +92,32 @@ def test_supcon_hand_computation_and_no_positive():
     assert float(SupConLoss(tau)(z, torch.tensor([0, 1, 2]))) == 0.0
 
 
+def test_siglip_class_term_keeps_its_own_temperature_and_bias():
+    from wbc.embed.losses import sigmoid_class_loss, sigmoid_pair_loss
+
+    torch.manual_seed(0)
+    loss = SigLIPLoss(dim=4, n_classes=3, pairwise=True, class_embeddings=True)
+    with torch.no_grad():  # the two terms' t and b set apart: each term must use its own
+        loss.class_logit_scale.fill_(0.0)
+        loss.class_logit_bias.fill_(1.5)
+    z, y = F.normalize(torch.randn(6, 4), dim=1), torch.tensor([0, 0, 1, 1, 2, 2])
+    expected = (sigmoid_pair_loss(z, y, torch.tensor(math.log(10)), torch.tensor(-10.0))
+                + sigmoid_class_loss(z, y, loss.class_emb, torch.tensor(0.0), torch.tensor(1.5)))
+    assert float(loss(z, y)) == pytest.approx(float(expected), rel=1e-6)
+
+
+def test_build_loss_takes_its_settings_from_the_config():
+    from wbc.embed.losses import build_loss
+
+    s = build_loss({"loss": "siglip", "siglip": {"pairwise": True, "class_embeddings": True, "t_init": 1.0,
+                                                  "b_init": -3.0}}, 4, 3)
+    assert float(s.logit_scale) == 1.0 and float(s.logit_bias) == -3.0
+    assert float(s.class_logit_scale) == 1.0 and float(s.class_logit_bias) == -3.0
+    assert build_loss({"loss": "supcon", "supcon_temperature": 0.2}, 4, 3).temperature == 0.2
+    with pytest.raises(WBCError, match="unknown loss"):
+        build_loss({"loss": "triplet"}, 4, 3)
+
+
 def test_siglip_needs_a_term():
     with pytest.raises(WBCError):
         SigLIPLoss(4, 3, pairwise=False, class_embeddings=False)
@@ -114,6 +140,8 @@ def test_balanced_sampler_gives_rare_classes_positives_in_every_batch():
     assert (seen == 20).all()  # classes are visited in rounds: equally often
     assert len(s) == 40
     assert len(ClassBalancedBatchSampler(y, 4, 4)) == math.ceil(len(y) / 16)
+    with pytest.raises(WBCError, match="samples_per_class"):  # K = 1 leaves images without a positive
+        ClassBalancedBatchSampler(y, 2, 1)
 
 
 # ---- classifiers --------------------------------------------------------------------------------------
@@ -138,6 +166,39 @@ def test_prototype_classifier_is_exact_on_separable_embeddings():
     q = xt[:3] / np.linalg.norm(xt[:3], axis=1, keepdims=True)
     expected = torch.softmax(torch.tensor(7.0 * q @ means.T, dtype=torch.float64), 1).numpy()
     np.testing.assert_allclose(fixed.predict_proba(xt[:3]), expected, rtol=1e-5)
+
+
+def test_per_class_temperatures_are_fitted_leave_one_out():
+    # Random embeddings carry no class information: scored leave-one-out, the fitted temperatures fall
+    # below the prior (flatter probabilities). Scored in-sample, an image's own prototype would look
+    # informative and push them up.
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(40, 64)).astype(np.float32), np.repeat(np.arange(4), 10)
+    clf = PrototypeClassifier(4, temperature=10.0, per_class=True).fit(x, y)
+    assert (clf.temperatures < 6.0).all(), clf.temperatures
+    # separable classes: sharper than the prior
+    xs, ys = blobs()
+    assert (PrototypeClassifier(4, temperature=10.0, per_class=True).fit(xs, ys).temperatures > 10.0).all()
+
+
+def test_knn_votes_are_weighted_by_similarity():
+    bank = np.array([[1.0, 0.0], [0.6, 0.8], [0.6, -0.8]], np.float32)
+    knn = KNNClassifier(2, k=3, temperature=0.5).fit(bank, [0, 1, 1])
+    q = np.array([[0.99, 0.141]], np.float32)
+    sim = (q / np.linalg.norm(q)) @ bank.T
+    w = np.exp(sim[0] / 0.5)
+    np.testing.assert_allclose(knn.predict_proba(q)[0], [w[0] / w.sum(), w[1:].sum() / w.sum()], rtol=1e-5)
+    assert knn.predict_proba(q)[0, 0] > 0.4  # an unweighted vote would give 1/3
+
+
+@pytest.mark.parametrize("kind", ["logreg", "mlp"])
+def test_linear_classifiers_are_class_balanced(kind):
+    # Features without information and a 9:1 class mix: a balanced fit predicts about 1/2 for the rare
+    # class on average, an unweighted one about its prior, 1/10.
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(400, 4)).astype(np.float32), (np.arange(400) % 10 == 0).astype(int)
+    p = SklearnClassifier(2, kind, C=0.01, max_iter=300).fit(x, y).predict_proba(x)
+    assert p[:, 1].mean() > 0.3
 
 
 def test_knn_and_linear_classifiers_on_separable_embeddings():

@@ -16,7 +16,7 @@ from wbc.config import load_config
 from wbc.ensemble import apply_rule, load_rule
 from wbc.ensemble.blend import check_members, combine, fit_weights, load_member, resolve_weights
 from wbc.ensemble.decision import class_prior, make_rule
-from wbc.ensemble.run import run_ensemble
+from wbc.ensemble.run import rule_steps, run_ensemble
 from wbc.ensemble.tune import RuleSpace, macro_f1_fast, make_storage, n_finished, nested_estimate, tune_rule
 from wbc.errors import WBCError
 from wbc.io import Probs, load_probs, save_probs
@@ -171,14 +171,17 @@ def test_nested_estimate_is_not_above_in_sample_on_noise():
     assert sorted(nested["fold_macro_f1"]) == [0, 1, 2] and (nested["pred"] >= 0).all()
 
 
-def test_resumed_study_continues_its_trials(tmp_path):
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_resumed_study_continues_its_trials(tmp_path, kind):
     rng = np.random.default_rng(2)
     y = rng.integers(0, 3, 300)
     probs = _probs(rng, y, 3, 1.0)
-    spec = f"sqlite:///{tmp_path / 'study.db'}"
+    spec = f"sqlite:///{tmp_path / 'study.db'}" if kind == "sqlite" else f"journal:{tmp_path / 'study.journal'}"
     args = dict(study_prefix="resume", seed=0, prior=class_prior(y, 3))
     _, first = tune_rule(probs, y, ["a", "b", "c"], RuleSpace(), storage=make_storage(spec), n_trials=6, **args)
     before = [(t.number, t.params) for t in first.trials]
+    # the trials are on disk: a fresh storage object sees them before anything reruns
+    assert n_finished(optuna.load_study(study_name=first.study_name, storage=make_storage(spec))) == 6
     # a new process: fresh storage object on the same file, a larger budget
     _, resumed = tune_rule(probs, y, ["a", "b", "c"], RuleSpace(), storage=make_storage(spec), n_trials=12, **args)
     assert resumed.study_name == first.study_name
@@ -229,10 +232,15 @@ def _move_fold(df):
     df.loc[9, "fold"] = (df.loc[9, "fold"] + 1) % 3
 
 
+def _relabel(df):
+    df.loc[9, "labels"] = "EO"  # img0009 is a BA image
+
+
 @pytest.mark.parametrize("edit, match", [
     (_drop_row, r"run_b/oof.csv: IDs differ .*1 ID\(s\) of .*missing, e.g. img0005"),
     (_rename_id, r"run_b/oof.csv: IDs differ .*intruder.jpg"),
     (_move_fold, r"run_b/oof.csv:11: ID img0009.jpg has fold [012], but fold [012] in .*run_a/oof.csv"),
+    (_relabel, r"run_b/oof.csv:11: ID img0009.jpg has label EO, but label BA in .*run_a/oof.csv"),
 ])
 def test_mismatched_members_are_refused(runs, edit, match):
     a, b = runs
@@ -371,6 +379,13 @@ def test_ensemble_submits_the_blend_when_the_rule_loses_out_of_sample(tmp_path, 
     root = _data_root(tmp_path, list(load_probs(a / "test.csv").ids))
     fake = {"macro_f1": 0.5, "blend_macro_f1": 0.6 if blend_wins else 0.4, "fold_macro_f1": {}, "fold_weights": {}}
     monkeypatch.setattr(run_mod, "nested_estimate", lambda *a, **k: fake)
+    real_tune = run_mod.tune_rule
+
+    def planted_tune(*a, **k):  # a rule that surely differs from the argmax, so submitted step != blend shows
+        rule, study = real_tune(*a, **k)
+        return dict(rule, bias={c: 3.0 if c == "BA" else 0.0 for c in CLASSES}), study
+
+    monkeypatch.setattr(run_mod, "tune_rule", planted_tune)
     cfg_file = tmp_path / "sel.yaml"
     cfg_file.write_text(yaml.safe_dump({"ensemble": {
         "members": [str(a), str(b)],
@@ -390,6 +405,12 @@ def test_ensemble_submits_the_blend_when_the_rule_loses_out_of_sample(tmp_path, 
     # the sidecar's nested score is the submitted step's
     sidecar = json.loads((tmp_path / "subs" / "sel.json").read_text())
     assert sidecar["oof_nested_macro_f1"] == fake["blend_macro_f1" if final == "blend" else "macro_f1"]
+    # eval decisions and the sidecar's eval score are the submitted step's too
+    ev = load_probs(out / "eval.csv")
+    eval_pred = pd.read_csv(out / "eval_pred.csv", dtype=str, keep_default_na=False)["labels"].tolist()
+    assert eval_pred == [CLASSES[i] for i in apply_rule(ev.probs, load_rule(out / "decision.json"))]
+    assert (eval_pred == [CLASSES[i] for i in ev.probs.argmax(1)]) == (final == "blend")
+    assert sidecar["eval_macro_f1"] == pytest.approx(report["scores"]["eval"][report["final_step"]]["macro_f1"])
 
 
 def test_weighted_fast_macro_f1_and_blend_weights_follow_the_shift_weights():
@@ -434,3 +455,112 @@ def test_ensemble_with_shift_weights(tmp_path, runs):
     pd.DataFrame({"ID": oof.ids[1:], "weight": 1.0}).to_csv(wfile, index=False)
     with pytest.raises(WBCError, match=f"no weight for OOF image {oof.ids[0]}"):
         run_ensemble(load_config(cfg_file, argv))
+
+
+def test_quota_serves_the_rarest_class_first():
+    # all rows argmax a; targets a 6, b 3, c 1. Row 0 is c's best candidate and a's top row: served rarest
+    # first, c gets it; served commonest first, a would lock it and leave c its worst row.
+    p = np.array([[0.50, 0.10, 0.40], [0.49, 0.41, 0.10], [0.48, 0.40, 0.12], [0.47, 0.39, 0.14],
+                  [0.46, 0.30, 0.24], [0.45, 0.29, 0.26], [0.44, 0.28, 0.28], [0.43, 0.27, 0.30],
+                  [0.42, 0.26, 0.32], [0.41, 0.25, 0.34]])
+    pred = apply_rule(p, make_rule(["a", "b", "c"], [0, 0, 0], {}, 1.0, [0.6, 0.3, 0.1]))
+    assert pred.tolist() == [2, 1, 1, 1, 0, 0, 0, 0, 0, 0]
+
+
+def test_tuning_starts_from_the_argmax_then_logit_adjustment():
+    rng = np.random.default_rng(4)
+    y = np.repeat(np.arange(3), [20, 50, 130])
+    probs = _probs(rng, y, 3, 1.0)
+    space = RuleSpace(tau_max=2.0, bias_range=1.0, thresholds_k=1, quota=True)
+    _, study = tune_rule(probs, y, ["a", "b", "c"], space, storage=optuna.storages.InMemoryStorage(),
+                         study_prefix="start", n_trials=3, seed=0)
+    base = {"b_a": 0.0, "b_b": 0.0, "b_c": 0.0, "t_a": 1.0, "quota": 0.0}  # the threshold is on the rarest class, a
+    assert study.trials[0].params == dict(base, tau=0.0)
+    assert study.trials[1].params == dict(base, tau=1.0)
+    assert study.trials[0].value == pytest.approx(macro_f1(y, probs.argmax(1), 3))
+
+
+def test_blend_weights_balance_the_classes():
+    # a is sure of the rare class and unsure of the head class, b the other way round: with each class
+    # counting the same, neither member wins; counted per image, the head class would hand b the blend.
+    y = np.repeat([0, 1], [10, 190])
+    a = np.where(y[:, None] == 0, [0.9, 0.1], [0.5, 0.5])
+    b = np.where(y[:, None] == 0, [0.5, 0.5], [0.1, 0.9])
+    for space in ("prob", "logit"):
+        np.testing.assert_allclose(fit_weights([a, b], y, space), [0.5, 0.5], atol=0.02)
+
+
+def test_logit_blend_is_the_softmax_of_the_weighted_log_probabilities():
+    p1, p2 = np.array([[0.7, 0.2, 0.1]]), np.array([[0.1, 0.3, 0.6]])
+    got = combine([p1, p2], [0.25, 0.75], "logit")
+    expected = softmax(0.25 * np.log(p1) + 0.75 * np.log(p2), axis=1)
+    np.testing.assert_allclose(got, expected, atol=1e-12)
+    np.testing.assert_allclose(combine([p1, p2], [0.25, 0.75], "prob"), 0.25 * p1 + 0.75 * p2, atol=1e-12)
+    assert not np.allclose(got, 0.25 * p1 + 0.75 * p2, atol=1e-3)
+
+
+@pytest.mark.parametrize("part", ["test", "eval"])
+def test_member_test_and_eval_ids_are_checked_and_aligned(runs, part):
+    a, b = runs
+    f = b / f"{part}.csv"
+    df = pd.read_csv(f, dtype={"ID": str, "labels": str}, keep_default_na=False)
+    df.iloc[::-1].to_csv(f, index=False)  # same IDs, other row order: realigned by ID
+    m = check_members([load_member(a), load_member(b)])
+    got = getattr(m[1], part)
+    assert list(got.ids) == list(getattr(m[0], part).ids)
+    np.testing.assert_allclose(got.probs, load_probs(f).align(got.ids).probs)
+    df.drop(index=3).to_csv(f, index=False)
+    with pytest.raises(WBCError, match=rf"run_b/{part}.csv: IDs differ .*1 ID\(s\) of .*missing"):
+        check_members([load_member(a), load_member(b)])
+
+
+def test_quota_is_tuned_when_it_is_the_only_lever():
+    # c (rare) is never the argmax, but its probability ranks its own images first: only a quota can use it
+    rng = np.random.default_rng(5)
+    y = np.repeat(np.arange(3), [120, 60, 20])
+    z = rng.normal(0, 0.3, (len(y), 3)) + [1.0, 0.8, -2.0]
+    z[np.arange(len(y)), y] += 1.5
+    probs = softmax(z, axis=1)
+    assert (probs.argmax(1) != 2).all()
+    space = RuleSpace(tau_max=0, bias_range=0, quota=True)
+    rule, study = tune_rule(probs, y, ["a", "b", "c"], space, storage=optuna.storages.InMemoryStorage(),
+                            study_prefix="quota", n_trials=15, seed=0)
+    plain = macro_f1(y, probs.argmax(1), 3)
+    assert rule["quota"] == study.best_params["quota"] > 0.5
+    assert study.best_value == pytest.approx(macro_f1(y, apply_rule(probs, rule), 3))
+    assert study.best_value > plain + 0.15
+
+
+def test_tuning_is_seeded():
+    rng = np.random.default_rng(6)
+    y = rng.integers(0, 3, 200)
+    probs = _probs(rng, y, 3, 1.0)
+    params = [[t.params for t in tune_rule(probs, y, ["a", "b", "c"], RuleSpace(), study_prefix="seed",
+                                            storage=optuna.storages.InMemoryStorage(), n_trials=6, seed=seed)[1].trials]
+              for seed in (0, 0, 1)]
+    assert params[0] == params[1] and params[0][2:] != params[2][2:]  # trials 0-1 are the fixed start points
+
+
+def test_report_steps_add_one_part_of_the_rule_at_a_time():
+    rule = make_rule(["a", "b", "c"], [0.1, 0.0, -0.2], {"c": 0.3}, 0.8, [0.5, 0.3, 0.2])
+    steps = dict(rule_steps(rule))
+    assert list(steps) == ["+bias", "+thresholds", "+quota"]
+    assert steps["+bias"] == dict(rule, thresholds={}, quota=0.0)
+    assert steps["+thresholds"] == dict(rule, quota=0.0)
+    assert steps["+quota"] == rule
+    assert [s for s, _ in rule_steps(dict(rule, thresholds={}, quota=0.0))] == ["+bias"]
+
+
+def test_nested_estimate_refits_the_blend_weights_without_the_held_out_fold():
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 3, 300)
+    folds = np.arange(300) % 3
+    good, weak = _probs(rng, y, 3, 2.0), _probs(rng, y, 3, 0.5)
+    good[folds == 0] = _probs(rng, y[folds == 0], 3, 0.0)  # good is useless on fold 0 only
+    nested = nested_estimate([good, weak], y, folds, ["a", "b", "c"], RuleSpace(tau_max=0, bias_range=0),
+                             weights=None, blend_space="prob", storage=optuna.storages.InMemoryStorage(),
+                             study_prefix="nw", n_trials=1, seed=0)
+    for k in range(3):
+        tr = folds != k
+        np.testing.assert_allclose(nested["fold_weights"][k], fit_weights([good[tr], weak[tr]], y[tr]), atol=1e-9)
+    assert nested["fold_weights"][0][0] > nested["fold_weights"][1][0] + 0.1

@@ -34,3 +34,29 @@ def test_grouped_folds_keep_groups_together(tmp_path, make_cfg):
     assert "group" in f.columns
     assert f.groupby("group")["fold"].nunique().max() == 1
     assert f["fold"].nunique() == 5
+
+
+def _pool_labels(root):
+    return pd.concat([pd.read_csv(root / "phase1_label.csv", dtype=str),
+                      pd.read_csv(root / "phase2_train.csv", dtype=str)])["labels"]
+
+
+def test_classes_rarer_than_k_are_warned_about_and_spread(sample_root, make_cfg, capsys):
+    counts = _pool_labels(sample_root).value_counts()
+    k, rare = int(counts.min()) + 1, counts.idxmin()
+    capsys.readouterr()
+    f = build_folds(make_cfg(sample_root, f"folds.n_folds={k}"))
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"classes rarer than {k} folds" in out and f"{rare} ({counts.min()})" in out
+    assert f[f["labels"] == rare]["fold"].nunique() == counts.min()  # one image per fold, as many folds as it can
+    build_folds(make_cfg(sample_root, "folds.n_folds=2"))
+    assert "rarer" not in capsys.readouterr().out
+
+
+def test_class_list_is_the_sorted_codes_or_the_config(sample_root):
+    from wbc.data.layout import class_list
+
+    eval_labels = pd.read_csv(sample_root / "phase2_eval.csv", dtype=str)["labels"]
+    codes = sorted(set(_pool_labels(sample_root)) | set(eval_labels))
+    assert len(codes) > 3 and class_list({"data": {}}, sample_root) == codes
+    assert class_list({"data": {"classes": ["Z", "A"]}}, sample_root) == ["Z", "A"]

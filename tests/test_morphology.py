@@ -140,6 +140,8 @@ def test_count_lobes_on_masks():
     assert M.count_lobes(dumbbell) == 2 and M.count_lobes(thick) == 1 and M.count_lobes(apart) == 3
     assert M.constriction(mask(disc(30))) == 0.0 and M.constriction(apart) == pytest.approx(1.0)
     assert M.count_lobes(np.zeros((50, 50), bool)) == 0
+    speck = mask(lambda m, c: (cv2.circle(m, C, 30, c, -1), cv2.circle(m, (190, 112), 3, c, -1)))
+    assert M.count_lobes(speck) == 1  # a speck thinner than min_height x the main lobe is no lobe
 
 
 def test_shape_features_of_exact_shapes():
@@ -149,6 +151,12 @@ def test_shape_features_of_exact_shapes():
     assert f["area"] == pytest.approx(np.pi * 40 ** 2, rel=0.01)
     assert f["perimeter"] == pytest.approx(2 * np.pi * 40, rel=0.02)
     assert f["circularity"] == pytest.approx(1.0, abs=0.02) and f["spikiness"] == pytest.approx(1.0, abs=0.02)
+    # one long spike: spikiness is the tip's distance over the MEDIAN contour radius (a mean would be
+    # pulled up by the spike's own contour points): tip ~57 px from the centroid, disc edge ~31 px
+    m[:] = 0
+    cv2.circle(m, C, 30, 1, -1)
+    cv2.rectangle(m, (112, 109), (172, 115), 1, -1)
+    assert M.shape_features(m > 0)["spikiness"] == pytest.approx(1.82, abs=0.04)
 
 
 @pytest.mark.parametrize("img,reason", [

@@ -37,18 +37,20 @@ def test_select_threshold_and_class_fraction():
 
 def _pred_folder(root, tmp_path, classes):
     """A predictions folder for the sample data: random probabilities, decisions = argmax except that every
-    fifth eval image is decided as the next class (so decisions differ from both argmax and truth)."""
+    fifth eval image is decided as the next class (so decisions differ from both argmax and truth). Rows are
+    shuffled against the split CSV, and the decisions file is in yet another order: everything is keyed by ID."""
     rng = np.random.default_rng(0)
     pred = tmp_path / "pred"
     for part, split in [("test", "phase2_test"), ("eval", "phase2_eval")]:
         df = read_split(root, split, check_images=False)
+        df = df.iloc[rng.permutation(len(df))].reset_index(drop=True)
         p = rng.dirichlet(np.full(len(classes), 0.3), len(df))
         labels = df["labels"].to_numpy() if part == "eval" else None
         save_probs(pred / f"{part}.csv", Probs(df["ID"], p, classes, labels=labels))
         decided = np.asarray(classes)[p.argmax(1)]
         if part == "eval":
             decided[::5] = np.asarray(classes)[(p.argmax(1)[::5] + 1) % len(classes)]
-            write_csv(pred / "eval_pred.csv", pd.DataFrame({"ID": df["ID"], "labels": decided}))
+            write_csv(pred / "eval_pred.csv", pd.DataFrame({"ID": df["ID"], "labels": decided}).iloc[::-1])
     return pred
 
 

@@ -126,6 +126,41 @@ def test_every_gate_must_agree():
     np.testing.assert_array_equal(apply_hard(ev, params, CLASSES), [2, 0, 0, 0, 0])
 
 
+def test_the_most_likely_of_several_open_rare_classes_wins():
+    probs = np.array([[0.5, 0.3, 0.2], [0.5, 0.2, 0.3]])
+    ev = Evidence(probs, np.zeros(2, int), np.ones((2, 3)), np.zeros((2, 3)), np.ones((2, 1)), ["nuc_lobes"])
+    open_gate = {"ratio": 0.1, "maha": 5.0, "shape": {}}
+    for order in (["B", "R"], ["R", "B"]):  # the larger p_r / max p wins, whatever the gate order
+        params = {"gates": {k: open_gate for k in order}}
+        np.testing.assert_array_equal(apply_hard(ev, params, CLASSES), [1, 2])
+
+
+def test_a_row_in_an_open_rare_class_stays_there():
+    probs = np.array([[0.2, 0.5, 0.3]])  # the base decision is B, itself a rare class with an open gate
+    ev = Evidence(probs, probs.argmax(1), np.ones((1, 3)), np.zeros((1, 3)), np.ones((1, 1)), ["nuc_lobes"])
+    open_gate = {"ratio": 0.1, "maha": 5.0, "shape": {}}
+    assert apply_hard(ev, {"gates": {"B": open_gate, "R": open_gate}}, CLASSES)[0] == 1  # not moved to R (0.3)
+    closed_b = {**open_gate, "maha": -1.0}  # B's morphology does not fit: R may take the row
+    assert apply_hard(ev, {"gates": {"B": closed_b, "R": open_gate}}, CLASSES)[0] == 2
+
+
+def test_fit_hard_starts_from_closed_gates():
+    x, y, folds, probs, shape = evidence()
+    ev = make_ev(x, y, folds, probs, shape)
+    params, best = fit_hard(ev, y, CLASSES, ["R"], SEARCH, n_trials=1, seed=0)  # trial 0 only
+    assert params["gates"] == {} and best == pytest.approx(fast_macro_f1(y, ev.base, 3))
+
+
+def test_shape_gate_picks_the_discriminating_feature():
+    from wbc.refine.rule import discriminating_shapes
+
+    x, y, folds, probs, shape = evidence()
+    noise = np.random.default_rng(5).normal(size=(len(y), 2))
+    ev = make_ev(x, y, folds, probs, np.column_stack([noise[:, 0], shape[:, 0], noise[:, 1]]))
+    ev.shape_names = ["noise_a", "nuc_lobes", "noise_b"]
+    assert discriminating_shapes(ev, y, 2, 1) == ["nuc_lobes"]
+
+
 def test_fit_hard_rescues_the_rare_class_and_never_scores_below_base():
     x, y, folds, probs, shape = evidence()
     ev = make_ev(x, y, folds, probs, shape)
@@ -154,6 +189,8 @@ def test_soft_rule_weight_zero_is_identity_and_missing_rows_stay():
     assert (gain >= -1e-12).all()  # the morphologically likeliest class never loses probability
     w, f1 = fit_soft(ev, y, lambda p: p.argmax(1), SEARCH, 3)
     assert w > 0 and f1 > fast_macro_f1(y, ev.base, 3)
+    ev.loglik[:] = 0.0  # morphology without information: every weight ties, the smallest (0) is kept
+    assert fit_soft(ev, y, lambda p: p.argmax(1), SEARCH, 3)[0] == 0.0
 
 
 def test_nested_estimate_scores_held_out_folds():

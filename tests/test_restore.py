@@ -1,6 +1,8 @@
 """Damage gate, Pix2Pix training steps, Restorer contract, checkpoints and the two CLI commands (CPU, tiny)."""
 from __future__ import annotations
 
+import json
+
 import cv2
 import numpy as np
 import pandas as pd
@@ -10,7 +12,7 @@ import torch
 from wbc.__main__ import main
 from wbc.data.damage import damage
 from wbc.restore.pairs import PairDataset, simulate, to_tensor
-from wbc.restore.pix2pix import Pix2Pix, Restorer, build_generator, train_pix2pix
+from wbc.restore.pix2pix import Pix2Pix, Restorer, build_generator, psnr, train_pix2pix
 from wbc.restore.score import Gate, damage_score, fit_gate
 
 TINY = {"encoder": "tu-mobilenetv3_small_050", "decoder_channels": [32, 16, 16, 8, 8], "ndf": 8, "epochs": 2,
@@ -88,6 +90,70 @@ def test_generator_steps_lower_l1_on_a_fixed_batch():
     losses = [model.step(x, y)["l1"] for _ in range(8)]
     assert losses[0] == pytest.approx(float((x - y).abs().mean()), abs=0.01)  # starts as the identity
     assert min(losses[-3:]) < 0.8 * losses[0]
+
+
+def test_generator_loss_is_adversarial_plus_lambda_l1_and_adam_uses_beta1():
+    import copy
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    clean = cells(2, size=64, seed=12)
+    x, y = to_tensor(simulate(clean, 2, 0)), to_tensor(clean)
+    model = Pix2Pix({**TINY, "lambda_l1": 7.0}, torch.device("cpu"))
+    for opt in (model.opt_g, model.opt_d):
+        assert opt.param_groups[0]["betas"] == (0.5, 0.999)
+    G0 = copy.deepcopy(model.G)
+    model.step(x, y)
+    # The generator's gradients are those of BCE(D(x, G(x)), real) + 7 * L1, D already updated this step.
+    fake = G0(x)
+    logits = model.D(x, fake)
+    loss = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits)) + 7.0 * F.l1_loss(fake, y)
+    loss.backward()
+    for (name, a), b in zip(model.G.named_parameters(), G0.parameters()):
+        if b.grad is not None and b.grad.abs().max() > 0:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-3, atol=1e-6, msg=name)
+
+
+def test_learning_rate_decays_linearly_and_resumes_mid_schedule(tmp_path, monkeypatch):
+    from wbc.restore import pix2pix
+
+    imgs = cells(4, size=64, seed=13)
+    rc = {**TINY, "epochs": 4, "steps_per_epoch": 1}
+    real_step, calls = pix2pix.Pix2Pix.step, []
+
+    def killed_in_epoch_3(self, d, c):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(self, d, c)
+
+    monkeypatch.setattr(pix2pix.Pix2Pix, "step", killed_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_pix2pix(rc, imgs, tmp_path, torch.device("cpu"), seed=0)
+    monkeypatch.setattr(pix2pix.Pix2Pix, "step", real_step)
+    train_pix2pix(rc, imgs, tmp_path, torch.device("cpu"), seed=0)  # resumes at epoch 3
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # constant for the first half of the epochs, then linear towards zero: 1, 1, 2/3, 1/3 x lr
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    np.testing.assert_allclose([r["lr"] for r in rows], [1e-3, 1e-3, 2e-3 / 3, 1e-3 / 3], rtol=1e-6)
+
+
+def test_simulated_pairs_are_the_same_faults_made_stronger():
+    imgs = cells(8, size=64, seed=14)
+    ps = np.array([[psnr(a, b) for a, b in zip(simulate(imgs, sev, 3), imgs)] for sev in (1, 2, 3)])
+    assert (np.diff(ps, axis=0) < 0).all(), ps
+
+
+def test_pairs_draw_every_severity_up_to_the_maximum(monkeypatch):
+    from wbc.restore import pairs
+
+    seen = []
+    monkeypatch.setattr(pairs, "damage", lambda im, sev, rng, kinds=None: (seen.append(sev), im)[1])
+    ds = PairDataset(cells(40, size=32), max_severity=3, seed=0)
+    for i in range(len(ds)):
+        ds[i]
+    assert set(seen) == {1, 2, 3}
 
 
 def test_restorer_keeps_size_dtype_and_passes_clean_images_through():

@@ -208,6 +208,9 @@ def test_specialists_that_do_not_match_the_members_are_refused(tmp_path):
     with pytest.raises(WBCError, match="must be two or more of the members' classes"):
         load_specialist(member, ref)  # a full-class run is not a specialist
     df = pd.read_csv(spec / "oof.csv", dtype=str, keep_default_na=False)
+    df.assign(labels=df["labels"].where(df.index != 5, "LY")).to_csv(spec / "oof.csv", index=False)  # p005 is BA
+    with pytest.raises(WBCError, match=r"spec/oof.csv:7: ID p005.jpg has label LY, but label BA"):
+        load_specialist(spec, ref)
     df.loc[5, "fold"] = str((int(df.loc[5, "fold"]) + 1) % 3)
     df.to_csv(spec / "oof.csv", index=False)
     with pytest.raises(WBCError, match=r"spec/oof.csv:7: ID p005.jpg has fold"):

@@ -40,3 +40,29 @@ def test_write_in_test_order_with_sidecar(tmp_path):
     with pytest.raises(WBCError):
         write_submission(tmp_path, ["1", "2"], ["A", "B"], "bad", CLASSES, {}, out_dir=tmp_path / "subs")
     assert not (tmp_path / "subs" / "bad.csv").exists()
+
+
+def test_check_file_validates_an_existing_submission(tmp_path):
+    from wbc.submit import check_file
+
+    (tmp_path / "phase2_test.csv").write_text("ID,labels\n3,\n1,\n2,\n")
+    good, short = tmp_path / "good.csv", tmp_path / "short.csv"
+    good.write_text("ID,labels\n1,A\n2,B\n3,C\n")
+    short.write_text("ID,labels\n1,A\n2,B\n")
+    check_file(good, tmp_path, CLASSES)
+    with pytest.raises(WBCError, match="short.csv: 1 test IDs missing, e.g. 3"):
+        check_file(short, tmp_path, CLASSES)
+    with pytest.raises(WBCError, match="submission not found"):
+        check_file(tmp_path / "none.csv", tmp_path, CLASSES)
+
+
+def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    from wbc.io import atomic_path, write_text
+
+    p = tmp_path / "subs" / "x.csv"
+    write_text(p, "ID,labels\n1,A\n")
+    with pytest.raises(RuntimeError):
+        with atomic_path(p) as tmp:
+            tmp.write_text("ID,lab")  # killed half-way
+            raise RuntimeError("killed")
+    assert p.read_text() == "ID,labels\n1,A\n" and [q.name for q in p.parent.iterdir()] == ["x.csv"]

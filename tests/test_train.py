@@ -89,6 +89,8 @@ def test_oof_covers_pool_and_merges(cfg2):
     assert sorted(oof.ids) == sorted(folds["ID"]) and len(set(oof.ids)) == len(oof.ids)
     fmap = dict(zip(folds["ID"], folds["fold"].astype(int)))
     assert all(fmap[i] == f for i, f in zip(oof.ids, oof.folds))
+    lmap = dict(zip(folds["ID"], folds["labels"]))
+    assert all(lmap[i] == lbl for i, lbl in zip(oof.ids, oof.labels))  # each row's truth is its own image's
     np.testing.assert_allclose(oof.probs.sum(1), 1, atol=1e-5)
     test = load_probs(run_dir(cfg) / "test.csv")
     assert sorted(test.ids) == sorted(data.test["ID"])
@@ -369,3 +371,120 @@ def test_a_training_batch_stays_on_the_device(stage, recipe):
             assert loss.device == torch.device("cuda", 0) and loss.shape == ()
     finally:
         dataset._stats.cache_clear()
+
+
+def test_warmup_then_cosine_to_min_lr():
+    from wbc.train.loop import _lr_lambda
+
+    f = _lr_lambda(total_steps=110, warmup_steps=10, min_ratio=0.1)
+    assert [f(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])  # linear warm-up
+    assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
+    assert f(500) == pytest.approx(0.1)  # held at the floor
+
+
+def test_gradient_clipping_bounds_the_step():
+    from wbc.train.loop import _train_step
+    from wbc.train.losses import build_loss
+
+    def step(clip):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        x = torch.full((4, 3, 4, 4), 255, dtype=torch.uint8)
+        y = torch.tensor([0, 1, 2, 0])
+        norm = {"mean": (0.0, 0.0, 0.0), "std": (0.01, 0.01, 0.01)}  # huge inputs: huge gradients
+        _train_step(model, model, None, x, y, opt, sched, scaler, build_loss({"type": "ce"}, [1, 1, 1]),
+                    torch.device("cpu"), norm, {"grad_clip": clip, "amp": "none"}, 1)
+        return torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)]).norm().item()
+
+    assert step(0.5) == pytest.approx(0.5, rel=1e-4)  # SGD with lr 1 moves by the clipped gradient norm
+    assert step(None) > 10
+
+
+def test_best_checkpoint_follows_val_macro_f1_and_survives_a_resume(cfg2, monkeypatch):
+    """best.pt holds the weights of the best validation macro-F1 (scripted here), also across a kill and resume:
+    the resumed run must remember the best score, or a worse epoch would overwrite best.pt."""
+    import wbc.train.loop as loop
+
+    scores = iter([0.5, 0.7, 0.6, 0.4])
+    monkeypatch.setattr(loop, "macro_f1", lambda *a: next(scores))
+    cfg = cfg2("train.epochs=4", "train.ema=false")
+    lasts = {}
+
+    def snap(epoch, rec):
+        lasts[epoch] = torch_load(run_dir(cfg) / "fold0" / "last.pt")
+        if epoch == 2:
+            raise StopTraining
+
+    with pytest.raises(StopTraining):
+        train_fold(cfg, 0, on_epoch=snap)
+    res = train_fold(cfg, 0, on_epoch=snap, resume=True)
+    assert res["best_macro_f1"] == 0.7 and [h["val_macro_f1"] for h in res["history"]] == [0.5, 0.7, 0.6, 0.4]
+    best = torch_load(run_dir(cfg) / "fold0" / "best.pt")
+    assert all(torch.equal(best[k], lasts[1][k]) for k in best)  # epoch 1's weights
+    assert not all(torch.equal(best[k], lasts[3][k]) for k in best)
+
+
+def test_stage2_retrains_the_head_on_the_frozen_backbone_with_balanced_sampling(cfg2, monkeypatch):
+    import wbc.train.loop as loop
+    from wbc.train.loop import stage_loss
+
+    kinds = []
+    real = loop.build_sampler
+    monkeypatch.setattr(loop, "build_sampler", lambda y, n, c, **k: kinds.append(c["type"]) or real(y, n, c, **k))
+    cfg = cfg2("train.epochs=1", "train.stage2.epochs=1", "train.ema=false", "train.sampler.type=sqrt")
+    snaps = {}
+    train_fold(cfg, 0, on_epoch=lambda e, r: snaps.__setitem__(e, torch_load(run_dir(cfg) / "fold0" / "last.pt")))
+    assert kinds == ["sqrt", "balanced"]
+    head = {n for n in snaps[0] if n.startswith("fc.")}  # test_resnet's classifier
+    assert head and all(torch.equal(snaps[0][k], snaps[1][k]) for k in snaps[0] if k not in head)  # incl. BN stats
+    assert not all(torch.equal(snaps[0][k], snaps[1][k]) for k in head)
+    # stage 2's loss: plain CE (no weights, no prior offset) that keeps the recipe's label smoothing
+    t = {"loss": {"type": "logit_adjusted", "tau": 1.0, "class_weight": "inverse", "label_smoothing": 0.1}}
+    s2 = stage_loss(t, [50, 5, 1], 2, torch.device("cpu"))
+    assert s2.label_smoothing == 0.1 and torch.equal(s2.weight, torch.ones(3)) and not s2.logit_offset.any()
+
+
+def test_cache_is_rebuilt_when_ids_change_and_never_half_written(sample_root, make_cfg):
+    from wbc.data.cache import cache_dir, split_images
+    from wbc.data.layout import read_split
+
+    cfg = make_cfg(sample_root)
+    df = read_split(sample_root, "phase1")
+    a = np.array(split_images(cfg, df.iloc[:6], "phase1"))
+    b = np.array(split_images(cfg, df.iloc[2:8], "phase1"))  # other IDs: rebuilt, not the stale array
+    assert len(b) == 6 and np.array_equal(b[:4], a[2:6]) and not np.array_equal(b, a)
+
+    class Failing(np.ndarray):
+        def tofile(self, path):  # a disk that fills up mid-write
+            with open(path, "wb") as fh:
+                fh.write(b"partial")
+            raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        split_images(cfg, df.iloc[:3], "phase1", transform=lambda im, split: im.view(Failing))
+    assert sorted(p.name for p in cache_dir(cfg).iterdir()) == ["phase1.ids.json", "phase1.u8"]
+    assert np.array_equal(split_images(cfg, df.iloc[2:8], "phase1"), b)  # the previous cache is intact
+
+
+def test_resume_inside_stage2_is_exact(cfg2):
+    """A run killed during stage 2 resumes in stage 2, with the head's optimizer and schedule, not stage 1's."""
+    over = ["train.epochs=1", "train.stage2.epochs=2", "train.ema=false"]
+    full = cfg2(*over, "name=full2")
+    data = load_fold_data(full)
+    train_fold(full, 0, data=data)
+    part = cfg2(*over, "name=part2")
+
+    def kill(epoch, rec):
+        if epoch == 1:
+            raise StopTraining
+
+    with pytest.raises(StopTraining):
+        train_fold(part, 0, on_epoch=kill, data=data)
+    res = train_fold(part, 0, resume=True, data=data)
+    assert [h["stage"] for h in res["history"]] == [1, 2, 2]
+    a, b = (torch_load(run_dir(c) / "fold0" / "last.pt") for c in (full, part))
+    assert all(torch.equal(a[k], b[k]) for k in a)

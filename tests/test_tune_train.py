@@ -48,7 +48,7 @@ def fake_train_fold(cfg: dict, fold: int, on_epoch=None) -> dict:
     for epoch in range(cfg["train"]["epochs"]):
         f1 = quality(cfg) * (1 - 0.5 ** (epoch + 1))
         best = max(best, f1)
-        on_epoch(epoch, {"val_macro_f1": f1, "val_loss": 1 - f1})
+        on_epoch(epoch, {"val_macro_f1": f1, "val_loss": 1.0 / (epoch + 1)})  # a loss that says nothing of F1
     return {"fold": fold, "best_macro_f1": best}
 
 
@@ -73,6 +73,8 @@ def test_trials_prune_resume_and_record_results(tmp_path, monkeypatch):
                                   "focal_gamma": t.params.get("train.loss.focal_gamma", 0.0)}},
                "augment": {"strength": t.params["augment.strength"]}}
         assert t.value == pytest.approx(quality(cfg) * (1 - 0.5 ** EPOCHS))
+        # pruning watches the per-epoch validation macro-F1, not the loss
+        assert t.intermediate_values == pytest.approx({e: quality(cfg) * (1 - 0.5 ** (e + 1)) for e in range(EPOCHS)})
     # focal gamma is sampled only for focal trials
     assert all(("train.loss.focal_gamma" in t.params) == (t.params["train.loss.type"] == "focal") for t in trials)
     assert len({t.user_attrs["run"] for t in trials}) == 10

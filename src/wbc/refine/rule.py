@@ -67,7 +67,8 @@ def apply_hard(ev: Evidence, params: dict, classes: list[str]) -> np.ndarray:
         for name, g in params.get("gates", {}).items():
             c = classes.index(name)
             score = ev.probs[:, c] / top
-            gate = (score >= g["ratio"]) & (ev.dist[:, c] <= g["maha"]) & (ev.base != c)
+            # a row already in an open rare class competes with it too (no move to a less likely one)
+            gate = (score >= g["ratio"]) & (ev.dist[:, c] <= g["maha"])
             for feat, (lo, hi) in g.get("shape", {}).items():
                 x = ev.shape[:, ev.shape_names.index(feat)]
                 gate &= (x >= lo) & (x <= hi)

@@ -1,0 +1,86 @@
+"""Fold merging keyed by ID, probability files, and test-time augmentation averaging (unit level, no training)."""
+import numpy as np
+import pytest
+import torch
+
+from wbc.errors import WBCError
+from wbc.io import Probs, load_probs, save_probs, write_text
+from wbc.predict.merge import merge_run
+
+CLASSES = ["A", "B", "C"]
+
+
+def _probs(rng, n):
+    p = rng.random((n, len(CLASSES))) + 0.1
+    return p / p.sum(1, keepdims=True)
+
+
+def _fold_files(run, rng, oof_ids, test_ids):
+    """fold<k>/{oof,test}.csv with random probabilities; each fold's test rows in its own order."""
+    tests = {}
+    for k, ids in enumerate(oof_ids):
+        d = run / f"fold{k}"
+        labels = np.array(CLASSES)[np.arange(len(ids)) % 3]
+        save_probs(d / "oof.csv", Probs(ids, _probs(rng, len(ids)), CLASSES, np.full(len(ids), k), labels))
+        order = rng.permutation(len(test_ids))
+        tests[k] = Probs(np.asarray(test_ids)[order], _probs(rng, len(test_ids)), CLASSES, labels=[""] * len(test_ids))
+        save_probs(d / "test.csv", tests[k])
+    return tests
+
+
+def test_merge_averages_test_probs_by_id_and_concatenates_oof(tmp_path):
+    rng = np.random.default_rng(0)
+    oof_ids = [["a", "b", "c"], ["d", "e", "f"]]
+    test_ids = [f"t{i}" for i in range(6)]
+    tests = _fold_files(tmp_path, rng, oof_ids, test_ids)
+    rep = merge_run(tmp_path, expected_ids=sum(oof_ids, []))
+    assert rep["oof_complete"] and rep["folds"] == [0, 1] and rep["n_oof"] == 6
+    oof = load_probs(tmp_path / "oof.csv")
+    for k, ids in enumerate(oof_ids):
+        part = load_probs(tmp_path / f"fold{k}" / "oof.csv")
+        np.testing.assert_allclose(oof.align(ids).probs, part.probs)  # each OOF row is its own fold's, by ID
+        assert (oof.align(ids).folds == k).all()
+    merged = load_probs(tmp_path / "test.csv")
+    for i in test_ids:  # fold mean per ID, whatever each fold file's row order
+        want = (tests[0].align([i]).probs + tests[1].align([i]).probs) / 2
+        np.testing.assert_allclose(merged.align([i]).probs, want, atol=1e-12)
+
+
+def test_merge_refuses_overlapping_oof_and_disagreeing_folds(tmp_path):
+    rng = np.random.default_rng(1)
+    _fold_files(tmp_path / "dup", rng, [["a", "b"], ["b", "c"]], ["t0", "t1"])
+    with pytest.raises(WBCError, match="an ID appears in the OOF of two folds"):
+        merge_run(tmp_path / "dup")
+    _fold_files(tmp_path / "ids", rng, [["a", "b"], ["c", "d"]], ["t0", "t1"])
+    save_probs(tmp_path / "ids" / "fold1" / "test.csv", Probs(["t0", "t9"], _probs(rng, 2), CLASSES))
+    with pytest.raises(WBCError, match="folds disagree on IDs or classes"):
+        merge_run(tmp_path / "ids")
+    _fold_files(tmp_path / "cls", rng, [["a", "b"], ["c", "d"]], ["t0", "t1"])
+    save_probs(tmp_path / "cls" / "fold1" / "test.csv", Probs(["t0", "t1"], _probs(rng, 2), ["B", "A", "C"]))
+    with pytest.raises(WBCError, match="folds disagree on IDs or classes"):  # columns in another class order
+        merge_run(tmp_path / "cls")
+
+
+def test_probability_files_refuse_duplicate_ids(tmp_path):
+    p = tmp_path / "p.csv"
+    write_text(p, "ID,prob_A,prob_B\nx,0.5,0.5\ny,0.2,0.8\nx,0.1,0.9\n")
+    with pytest.raises(WBCError, match=r"p.csv:4: duplicate ID x"):
+        load_probs(p)
+
+
+def test_tta_averages_the_softmax_of_the_dihedral_views():
+    from wbc.data.dataset import normalize
+    from wbc.models.inference import predict_probs, view
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+    images = np.random.default_rng(0).integers(0, 255, (5, 8, 8, 3), dtype=np.uint8)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    kw = dict(device=torch.device("cpu"), mean=mean, std=std, batch_size=2, amp="none")
+    x = normalize(torch.from_numpy(images).permute(0, 3, 1, 2), mean, std)
+    with torch.no_grad():
+        per_view = [model(view(x, k)).softmax(1).numpy() for k in range(8)]
+    for n in (1, 2, 4, 8):
+        got = predict_probs(model, images, tta=n, **kw)
+        np.testing.assert_allclose(got, np.mean(per_view[:n], 0), atol=1e-6)
+    assert np.abs(per_view[0] - np.mean(per_view, 0)).max() > 1e-3  # the views really differ for this model
