@@ -129,3 +129,17 @@ def test_prediction_only_run_uses_the_source_checkpoints(sample_root, make_cfg, 
     for split in ("oof", "test"):
         same = load_probs(out / "same" / f"{split}.csv")
         assert np.allclose(load_probs(out / "killed" / f"{split}.csv").align(same.ids).probs, same.probs)
+
+
+def test_batches_are_shuffled_so_that_each_sees_the_whole_split():
+    """Two halves of very different brightness: batches cut from the unshuffled split would each see one half,
+    and the average of their variances would miss the gap between the halves."""
+    net = _net(3)
+    images = np.concatenate([_images(32, 3) // 2, _images(32, 4) // 2 + 128])
+    bn = adapt_batchnorm(net, images, 1.0, batch_size=32, **KW)[0]
+    assert torch.allclose(bn.running_var, _normalised(images).var((0, 2, 3)), rtol=0.15)
+
+
+def test_alpha_zero_is_refused_not_silently_a_copy():
+    with pytest.raises(WBCError, match=r"\(0, 1\]"):
+        adapt_batchnorm(_net(), _images(4), 0.0, **KW)  # 0 means off: the caller skips adaptation

@@ -43,6 +43,22 @@ def test_slow_loader_is_named(cfg, monkeypatch):
     assert res["ratio"] < 0.5
 
 
+def test_slow_model_is_named(cfg, monkeypatch):
+    import torch
+
+    real = torch.nn.Module.__call__
+
+    def slow(self, *a, **k):
+        if self.__class__.__name__ == "ResNet":
+            time.sleep(0.2)  # 8 images a step: at most 40 img/s, far slower than loading them
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.nn.Module, "__call__", slow)
+    res = benchmark(cfg, steps=3, warmup=1)
+    assert res["plain_img_per_s"] < 40 < res["loader_img_per_s"]
+    assert res["limited_by"] == "model step"
+
+
 def test_consistency_views_go_through_the_model_on_both_sides(sample_root, make_cfg, monkeypatch):
     """With train.consistency on, the pipeline feeds (B, V, ...) batches and the plain loop forwards B x V images
     a step, so the ratio compares like with like."""

@@ -53,3 +53,10 @@ def test_free_form_and_step_sections_are_not_checked(tmp_path):
 def test_every_shipped_config_resolves(path):
     cfg = load_config(path)
     assert cfg["name"] and cfg["model"]["arch"]
+
+
+def test_inheritance_loop_is_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(WBCError, match=r"a\.yaml: config inherits from itself"):
+        load_config(tmp_path / "a.yaml")

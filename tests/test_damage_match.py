@@ -69,14 +69,22 @@ def test_fit_recovers_a_planted_mix():
     assert 0 < stats["proposal_ess"] <= len(prop)
 
 
-def test_damage_match_on_the_sample_data(sample_root, make_cfg, tmp_path):
+def test_damage_match_on_the_sample_data(sample_root, make_cfg, tmp_path, monkeypatch):
     from wbc.config import CONFIG_DIR, load_config
     from wbc.data.augment import build_transform
     from wbc.data.damage import DamageTransform
+    from wbc.shift import match
     from wbc.shift.match import damage_match
 
+    loaded = {}
+    real = match._load
+    monkeypatch.setattr(match, "_load", lambda rows, size, w, desc: (loaded.setdefault(desc, set(rows["ID"])),
+                                                                    real(rows, size, w, desc))[1])
     cfg = make_cfg(sample_root, f"shift.match_dir={tmp_path / 'match'}", "augment.strength=0.5")
     rep = damage_match(cfg, n_images=120, per_image=2, n_check=80, starts=2, steps=150)
+    # The check damages pool images the fit never saw.
+    assert len(loaded["load pool (check)"]) == 80 and not loaded["load pool (check)"] & loaded["load pool (fit)"]
+    assert rep["config_mix"]["p"] == pytest.approx(0.3 * 0.5)  # the config's p scaled by augment.strength
     c = rep["check"]
     # The sample test split is damaged at severity 2-3 with every group: the tiny config (p 0.3 x 0.5) under-damages.
     assert c["fitted"]["energy_distance"] < c["config"]["energy_distance"] < c["no damage"]["energy_distance"]
@@ -95,3 +103,48 @@ def test_damage_match_on_the_sample_data(sample_root, make_cfg, tmp_path):
     assert t.severity_weights == rep["fitted_mix"]["severity_weights"] and t.group_p == rep["fitted_mix"]["group_p"]
     with pytest.raises(WBCError, match="part of the training pool"):
         damage_match(cfg, target="phase1")
+
+
+def test_fit_keeps_the_best_of_several_starts():
+    """With no optimisation steps every start is scored as drawn: the fit must return the best of them, not start 0."""
+    draw = _world(1)
+    clean, prop, sev, kind = draw(400, None, proposal=True)
+    _, target, _, _ = draw(400, PLANTED, proposal=False)
+    init = {"p": 0.1, "max_severity": 4, "group_p": {"blur": 0.9, "lighting": 0.1, "noise": 0.1}}
+    mix0, s0 = fit_mix(clean[:200], prop, sev, kind, target, 4, init, starts=1, steps=0)
+    mix8, s8 = fit_mix(clean[:200], prop, sev, kind, target, 4, init, starts=8, steps=0)
+    assert s8["best_start"] != 0 and s8["energy_distance_fit"] < s0["energy_distance_fit"] and mix8 != mix0
+
+
+def test_apply_mix_uses_the_mixs_severity_weights():
+    from wbc.restore.pix2pix import psnr
+    from wbc.shift.match import apply_mix
+
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:64, :64]
+    img = np.clip(np.stack([150 + 60 * np.sin(xx / 7), 120 + 50 * np.cos(yy / 9), 180 + 0 * xx], -1), 0, 255)
+    images = [np.clip(img + rng.normal(0, 2, img.shape), 0, 255).astype(np.uint8) for _ in range(12)]
+    noise_only = {"p": 1.0, "max_severity": 4, "group_p": {"blur": 0.0, "lighting": 0.0, "noise": 1.0},
+                  "kind_weights": {"gaussian_noise": 1.0, "color_noise": 0.0, "salt_pepper": 0.0, "iso_noise": 0.0}}
+    light = apply_mix(images, {**noise_only, "severity_weights": [1, 0, 0, 0]}, seed=0)
+    heavy = apply_mix(images, {**noise_only, "severity_weights": [0, 0, 0, 1]}, seed=0)
+    assert [a is b for a, b in zip(apply_mix(images, None, 0), images)] == [True] * 12
+    p_light = np.mean([psnr(a, b) for a, b in zip(light, images)])
+    p_heavy = np.mean([psnr(a, b) for a, b in zip(heavy, images)])
+    assert p_heavy < p_light - 3
+
+
+def test_proposal_covers_every_severity_and_group_choice():
+    from wbc.shift.match import propose
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (24, 24, 3), dtype=np.uint8) for _ in range(10)]
+    out, sev, kind = propose(images, 8, 4, seed=0)
+    assert len(out) == len(sev) == len(kind) == 80 and kind.shape == (80, len(MATCH_GROUPS))
+    assert set(sev.tolist()) == {1, 2, 3, 4}
+    for j, g in enumerate(MATCH_GROUPS):
+        assert 0.3 < (kind[:, j] >= 0).mean() < 0.7 and set(kind[kind[:, j] >= 0, j]) <= set(range(len(GROUPS[g])))
+    none = np.flatnonzero((kind < 0).all(1))
+    assert len(none) and all(out[i] is images[i // 8] for i in none)  # no group drawn: the image as it is
+    some = np.flatnonzero((kind >= 0).any(1))
+    assert all(not np.array_equal(out[i], images[i // 8]) for i in some)

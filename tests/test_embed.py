@@ -272,6 +272,30 @@ def test_medsiglip_loader_rejects_a_folder_without_weights(tmp_path, tiny_siglip
         load_medsiglip(tmp_path)
 
 
+def test_medsiglip_loader_takes_the_processors_normalisation_and_refuses_partial_weights(tmp_path, tiny_siglip_dir):
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from wbc.embed.encoders import load_medsiglip
+
+    d, _ = tiny_siglip_dir
+    for f in d.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    pp = json.loads((d / "preprocessor_config.json").read_text())
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({**pp, "image_mean": [0.4, 0.45, 0.5],
+                                                                   "image_std": [0.2, 0.25, 0.3]}))
+    enc = load_medsiglip(tmp_path)
+    assert enc.mean == (0.4, 0.45, 0.5) and enc.std == (0.2, 0.25, 0.3)
+    weights = next(tmp_path.glob("*.safetensors"))
+    sd = load_file(weights)
+    drop = next(k for k in sd if "vision_model" in k and "layers.1." in k)
+    save_file({k: v for k, v in sd.items() if k != drop}, weights, metadata={"format": "pt"})
+    with pytest.raises(WBCError, match="do not fit the SigLIP vision tower"):
+        load_medsiglip(tmp_path)
+
+
 # ---- few-shot -----------------------------------------------------------------------------------------
 
 def test_episodes_never_leak_queries_into_support():
@@ -339,6 +363,90 @@ def test_head_training_on_frozen_features_clusters_classes(tmp_path):
     assert "loss.logit_scale" in sd and "loss.class_emb" in sd and any(k.startswith("model.head.") for k in sd)
     assert float(sd["loss.logit_scale"]) != pytest.approx(math.log(10), abs=1e-6)  # t is learnt
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 6
+
+
+def test_joint_classification_trains_the_linear_head(tmp_path):
+    from wbc.embed.encoders import EmbeddingHead, EmbeddingModel
+    from wbc.embed.run import DEFAULTS
+    from wbc.embed.train import train_embedding
+
+    x, y = blobs((30, 30, 30, 30), dim=12, noise=0.5)
+    e = {**DEFAULTS, "epochs": 4, "classes_per_batch": 4, "samples_per_class": 6, "steps_per_epoch": 10, "lr": 1e-2,
+         "proj_dim": 4, "hidden_dim": 0, "ce_weight": 1.0}
+    torch.manual_seed(0)
+    model = EmbeddingModel(None, EmbeddingHead(12, 4, 0, n_classes=4))
+    train_embedding(model, SupConLoss(0.1), x, y, e, torch.device("cpu"), tmp_path, seed=0)
+    with torch.no_grad():
+        _, logits = model(torch.from_numpy(x))
+    assert (logits.argmax(1).numpy() == y).mean() > 0.9
+
+
+def test_export_averages_dihedral_views_and_renormalises():
+    from wbc.data.dataset import normalize
+    from wbc.embed.train import embed_array
+    from wbc.models.inference import view
+
+    class Corner(torch.nn.Module):  # position-dependent: each dihedral view gives another embedding
+        def forward(self, x):
+            return F.normalize(x[:, :, :2, :2].flatten(1), dim=-1), None
+
+    imgs = np.random.default_rng(0).integers(0, 256, (3, 8, 8, 3), dtype=np.uint8)
+    norm = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+    z = embed_array(Corner(), imgs, torch.device("cpu"), norm=norm, tta=4)
+    x = normalize(torch.from_numpy(imgs).permute(0, 3, 1, 2), norm["mean"], norm["std"])
+    expected = F.normalize(sum(Corner()(view(x, k))[0] for k in range(4)) / 4, dim=-1)
+    np.testing.assert_allclose(z, expected.numpy(), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(z, embed_array(Corner(), imgs, torch.device("cpu"), norm=norm, tta=1))
+
+
+def _fake_embed_run(run, n=40, folds=2):
+    """Per-fold embedding files: each row's vector is unique (its index), so a fit can be traced to its rows."""
+    from wbc.embed.run import save_embeddings
+
+    ids = np.array([f"{i:04d}" for i in range(n)])
+    y = np.arange(n) % 2
+    fold = (np.arange(n) // 2) % folds
+    labels = np.array(["A", "B"])[y]
+    emb = np.stack([np.arange(n), y * 10.0 + 1], 1).astype(np.float32)
+    for k in range(folds):
+        save_embeddings(run / f"fold{k}" / "embeddings_train.npz", ids, emb + k, labels, np.full(n, ""), fold)
+        save_embeddings(run / f"fold{k}" / "embeddings_eval.npz", ["e0", "e1"], [[1, 1], [2, 11]], ["A", "B"], ["", ""])
+    return ids, fold
+
+
+def test_fewshot_draws_fold_k_only_from_images_encoder_k_never_trained_on(tmp_path):
+    from wbc.embed.run import fewshot_spaces
+
+    ids, fold = _fake_embed_run(tmp_path)
+    spaces, shared = fewshot_spaces(tmp_path, [0, 1], {"A": 0, "B": 1})
+    assert not shared and len(spaces) == 2
+    for k, sp in enumerate(spaces):
+        held = np.flatnonzero(fold == k)
+        assert len(sp["emb"]) == len(held) + 2  # fold k's held-out images plus eval
+        np.testing.assert_array_equal(sp["emb"][:len(held), 0], held + k)
+
+
+def test_labels_per_class_fits_on_the_folds_training_part(tmp_path, monkeypatch):
+    from wbc.embed import run as embed_run
+
+    ids, fold = _fake_embed_run(tmp_path)
+    fitted = []
+    real = embed_run.build_classifier
+
+    def spy(name, n, e, seed=0):
+        clf = real(name, n, e, seed)
+        fit = clf.fit
+        clf.fit = lambda emb, y: (fitted.append(np.array(emb)), fit(emb, y))[1]
+        return clf
+
+    monkeypatch.setattr(embed_run, "build_classifier", spy)
+    e = embed_run.with_defaults({"embed": {"classifiers": ["proto"]}})["embed"]
+    e["fewshot"] = {**e["fewshot"], "labels_per_class": 5, "repeats": 1, "classifier": "proto"}
+    out = embed_run.labels_per_class(tmp_path, [0, 1], {"A": 0, "B": 1}, ["A", "B"], e, seed=0)
+    assert len(fitted) == 2 and out["repeats"] == 1
+    for k, emb in enumerate(fitted):
+        rows = emb[:, 0].astype(int) - k
+        assert len(rows) == 10 and (fold[rows] != k).all()  # 5 per class, none from the held-out fold
 
 
 # ---- end to end ---------------------------------------------------------------------------------------
@@ -428,6 +536,23 @@ def test_frozen_medsiglip_features_once_head_per_fold_then_raw_shared(sample_roo
     np.testing.assert_allclose(np.linalg.norm(tr["embeddings"], axis=1), 1.0, rtol=1e-5)
     oof = load_probs(out.parent / "msl_proto" / "oof.csv")
     assert sorted(oof.ids) == sorted(tr["ids"])
+
+
+def test_timm_encoder_loads_a_local_checkpoint(tmp_path):
+    from wbc.embed.encoders import build_encoder
+    from wbc.io import torch_save
+    from wbc.models.factory import create_model
+
+    model_cfg = {"arch": "test_resnet", "pretrained": False, "drop_path_rate": 0.0}
+    torch.manual_seed(1)
+    src = create_model(model_cfg, num_classes=5).eval()
+    torch_save(tmp_path / "w.pt", src.state_dict())
+    enc = build_encoder({"model": {**model_cfg, "pretrained_file": str(tmp_path / "w.pt")},
+                         "embed": {"encoder": "timm"}}).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = src.forward_head(src.forward_features(x), pre_logits=True)
+        np.testing.assert_allclose(enc(x).numpy(), expected.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_run_encoder_loads_fold_checkpoint_without_its_classifier(tmp_path):

@@ -187,3 +187,16 @@ def test_prior_correction_stage2_and_effective_law():
     assert set(report_prior_correction(cfg, LT_COUNTS)) == {"stage1", "stage2"}
     eff = prior_correction({"sampler": {"type": "effective", "beta": 0.99}, "loss": {}}, LT_COUNTS)["total"]
     assert 0.3 < eff < 1.0  # natural for the rarest classes, capped for the head: a partial correction
+
+
+def test_prior_correction_stage2_sampler_and_over_correction_warning(capsys):
+    from wbc.train.prior_correction import prior_correction, report_prior_correction
+
+    assert prior_correction({"stage2": {"sampler": "sqrt"}}, LT_COUNTS, stage=2)["total"] == pytest.approx(0.5)
+    over = {"sampler": {"type": "balanced"}, "loss": {"type": "balanced_softmax"}}
+    assert set(report_prior_correction(over, LT_COUNTS)) == {"stage1"}  # no stage 2 configured
+    out = capsys.readouterr().out
+    assert "stage1 class-prior correction 2.00" in out and "more than balanced" in out
+    report_prior_correction({"sampler": {"type": "sqrt"}, "loss": {"type": "ce"}, "stage2": {"epochs": 0}}, LT_COUNTS)
+    out = capsys.readouterr().out
+    assert "stage1 class-prior correction 0.50" in out and "more than balanced" not in out and "stage2" not in out

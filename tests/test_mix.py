@@ -135,3 +135,44 @@ def test_training_feeds_mixed_soft_targets_to_the_loss_and_resumes_exactly(sampl
         train_fold(short, 0, on_epoch=kill)
     assert [h["train_loss"] for h in train_fold(short, 0, resume=True)["history"]] == \
         [h["train_loss"] for h in res["history"]]
+
+
+def test_switch_prob_chooses_between_mixup_and_cutmix():
+    x, y = _batch(h=16, w=16), torch.tensor([0, 1, 2, 0])
+    both = {"mixup_alpha": 8.0, "cutmix_alpha": 1.0}  # Mixup lam near 0.5: no pixel stays its own
+    for epoch in range(8):
+        xm, _ = Mixer({**both, "switch_prob": 0.0}, COUNTS, 0, epoch)(x, y)
+        assert not torch.isclose(xm, x).any()  # Mixup: every pixel is a blend
+        xc, _ = Mixer({**both, "switch_prob": 1.0}, COUNTS, 0, epoch)(x, y)
+        assert torch.isclose(xc, x).any()  # CutMix: pixels outside the box are the image's own
+
+
+def test_mixup_lam_is_drawn_from_a_symmetric_beta():
+    x, y = torch.tensor([1.0, 0.0]).view(2, 1, 1, 1), torch.tensor([0, 1])
+    lams = np.array([float(Mixer({"mixup_alpha": 0.4}, COUNTS, 0, e)(x, y)[0][0]) for e in range(400)])
+    # Beta(0.4, 0.4): mean 0.5, variance 1 / (4 (2a + 1)) = 0.139
+    assert abs(lams.mean() - 0.5) < 0.05 and lams.var() == pytest.approx(1 / 7.2, rel=0.2)
+
+
+def test_remix_tau_sets_how_much_of_the_mix_the_rare_image_must_hold():
+    y = torch.tensor([0, 1])  # frequent / rare pair, 10x apart
+    assert label_weights(y, 0.3, COUNTS, kappa=3.0, tau=0.5).tolist() == pytest.approx([0.0, 0.3])
+    assert label_weights(y, 0.3, COUNTS, kappa=3.0, tau=0.2).tolist() == pytest.approx([0.3, 0.3])
+    assert label_weights(y, 0.3, COUNTS, kappa=3.0, tau=0.8).tolist() == pytest.approx([0.0, 1.0])
+
+
+def test_mixer_applies_the_configured_remix_kappa_and_tau():
+    x, y = _batch(), torch.tensor([0, 2, 2, 1])
+    mix = {"mixup_alpha": 1.0, "remix_kappa": 3.0, "remix_tau": 0.9}
+    rare_only = 0
+    for epoch in range(6):
+        xm, t = Mixer(mix, COUNTS, 0, epoch)(x, y)
+        lam = float(((xm[0] - x[3]) / (x[0] - x[3])).median())  # Mixup: xm[0] = lam x[0] + (1 - lam) x[3]
+        assert torch.allclose(t, mix_targets(y, label_weights(y, lam, COUNTS, kappa=3.0, tau=0.9), 3), atol=1e-4)
+        rare_only += t[0].tolist() == [0.0, 1.0, 0.0] and t[3].tolist() == [0.0, 1.0, 0.0]
+    assert rare_only >= 3  # lam in (0.1, 0.9): both images of the pair carry the rare label alone
+
+
+def test_negative_alpha_is_refused():
+    with pytest.raises(WBCError, match="alphas must be >= 0"):
+        build_mixer({"epochs": 5, "mix": {"mixup_alpha": -0.2, "cutmix_alpha": 1.0}}, COUNTS, 0, 0)

@@ -197,6 +197,17 @@ def test_separation_table_ranks_the_separating_feature():
     assert sep["good"]["class_mean"]["C"] == pytest.approx(6.0, abs=0.5)
 
 
+def test_qa_samples_are_half_clean_half_damaged():
+    from wbc.refine.qa import pick_samples
+
+    df = pd.DataFrame({"ID": [f"{i}" for i in range(30)], "labels": ["A"] * 20 + ["B"] * 10,
+                       "split": (["phase1"] * 10 + ["phase2_train"] * 10) + (["phase1"] * 8 + ["phase2_test"] * 2)})
+    picked = dict(pick_samples(df, 8, seed=0))
+    assert picked["A"]["split"].value_counts().to_dict() == {"phase1": 4, "phase2_train": 4}
+    assert picked["B"]["split"].value_counts().to_dict() == {"phase1": 6, "phase2_test": 2}  # short: filled up
+    assert not picked["A"]["ID"].duplicated().any()
+
+
 def test_qa_sheet_adds_a_row_of_failures(tmp_path):
     img, _, _ = smear(disc(45), disc(20))
     cv2.imwrite(str(tmp_path / "ok.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))

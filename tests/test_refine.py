@@ -271,6 +271,38 @@ def test_refine_command_end_to_end(tmp_path):
     assert sub.set_index("ID")["labels"].equals(test_pred.set_index("ID")["labels"].loc[sub["ID"]])
     for name in ("oof.csv", "eval.csv", "test.csv", "oof_before.png", "oof_hard.png", "eval_soft.png"):
         assert (out / name).exists(), name
+    side = json.loads((tmp_path / "subs" / "preds_refined.json").read_text())
+    key = "before" if rep["method"] == "none" else rep["method"]
+    assert side["method"] == rep["method"]
+    assert side["cv_macro_f1"] == rep["scores"]["oof_nested"][key]["macro_f1"]  # the honest estimate
+    assert side["eval_macro_f1"] == rep["scores"]["eval"][key]["macro_f1"]
+
+
+def test_refine_submission_follows_the_chosen_method(tmp_path):
+    from wbc.refine.run import run_refine
+
+    write_case(tmp_path)
+    res = run_refine(refine_cfg(tmp_path, "refine.method=hard", "refine.nested=false"))
+    sub = pd.read_csv(tmp_path / "subs" / "preds_refined.csv", dtype=str)
+    assert res["report"]["method"] == "hard"
+    hard = np.asarray(CLASSES)[res["pred"]["test"]["hard"]]
+    assert (sub["labels"].to_numpy() == hard).all()
+    assert (res["pred"]["test"]["hard"] != res["pred"]["test"]["before"]).any()  # the check can tell them apart
+
+
+def test_auto_method_is_chosen_by_nested_oof_and_can_keep_the_base():
+    from wbc.refine.run import _choose
+
+    def sc(before, hard, soft):
+        return {"before": {"macro_f1": before}, "hard": {"macro_f1": hard}, "soft": {"macro_f1": soft}}
+
+    # In-sample the hard rule wins; nested (held-out folds) the soft one does: nested decides.
+    assert _choose("auto", {"oof": sc(0.5, 0.9, 0.6), "oof_nested": sc(0.5, 0.55, 0.6)}) == "soft"
+    assert _choose("auto", {"oof": sc(0.5, 0.9, 0.6)}) == "hard"  # without nesting, in-sample
+    assert _choose("auto", {"oof": sc(0.5, 0.9, 0.6), "oof_nested": sc(0.5, 0.45, 0.5)}) == "none"
+    assert _choose("soft", {"oof": sc(0.5, 0.9, 0.6)}) == "soft"
+    with pytest.raises(WBCError, match="refine.method"):
+        _choose("best", {"oof": sc(0.5, 0.9, 0.6)})
 
 
 def test_refine_rejects_missing_features(tmp_path):

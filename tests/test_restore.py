@@ -206,6 +206,8 @@ def _layout(root, n1=24, n_test=6):
 def test_train_restorer_and_restore_commands(tmp_path):
     data = tmp_path / "data"
     _layout(data)
+    for f in (data / "phase2" / "test").glob("*.png"):  # other bytes than cv2's default for the same pixels
+        cv2.imwrite(str(f), cv2.imread(str(f)), [cv2.IMWRITE_PNG_COMPRESSION, 9])
     tiny = {**TINY, "epochs": 1, "steps_per_epoch": 2}
     common = [f"data.root={data}", "device=cpu", "data.image_size=64", f"restorer.out_dir={tmp_path / 'run'}",
               f"restorer.restored_dir={tmp_path / 'restored'}", "restorer.holdout=4", "restorer.gate_images=12",
@@ -214,6 +216,10 @@ def test_train_restorer_and_restore_commands(tmp_path):
     run = tmp_path / "run"
     for name in ("generator.pt", "gate.json", "config.yaml", "metrics.jsonl", "qa.png", "eval.json"):
         assert (run / name).exists(), name
+    ev = json.loads((run / "eval.json").read_text())
+    g = ev["gated_splits"]["phase2_train"]
+    assert g["n"] == 8 and 0 < g["clean"] < 8  # the damaged copies are scored damaged ...
+    assert ev["train_images"] == 24 - 4 + g["clean"]  # ... and only the clean-scored ones join the pairs
     assert Restorer.load(run).gate.threshold > 0
     assert main(["restore", "--split", "phase2_test", *common]) == 0
     out = tmp_path / "restored" / "data" / "phase2_test"
@@ -223,6 +229,9 @@ def test_train_restorer_and_restore_commands(tmp_path):
     for i in res["ID"]:
         a, b = cv2.imread(str(out / i)), cv2.imread(str(data / "phase2" / "test" / i))
         assert a.shape == b.shape and a.dtype == np.uint8
+    for i in res.loc[res["restored"] == 0, "ID"]:  # gate-clean images are copied byte for byte
+        assert (out / i).read_bytes() == (data / "phase2" / "test" / i).read_bytes()
+    assert 0 < res["restored"].sum() < len(res)
     # On-the-fly restoration at cache time (data.restore=true): gated phase2 images change, phase1 does not.
     from wbc.config import load_config
     from wbc.data.cache import load_images

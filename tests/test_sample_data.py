@@ -196,3 +196,12 @@ def test_draw_cell_ground_truth():
     assert np.array_equal(a, S.draw_cell("MO", np.random.default_rng(1), 64).image)
     with pytest.raises(ValueError, match="no drawing"):
         S.draw_cell("XX", np.random.default_rng(0))
+
+
+def test_every_class_gets_its_minimum_when_the_split_is_just_big_enough(tmp_path):
+    """TINY is exactly 3 / 2 / 1 / 1 images per class: the long-tail proportions alone would give PLT none."""
+    root = S.make_sample_dataset(tmp_path / "tiny", **TINY)
+    for name, n in [("phase1_label.csv", 3), ("phase2_train.csv", 2), ("phase2_eval.csv", 1),
+                    ("test_labels_hidden.csv", 1)]:
+        counts = csv(root, name)["labels"].value_counts()
+        assert set(counts.index) == set(S.CLASSES) and (counts == n).all(), name

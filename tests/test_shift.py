@@ -127,3 +127,69 @@ def test_bad_targets_and_runs_are_refused(shifted_run, tmp_path):
         shift_report(cfg, [run], target="phase1")
     with pytest.raises(WBCError, match="oof.csv: prediction file not found"):
         shift_report(cfg, [tmp_path / "nothing"], bootstrap=5)
+
+
+def test_run_predictions_prefer_a_runs_own_decisions(tmp_path):
+    """Ensembles and refinements decide with a tuned rule: `<part>_pred.csv` is what they submit, not the argmax."""
+    from wbc.io import Probs, save_probs
+    from wbc.shift.report import run_predictions
+
+    save_probs(tmp_path / "oof.csv", Probs(np.array(["a", "b"]), np.array([[0.9, 0.1], [0.8, 0.2]]), ["X", "Y"]))
+    assert run_predictions(tmp_path, "oof").to_dict() == {"a": "X", "b": "X"}
+    pd.DataFrame({"ID": ["b", "a"], "labels": ["Y", "X"]}).to_csv(tmp_path / "oof_pred.csv", index=False)
+    assert run_predictions(tmp_path, "oof").to_dict() == {"a": "X", "b": "Y"}
+    pd.DataFrame({"id": ["a"], "label": ["X"]}).to_csv(tmp_path / "oof_pred.csv", index=False)
+    with pytest.raises(WBCError, match="expected columns ID,labels"):
+        run_predictions(tmp_path, "oof")
+
+
+def test_feature_cache_is_reused_and_keyed_by_id_and_split(sample_root, make_cfg, tmp_path, monkeypatch):
+    from wbc.data.layout import read_splits
+    from wbc.shift import features
+
+    cfg = make_cfg(sample_root, f"shift.out_dir={tmp_path / 'shift'}")
+    rows = read_splits(sample_root, ["phase1"]).iloc[:6].reset_index(drop=True)
+    first = features.damage_feature_table(cfg, rows.iloc[:4])
+    computed = []
+    real = features._compute
+    monkeypatch.setattr(features, "_compute", lambda df, w: (computed.append(list(df["ID"] + "|" + df["split"])),
+                                                            real(df, w))[1])
+    again = features.damage_feature_table(cfg, rows)
+    assert computed == [list(rows["ID"][4:] + "|phase1")]  # only the two new rows
+    pd.testing.assert_frame_equal(again.iloc[:4].reset_index(drop=True), first, check_exact=False, rtol=1e-6)
+    other = rows.iloc[:2].assign(split="elsewhere")  # same ID in another split: another image
+    features.damage_feature_table(cfg, other)
+    assert computed[-1] == list(other["ID"] + "|elsewhere")
+    cache = pd.read_csv(features.features_path(cfg), dtype={"ID": str})
+    assert len(cache) == 8 and not cache[["ID", "split"]].duplicated().any()
+
+
+def test_single_fold_check_bins_and_target_quantile(shifted_run, tmp_path):
+    """The like-for-like check averages the single fold models; the target quantile keeps the most damaged
+    half; bins are the target's tertiles; a folds file not covering the pool is refused."""
+    from wbc.data.layout import data_root, read_splits
+    from wbc.folds import folds_path
+    from wbc.io import Probs, load_probs, save_probs, write_csv
+    from wbc.restore.score import FEATURES, fit_reference, score_features
+    from wbc.shift.features import damage_feature_table
+    from wbc.shift.report import shift_report
+
+    cfg, run, folds = shifted_run
+    ev = load_probs(run / "eval.csv")
+    right = np.eye(len(ev.classes))[ev.label_index()]  # a second fold model that is always right
+    save_probs(run / "fold1" / "eval.csv", Probs(ev.ids, right, ev.classes, labels=ev.labels))
+    rep = shift_report(cfg, [run], target="phase2_eval", quantile=0.5, bootstrap=5)
+    r = next(iter(rep["runs"].values()))
+    assert r["target_actual_per_fold"]["fold1"] == 1.0 and r["target_actual_per_fold"]["fold0"] < 0.5
+    assert r["target_actual_single_fold"] == pytest.approx((r["target_actual_per_fold"]["fold0"] + 1) / 2)
+    assert r["target_actual"] == r["target_actual_per_fold"]["fold0"]  # the run's eval.csv is fold 0's here
+    rows = read_splits(data_root(cfg), ["phase1", "phase2_train", "phase2_eval", "phase2_test"])
+    f = damage_feature_table(cfg, rows)[list(FEATURES)].to_numpy()
+    score = score_features(f, fit_reference(f[(rows["split"] == "phase1").to_numpy()]))
+    s_ev = score[(rows["split"] == "phase2_eval").to_numpy()]
+    top = s_ev >= np.quantile(s_ev, 0.5)
+    assert rep["n_target"] == int(top.sum()) < len(s_ev)
+    np.testing.assert_allclose(rep["bin_edges"], np.quantile(s_ev[top], [1 / 3, 2 / 3]))
+    write_csv(folds_path(cfg), folds.iloc[1:])
+    with pytest.raises(WBCError, match="does not cover the training pool"):
+        shift_report(cfg, [run], bootstrap=5)

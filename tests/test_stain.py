@@ -105,3 +105,22 @@ def test_state_dict_round_trips_through_json(normalizer):
     assert np.array_equal(clone.transform(img), normalizer.transform(img))
     with pytest.raises(WBCError):
         MacenkoNormalizer().load_state_dict({"stain_matrix": [[1, 0, 0]], "max_conc": [1, 1]})
+
+
+def test_a_tinted_background_is_not_taken_for_stain():
+    """Only pixels with every channel's OD above the threshold count as stained: a yellowish slide (blue OD 0.2,
+    the others below 0.15) must not pull the stain vectors towards the background colour."""
+    images = []
+    for s in range(3):
+        conc = _concentrations(seed=s)
+        img = 255 * np.exp(-(conc @ REF))
+        img[conc.sum(-1) == 0] *= np.exp(-np.array([0.02, 0.05, 0.2]))
+        img += np.random.default_rng(s).normal(0, 1.0, img.shape)
+        images.append(np.clip(img, 0, 255).round().astype(np.uint8))
+    assert _angle_to_ref(MacenkoNormalizer().fit(images).stain_matrix) < 3
+
+
+def test_state_dict_restores_the_parameters(normalizer):
+    state = {**normalizer.state_dict(), "od_threshold": 0.3, "alpha": 2.0, "max_percentile": 95.0, "min_pixels": 50}
+    clone = MacenkoNormalizer().load_state_dict(state)
+    assert (clone.od_threshold, clone.alpha, clone.max_percentile, clone.min_pixels) == (0.3, 2.0, 95.0, 50)
