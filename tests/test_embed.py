@@ -1,6 +1,8 @@
 """Embeddings: SigLIP / SupCon losses, balanced sampler, classifiers, MedSigLIP loader, few-shot, end to end."""
 from __future__ import annotations
 
+import json
+
 import math
 
 import numpy as np
@@ -450,6 +452,44 @@ def test_labels_per_class_fits_on_the_folds_training_part(tmp_path, monkeypatch)
 
 
 # ---- end to end ---------------------------------------------------------------------------------------
+
+def test_embed_resumes_exactly_after_a_kill(sample_root, make_cfg, monkeypatch):
+    """Killed while saving fold 0's epoch-1 state, `embed --resume` goes on from epoch 0's state (optimizer,
+    schedule, the sampler's draws, RNG) and ends with the weights and embeddings of an uninterrupted run."""
+    from wbc.embed import run as embed_run
+    from wbc.embed import train as embed_train
+    from wbc.folds import build_folds, folds_path
+    from wbc.io import torch_load, write_csv
+
+    over = ["folds.n_folds=2", "embed.epochs=3", "embed.steps_per_epoch=2", "embed.classifiers=[proto]",
+            "data.image_size=32", "model.drop_path_rate=0.2"]
+    full, part = (make_cfg(sample_root, *over, f"name={n}", config="embed_tiny_cpu.yaml") for n in ("full", "part"))
+    write_csv(folds_path(full), build_folds(full))
+    embed_run.run_embed(full)
+    real_save, saves = embed_train.torch_save, []
+
+    def killed(path, obj):
+        if path.name == "embed_state.pt":
+            saves.append(path)
+            if len(saves) == 2:
+                raise KeyboardInterrupt
+        real_save(path, obj)
+
+    monkeypatch.setattr(embed_train, "torch_save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        embed_run.run_embed(part)
+    monkeypatch.setattr(embed_train, "torch_save", real_save)
+    assert torch_load(embed_run.run_dir(part) / "fold0" / "embed_state.pt")["epoch"] == 0
+    embed_run.run_embed(part, resume=True)
+    for k in (0, 1):
+        a, b = (torch_load(embed_run.run_dir(c) / f"fold{k}" / "embed.pt") for c in (full, part))
+        assert all(torch.equal(a[n], b[n]) for n in a), k
+        ea, eb = (embed_run.load_embeddings(embed_run.run_dir(c), "eval", k)["embeddings"] for c in (full, part))
+        np.testing.assert_array_equal(ea, eb)
+    losses = [[json.loads(r)["loss"] for r in (embed_run.run_dir(c) / "fold0" / "metrics.jsonl").read_text().splitlines()]
+              for c in (full, part)]
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
+
 
 def test_embed_end_to_end_writes_fold_safe_members(sample_root, make_cfg, monkeypatch):
     from wbc.embed import run as embed_run

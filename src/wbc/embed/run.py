@@ -103,7 +103,7 @@ def _groups(df) -> np.ndarray:
     return df[g].astype(str).to_numpy() if g else np.full(len(df), "")
 
 
-def run_embed(cfg: dict) -> dict:
+def run_embed(cfg: dict, resume: bool = False) -> dict:
     import torch
 
     from ..data.augment import build_transform
@@ -173,7 +173,7 @@ def run_embed(cfg: dict) -> dict:
             norm = {"mean": enc.mean, "std": enc.std}
             loss_fn = build_loss(e, int(e["proj_dim"]), n_cls)
             histories[k] = train_embedding(model, loss_fn, Rows(images["train"], tr), y_pool[tr], e, device, fdir,
-                                           seed + k, build_transform(cfg, train=True), norm, amp, f"fold {k}")
+                                           seed + k, build_transform(cfg, train=True), norm, amp, f"fold {k}", resume)
             emb = {s: embed_array(model, images[s], norm=norm, tta=int(e["tta"]), desc=f"embed {s}", **kw)
                    for s in present}
             write(fdir, emb)
@@ -187,7 +187,7 @@ def run_embed(cfg: dict) -> dict:
                                                            n_cls if float(e["ce_weight"]) > 0 else 0))
                 loss_fn = build_loss(e, int(e["proj_dim"]), n_cls)
                 histories[k] = train_embedding(model, loss_fn, feats["train"][tr], y_pool[tr], e, device, fdir,
-                                               seed + k, desc=f"fold {k} head")
+                                               seed + k, desc=f"fold {k} head", resume=resume)
                 emb = {s: embed_array(model, feats[s], desc=f"embed {s}", **kw) for s in present}
             write(fdir, emb)
         for name in e["classifiers"]:

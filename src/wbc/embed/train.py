@@ -18,8 +18,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ..console import console, progress
 from ..data.dataset import CellDataset, normalize
-from ..io import torch_save, write_text
+from ..io import torch_load, torch_save, write_text
 from ..models.inference import autocast, view
+from ..train.loop import rng_state, set_rng_state
 from .sampler import ClassBalancedBatchSampler
 
 
@@ -48,9 +49,11 @@ def _cosine(total: int, warmup: int):
 
 def train_embedding(model: nn.Module, loss_fn: nn.Module, inputs, targets: np.ndarray, ecfg: dict,
                     device: torch.device, out_dir: Path, seed: int, transform=None, norm: dict | None = None,
-                    amp: str = "none", desc: str = "embed") -> list[dict]:
+                    amp: str = "none", desc: str = "embed", resume: bool = False) -> list[dict]:
     """Train `model` (an EmbeddingModel) for `ecfg['epochs']`; writes `embed.pt` (model + loss parameters,
-    a plain state_dict) and `metrics.jsonl` after every epoch. `inputs` are images when `norm` is given."""
+    a plain state_dict), `metrics.jsonl` and `embed_state.pt` (optimizer, schedule, sampler and RNG states)
+    after every epoch. With `resume`, training goes on after the last saved epoch, as if never stopped.
+    `inputs` are images when `norm` is given."""
     images = norm is not None
     targets = np.asarray(targets, dtype=np.int64)
     ds = CellDataset(inputs, targets, transform, seed) if images else \
@@ -65,8 +68,18 @@ def train_embedding(model: nn.Module, loss_fn: nn.Module, inputs, targets: np.nd
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(total, min(len(sampler), total // 10)))
     both = nn.ModuleDict({"model": model, "loss": loss_fn})
     workers = int(ecfg["num_workers"]) if images else 0
-    history = []
-    for epoch in range(epochs):
+    history, start = [], 0
+    state_file = out_dir / "embed_state.pt"
+    if resume and state_file.exists():
+        st = torch_load(state_file)
+        both.load_state_dict(st["both"])
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        sampler.rng.bit_generator.state = json.loads(st["sampler_rng"])  # the batches draw on across epochs
+        set_rng_state(st["rng"])
+        history, start = json.loads(st["history"]), int(st["epoch"]) + 1
+        console.print(f"{desc}: resuming after epoch {start - 1}", highlight=False)
+    for epoch in range(start, epochs):
         t0 = time.perf_counter()
         if images:
             ds.set_epoch(epoch)
@@ -102,6 +115,10 @@ def train_embedding(model: nn.Module, loss_fn: nn.Module, inputs, targets: np.nd
         history.append(rec)
         torch_save(out_dir / "embed.pt", both.state_dict())
         write_text(out_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+        # strings for the sampler and history: the state then loads with weights_only=True
+        torch_save(state_file, {"both": both.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                                "sampler_rng": json.dumps(sampler.rng.bit_generator.state), "rng": rng_state(),
+                                "history": json.dumps(history), "epoch": epoch})
         console.print(f"{desc} epoch {epoch}: loss {rec['loss']:.4f} t {rec['t']:.2f}"
                       + (f" b {rec['b']:.2f}" if "b" in rec else ""), highlight=False)
     return history

@@ -121,7 +121,7 @@ def check_shared_memory(workers: int, batch_bytes: int, shm: str = "/dev/shm") -
     return False
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     # tensors and ints only, so the state loads with weights_only=True
     return {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
             "numpy_pos": int(np.random.get_state()[2]),
@@ -129,7 +129,7 @@ def _rng_state() -> dict:
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def _set_rng_state(s: dict) -> None:
+def set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
     np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"], 0, 0.0))
     random.setstate((3, tuple(int(v) for v in s["python"]), None))
@@ -247,7 +247,7 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         scaler.load_state_dict(st["scaler"])
-        _set_rng_state(st["rng"])
+        set_rng_state(st["rng"])
         start, best = int(st["epoch"]) + 1, float(st["best"])
         history = _read_metrics(out / "metrics.jsonl")[:start]
         console.print(f"resumed {out} at epoch {start}")
@@ -300,7 +300,7 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
             torch_save(out / "last.pt", eval_model().state_dict())
             torch_save(state_path, {"model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
                                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                    "scaler": scaler.state_dict(), "rng": _rng_state(), "epoch": epoch,
+                                    "scaler": scaler.state_dict(), "rng": rng_state(), "epoch": epoch,
                                     "best": best, "stage": stage})
             saved_at = time.monotonic()
         write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
