@@ -189,3 +189,25 @@ def test_config_mix_reaches_the_training_transform():
                              "augment.damage.severity_weights=[0,1]", "augment.damage.group_p={noise: 0.0}"])
     t = [op for op in build_transform(cfg, True).transforms if isinstance(op, D.DamageTransform)][0]
     assert t.severity_weights == [0.0, 1.0] and t.group_p == {"noise": 0.0} and t.kind_weights is None
+
+
+def _support(size: int, kind: str) -> int:
+    """Width of the blurred spot of one bright pixel."""
+    img = np.zeros((size, size, 3), np.uint8)
+    img[size // 2, size // 2] = 255
+    xs = np.nonzero(D.apply(img, kind, 3, np.random.default_rng(0))[..., 0].max(0) > 0)[0]
+    return int(xs.max() - xs.min())
+
+
+def test_blur_sizes_scale_with_the_image_size():
+    # radii are given at 224 px: twice the image, twice the spot (same seed, same draw)
+    assert _support(448, "defocus_blur") == pytest.approx(2 * _support(224, "defocus_blur"), abs=2)
+    assert _support(224, "defocus_blur") >= 8
+
+
+def test_color_noise_keeps_brightness_and_gain_goes_both_ways():
+    grey = np.full((64, 64, 3), 128, np.uint8)
+    out = D.apply(grey, "color_noise", 3, np.random.default_rng(0)).astype(float)
+    assert np.abs(out - 128).max() > 20 and np.abs(out.mean(2) - 128).max() <= 0.5  # chroma only
+    means = [D.apply(grey, "gain", 2, np.random.default_rng(s)).mean() for s in range(8)]
+    assert min(means) < 110 and max(means) > 150  # darker or brighter by the drawn sign

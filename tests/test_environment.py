@@ -85,3 +85,13 @@ def test_deterministic_switch_holds_during_training_only(sample_root, make_cfg, 
     assert seen == [(deterministic, deterministic, not deterministic)]
     assert json.loads((run_dir(cfg) / "fold0" / "env.json").read_text())[0]["deterministic"] is deterministic
     assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == before
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="reads /proc/cpuinfo")
+def test_cpu_name_carries_family_and_model_numbers():
+    fields = dict(line.split(":", 1) for line in open("/proc/cpuinfo").read().split("\n\n")[0].splitlines()
+                  if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    if "cpu family" not in fields:
+        pytest.skip("this CPU reports no family number")
+    assert environment.cpu_name() == f"{fields['model name']} (family {fields['cpu family']}, model {fields['model']})"

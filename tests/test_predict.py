@@ -84,3 +84,27 @@ def test_tta_averages_the_softmax_of_the_dihedral_views():
         got = predict_probs(model, images, tta=n, **kw)
         np.testing.assert_allclose(got, np.mean(per_view[:n], 0), atol=1e-6)
     assert np.abs(per_view[0] - np.mean(per_view, 0)).max() > 1e-3  # the views really differ for this model
+
+
+def test_normalize_maps_uint8_to_the_models_per_channel_scale():
+    from wbc.data.dataset import normalize
+
+    x = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 1, 1, 3).expand(1, 3, 2, 3).contiguous()
+    x[:, 1] = 128  # channel-distinct values, so an RGB / BGR mix-up shows
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    ref = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(normalize(x, mean, std), ref)
+    torch.testing.assert_close(normalize(x, np.array(mean), np.array(std)), ref)  # arrays as timm gives them
+
+
+def test_fold_model_predicts_with_the_configured_tta(tmp_path):
+    from wbc.config import CONFIG_DIR, load_config
+    from wbc.io import torch_save
+    from wbc.models.factory import create_model
+    from wbc.predict.fold import load_fold_model
+
+    cfg = load_config(CONFIG_DIR / "tiny_cpu.yaml", ["predict.tta=4", "predict.batch_size=16"])
+    torch_save(tmp_path / "best.pt", create_model({**cfg["model"], "pretrained": False}, 3).state_dict())
+    model, kw = load_fold_model(cfg, tmp_path / "best.pt", 3, "cpu")
+    assert kw["tta"] == 4 and kw["batch_size"] == 16 and kw["device"] == "cpu"
+    assert load_fold_model(cfg, tmp_path / "best.pt", 3, "cpu", tta=2)[1]["tta"] == 2  # an explicit count wins

@@ -29,6 +29,9 @@ def test_select_threshold_and_class_fraction():
     # class_fraction 0.5 keeps ceil(half) of each decided class, the most confident first.
     half = select(ids, CLASSES, probs, decided, 0.0, 0.5)
     assert sorted(half["ID"]) == ["i0", "i1", "i3", "i4", "i5"]  # A: 2 of 3, B: i4 and i3 (not i6), C: 1 of 1
+    # Most confident first, whatever the row order: the quota of A (2 of 3) keeps i0 and i1 when listed last.
+    rev = select(ids[::-1], CLASSES, probs[::-1], decided[::-1], 0.0, 0.5)
+    assert sorted(rev["ID"]) == ["i0", "i1", "i3", "i4", "i5"]
     with pytest.raises(WBCError, match="class_fraction"):
         select(ids, CLASSES, probs, decided, 0.5, 0.0)
     with pytest.raises(WBCError, match="not a class"):

@@ -315,3 +315,26 @@ def test_refine_rejects_missing_features(tmp_path):
     feats.iloc[1:].to_csv(tmp_path / "morph" / "toy_features.csv", index=False)
     with pytest.raises(WBCError, match="no morphology features"):
         run_refine(refine_cfg(tmp_path))
+
+
+def test_scaler_scales_integer_features_by_std_and_clips_outliers():
+    lobes = [1.0] * 8 + [2.0, 3.0]  # MAD 0: scaled by the standard deviation instead
+    nc = list(np.linspace(0.4, 0.6, 9)) + [90.0]  # one segmentation outlier
+    df = pd.DataFrame({"nuc_lobes": lobes, "nc_ratio": nc})
+    s = FeatureScaler(["nuc_lobes", "nc_ratio"]).fit(df)
+    z = s.transform(df)
+    assert s.scale[0] == pytest.approx(np.std(lobes))
+    assert z[9, 0] == pytest.approx(2.0 / np.std(lobes))
+    assert z[9, 1] == 8.0 and np.abs(z[:9, 1]).max() < 2  # clipped at CLIP
+
+
+def test_crossfit_fits_only_on_fit_rows():
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(0, 1, (60, 2)), np.repeat([0, 1], 30)
+    x[::3] += 5.0  # rows kept out of fitting are shifted: they must not move the means
+    folds, fit_rows = np.arange(60) % 3, np.arange(60) % 3 != 0
+    dist, ll = crossfit(x, y, folds, 2, min_samples=5, fit_rows=fit_rows)
+    out = folds == 1
+    g = ClassGaussians(5).fit(x[fit_rows & ~out], y[fit_rows & ~out], 2)
+    np.testing.assert_allclose(dist[out], g.mahalanobis(x[out]))
+    np.testing.assert_allclose(ll[out], g.loglik(x[out]))

@@ -11,6 +11,7 @@ import torch
 
 from wbc.__main__ import main
 from wbc.data.damage import damage
+from wbc.errors import WBCError
 from wbc.restore.pairs import PairDataset, simulate, to_tensor
 from wbc.restore.pix2pix import Pix2Pix, Restorer, build_generator, psnr, train_pix2pix
 from wbc.restore.score import Gate, damage_score, fit_gate
@@ -254,3 +255,34 @@ def test_train_restorer_and_restore_commands(tmp_path):
     changed = np.array([not np.array_equal(a, b) for a, b in zip(restored[~p1], plain[~p1])])
     assert mask.any() and np.array_equal(changed, mask)
     assert np.array_equal(np.asarray(restored[~p1]), out)
+
+
+def test_damage_features_are_measured_at_224_px_on_the_background():
+    from wbc.restore.score import damage_features
+
+    img = cells(1, size=224, seed=0)[0]
+    big = cv2.resize(img, (448, 448), interpolation=cv2.INTER_CUBIC)
+    small = cells(1, size=96, seed=0)[0]
+    np.testing.assert_allclose(damage_features(big),
+                               damage_features(cv2.resize(big, (224, 224), interpolation=cv2.INTER_AREA)))
+    np.testing.assert_allclose(damage_features(small),
+                               damage_features(cv2.resize(small, (224, 224), interpolation=cv2.INTER_CUBIC)))
+    # background L, a, b: the plasma's (232, 214, 200) RGB = Lab (221, 132, 137), not pulled by the cell
+    np.testing.assert_allclose(damage_features(img)[1:4], [221, 132, 137], atol=1.0)
+
+
+def test_score_is_rms_of_robust_z_and_gate_file_checks_features(tmp_path):
+    from wbc.restore.score import fit_reference, score_features
+
+    ref = {"center": [0.0] * 5, "scale": [1.0, 2.0, 1.0, 1.0, 1.0]}
+    assert score_features(np.array([3.0, 8.0, 0, 0, 0]), ref)[0] == pytest.approx(np.sqrt((9 + 16) / 5))
+    feats = np.array([[1.0, 2, 3, 4, 5], [1.0, 2, 3, 4, 7], [1.0, 2, 3, 4, 9]])  # first four constant
+    r = fit_reference(feats)
+    assert r["center"] == [1, 2, 3, 4, 7] and r["scale"][:4] == [1e-3] * 4
+    assert r["scale"][4] == pytest.approx(1.4826 * 2) and np.isfinite(score_features(feats, r)).all()
+    Gate(1.0).save(tmp_path / "gate.json")
+    d = json.loads((tmp_path / "gate.json").read_text())
+    d["features"] = ["log_noise"]
+    (tmp_path / "gate.json").write_text(json.dumps(d))
+    with pytest.raises(WBCError, match="fitted on features"):
+        Gate.load(tmp_path / "gate.json")

@@ -193,3 +193,22 @@ def test_single_fold_check_bins_and_target_quantile(shifted_run, tmp_path):
     write_csv(folds_path(cfg), folds.iloc[1:])
     with pytest.raises(WBCError, match="does not cover the training pool"):
         shift_report(cfg, [run], bootstrap=5)
+
+
+def test_cap_weights_iterate_when_rescaling_lifts_another_weight_over_the_cap():
+    # Capping 100 and rescaling lifts 20 above the cap too: one pass would leave it there.
+    w, hit = cap_weights(np.r_[np.ones(8), 20.0, 100.0], 3.0)
+    assert w.mean() == pytest.approx(1.0) and w.max() <= 3.0 + 1e-9 and hit == 2
+    assert np.allclose(w[8:], 3.0) and np.allclose(w[:8], 0.5)  # (10 - 2 x 3) / 8 each
+
+
+def test_domain_weights_catch_a_shift_in_spread():
+    # Damage that narrows a feature (blur lowers the noise level): the log density ratio is quadratic in x,
+    # invisible to a linear classifier. p_t / p_p for N(0, 0.5^2) vs N(0, 1) is 2 exp(-1.5 x^2).
+    rng = np.random.default_rng(4)
+    pool, target = rng.normal(size=(3000, 3)), rng.normal(size=(1500, 3))
+    target[:, 0] *= 0.5
+    sw = domain_weights(pool, target, cap=50.0)
+    true = np.exp(-1.5 * pool[:, 0] ** 2)
+    assert np.corrcoef(sw.weights, true / true.mean())[0, 1] > 0.9
+    assert sw.auc > 0.65

@@ -218,3 +218,18 @@ def test_specialists_that_do_not_match_the_members_are_refused(tmp_path):
     df.iloc[:-1].to_csv(spec / "oof.csv", index=False)
     with pytest.raises(WBCError, match="IDs differ from the first member"):
         load_specialist(spec, ref)
+
+
+def test_a_specialist_keeps_only_its_classes_pseudo_labels(sample_root, make_cfg, tmp_path):
+    from wbc.data.layout import read_split
+
+    test_ids = read_split(sample_root, "phase2_test", check_images=False)["ID"].iloc[:6]
+    labels = ["SNE", "LY", "MY", "EO", "BNE", "LY"]
+    path = tmp_path / "pseudo.csv"
+    pd.DataFrame({"ID": test_ids, "labels": labels}).to_csv(path, index=False)
+    cfg = make_cfg(sample_root, "folds.n_folds=2", "data.subset_classes=[SNE,BNE,MY]", f"data.pseudo_labels={path}")
+    write_csv(cfg["folds"]["file"], build_folds(cfg))
+    data = load_fold_data(cfg, with_test=False)  # the test images still load for its pseudo rows
+    assert list(data.pseudo["ID"]) == list(test_ids.iloc[[0, 2, 4]]) and list(data.pseudo["labels"]) == ["SNE", "MY", "BNE"]
+    images, y = data.pseudo_rows()
+    assert len(images) == 3 and list(y) == ["SNE", "MY", "BNE"]

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from wbc.config import run_dir
+from wbc.errors import WBCError
 from wbc.folds import build_folds
 from wbc.io import load_probs, torch_load, write_csv
 from wbc.predict.fold import predict_fold
@@ -426,6 +427,14 @@ def test_best_checkpoint_follows_val_macro_f1_and_survives_a_resume(cfg2, monkey
     best = torch_load(run_dir(cfg) / "fold0" / "best.pt")
     assert all(torch.equal(best[k], lasts[1][k]) for k in best)  # epoch 1's weights
     assert not all(torch.equal(best[k], lasts[3][k]) for k in best)
+    # predictions come from best.pt, not from the last epoch's weights
+    data = load_fold_data(cfg)
+    oof = {}
+    for w in ("last.pt", "best.pt", None):
+        predict_fold(cfg, 0, data, **({"weights": w} if w else {}))
+        oof[w] = load_probs(run_dir(cfg) / "fold0" / "oof.csv").probs
+    np.testing.assert_array_equal(oof[None], oof["best.pt"])
+    assert np.abs(oof[None] - oof["last.pt"]).max() > 1e-4
 
 
 def test_stage2_retrains_the_head_on_the_frozen_backbone_with_balanced_sampling(cfg2, monkeypatch):
@@ -488,3 +497,51 @@ def test_resume_inside_stage2_is_exact(cfg2):
     assert [h["stage"] for h in res["history"]] == [1, 2, 2]
     a, b = (torch_load(run_dir(c) / "fold0" / "last.pt") for c in (full, part))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_augmentation_draw_depends_on_seed_epoch_and_index():
+    """Seeded per (seed, epoch, index): identical images at two indices get their own draws, the run seed moves
+    every draw, and a tagged epoch wins over the dataset's own epoch (workers serving a whole stage)."""
+    import albumentations as A
+
+    from wbc.data.dataset import CellDataset
+
+    img = np.random.default_rng(1).integers(0, 255, (1, 16, 16, 3), dtype=np.uint8)
+    imgs = np.repeat(img, 6, axis=0)  # the same image six times: only the seed can tell them apart
+    aug = lambda: A.Compose([A.GaussNoise(std_range=(0.2, 0.4), p=1)])  # noqa: E731
+    ds = CellDataset(imgs, None, aug(), seed=0)
+    xs = [ds[(2, i)][0] for i in range(6)]
+    assert all(not torch.equal(xs[0], x) for x in xs[1:])
+    other = CellDataset(imgs, None, aug(), seed=1)
+    assert not torch.equal(other[(2, 0)][0], xs[0])
+    ds.set_epoch(7)
+    assert torch.equal(ds[(2, 3)][0], xs[3]) and not torch.equal(ds[3][0], xs[3])
+
+
+def test_a_pool_image_without_a_fold_is_refused(cfg2):
+    cfg = cfg2()
+    folds = pd.read_csv(cfg["folds"]["file"], dtype=str)
+    write_csv(cfg["folds"]["file"], folds.iloc[1:])
+    with pytest.raises(WBCError, match=rf"ID {folds['ID'].iloc[0]} has no fold \(re-run `make folds`\)"):
+        load_fold_data(cfg)
+
+
+def test_an_unknown_label_in_the_holdout_split_is_refused(data_copy, make_cfg):
+    # With the class list from the config, an eval label outside it is an error, not a silently unscored image.
+    classes = sorted(pd.read_csv(data_copy / "phase1_label.csv", dtype=str)["labels"].unique())
+    cfg = make_cfg(data_copy, "folds.n_folds=2", f"data.classes=[{','.join(classes)}]")
+    write_csv(cfg["folds"]["file"], build_folds(cfg))
+    ev = pd.read_csv(data_copy / "phase2_eval.csv", dtype=str, keep_default_na=False)
+    ev.loc[0, "labels"] = "XYZ"
+    ev.to_csv(data_copy / "phase2_eval.csv", index=False)
+    with pytest.raises(WBCError, match=r"phase2_eval.csv:2: unknown label 'XYZ'"):
+        load_fold_data(cfg)
+
+
+def test_eval_in_the_training_pool_is_not_also_a_holdout(cfg2):
+    """`data.train_splits` decides the pool: with phase2_eval in it, its images are trained on and get folds, so
+    they are no hold-out to predict (their scores would be on training images)."""
+    cfg = cfg2("data.train_splits=[phase1,phase2_train,phase2_eval]")
+    data = load_fold_data(cfg, with_test=False)
+    assert "phase2_eval" in set(data.pool["split"])
+    assert len(data.holdout) == 0 and data.holdout_images is None

@@ -190,8 +190,10 @@ def segment(rgb: np.ndarray, params: SegParams = SegParams()) -> Segmentation:
     elif nucleus.sum() < 10 * scale ** 2:
         seg.error = "empty nucleus"
     else:
+        # two pixels wide: the watershed claims the image's outermost pixel frame for its boundary (-1), so a
+        # cell cut off by the edge stops one pixel in
         border = np.zeros((h, w), bool)
-        border[[0, -1], :] = border[:, [0, -1]] = True
+        border[:2, :] = border[-2:, :] = border[:, :2] = border[:, -2:] = True
         contour = cell & ~(cv2.erode(cell.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0)
         frac = (contour & border).sum() / max(contour.sum(), 1)
         if frac > params.max_border_frac:
