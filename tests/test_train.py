@@ -40,32 +40,35 @@ def test_learns_above_chance(cfg2):
     assert all(isinstance(v, torch.Tensor) for v in sd.values())
 
 
+def _full_and_resumed(cfg2, over, kill_at):
+    """Trains `over` uninterrupted, and again killed after epoch `kill_at` and resumed; both must end with the same
+    last.pt. Returns both configs and the resumed run's result."""
+    full = cfg2(*over, "name=full")
+    data = load_fold_data(full)
+    train_fold(full, 0, data=data)
+    part = cfg2(*over, "name=part")
+
+    def kill(epoch, rec):
+        if epoch == kill_at:
+            raise StopTraining
+
+    with pytest.raises(StopTraining):
+        train_fold(part, 0, on_epoch=kill, data=data)
+    assert torch_load(run_dir(part) / "fold0" / "state.pt")["epoch"] == kill_at
+    res = train_fold(part, 0, resume=True, data=data)
+    a, b = (torch_load(run_dir(c) / "fold0" / "last.pt") for c in (full, part))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    return full, part, res
+
+
 def test_resume_is_exact(cfg2):
     # EMA, a stage-2 classifier re-training, augmentation and drop-path (the global RNG) all have state that must
     # survive a kill.
     over = ["train.epochs=3", "train.stage2.epochs=1", "train.ema=true", "train.ema_decay=0.9",
             "train.loss.type=focal", "train.sampler.type=balanced", "train.num_workers=1", "model.drop_path_rate=0.2"]
-    full = cfg2(*over, "name=full")
-    data = load_fold_data(full)
-    train_fold(full, 0, data=data)
-
-    part = cfg2(*over, "name=part")
-
-    def kill(epoch, rec):
-        if epoch == 1:
-            raise StopTraining
-
-    with pytest.raises(StopTraining):
-        train_fold(part, 0, on_epoch=kill, data=data)
-    state = torch_load(run_dir(part) / "fold0" / "state.pt")
-    assert state["epoch"] == 1
-    train_fold(part, 0, resume=True, data=data)
-
-    a = torch_load(run_dir(full) / "fold0" / "last.pt")
-    b = torch_load(run_dir(part) / "fold0" / "last.pt")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    full, part, _ = _full_and_resumed(cfg2, over, kill_at=1)
     ma = [json.loads(x) for x in (run_dir(full) / "fold0" / "metrics.jsonl").read_text().splitlines()]
     mb = [json.loads(x) for x in (run_dir(part) / "fold0" / "metrics.jsonl").read_text().splitlines()]
     assert [m["val_macro_f1"] for m in ma] == [m["val_macro_f1"] for m in mb]
@@ -481,22 +484,8 @@ def test_cache_is_rebuilt_when_ids_change_and_never_half_written(sample_root, ma
 
 def test_resume_inside_stage2_is_exact(cfg2):
     """A run killed during stage 2 resumes in stage 2, with the head's optimizer and schedule, not stage 1's."""
-    over = ["train.epochs=1", "train.stage2.epochs=2", "train.ema=false"]
-    full = cfg2(*over, "name=full2")
-    data = load_fold_data(full)
-    train_fold(full, 0, data=data)
-    part = cfg2(*over, "name=part2")
-
-    def kill(epoch, rec):
-        if epoch == 1:
-            raise StopTraining
-
-    with pytest.raises(StopTraining):
-        train_fold(part, 0, on_epoch=kill, data=data)
-    res = train_fold(part, 0, resume=True, data=data)
+    _, _, res = _full_and_resumed(cfg2, ["train.epochs=1", "train.stage2.epochs=2", "train.ema=false"], kill_at=1)
     assert [h["stage"] for h in res["history"]] == [1, 2, 2]
-    a, b = (torch_load(run_dir(c) / "fold0" / "last.pt") for c in (full, part))
-    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_augmentation_draw_depends_on_seed_epoch_and_index():
