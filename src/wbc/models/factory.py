@@ -35,9 +35,9 @@ def load_pretrained_file(model: torch.nn.Module, path) -> list[str]:
     sd = load_state_file(path)
     own = model.state_dict()
     # the classifier's own keys, found by module identity: its state_dict alone says only "weight" / "bias"
-    head_mod = model.get_classifier() if hasattr(model, "get_classifier") else None
-    prefix = next((n for n, m in model.named_modules() if m is head_mod), None)
-    head_keys = {f"{prefix}.{k}" if prefix else k for k in head_mod.state_dict()} if prefix is not None else set()
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    prefix = next((n for n, m in model.named_modules() if m is head), None)
+    head_keys = set() if prefix is None else {f"{prefix}.{k}".lstrip(".") for k in head.state_dict()}
     skipped = []
     for k in list(sd):
         if k in own and own[k].shape != sd[k].shape:
