@@ -107,8 +107,8 @@ def run_embed(cfg: dict, resume: bool = False) -> dict:
     import torch
 
     from ..data.augment import build_transform
+    from ..runtime import pick_device, seed_everything
     from ..train.inputs import Rows, load_fold_data
-    from ..train.loop import pick_device, seed_everything
     from .encoders import EmbeddingHead, EmbeddingModel, build_encoder
     from .losses import build_loss
     from .train import embed_array, train_embedding

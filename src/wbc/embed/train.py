@@ -20,7 +20,7 @@ from ..console import console, progress
 from ..data.dataset import CellDataset, normalize
 from ..io import torch_load, torch_save, write_text
 from ..models.inference import autocast, view
-from ..train.loop import rng_state, set_rng_state
+from ..runtime import rng_state, set_rng_state
 from .sampler import ClassBalancedBatchSampler
 
 

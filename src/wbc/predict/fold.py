@@ -9,8 +9,8 @@ from ..io import Probs, save_probs, torch_load
 from ..metrics import save_confusion_png, summary
 from ..models.factory import create_model, model_data_config
 from ..models.inference import predict_probs
+from ..runtime import pick_device
 from ..train.inputs import FoldData, Rows
-from ..train.loop import pick_device
 from .adapt import adapt_batchnorm
 
 

@@ -18,7 +18,7 @@ from ..metrics import macro_f1
 from ..models.inference import predict_probs
 from ..restore import Restorer
 from ..restore.pairs import simulate
-from ..train.loop import pick_device
+from ..runtime import pick_device
 from .fold import load_fold_model
 from .merge import fold_dirs
 

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from ..console import console, progress
 from ..errors import WBCError
 from ..io import torch_load, torch_save, write_text
+from ..runtime import resolve_device
 from .pairs import PairDataset, to_tensor, to_uint8
 from .score import Gate
 
@@ -81,14 +82,6 @@ def linear_decay(epochs: int):
 
 def build_generator(rcfg: dict) -> Generator:
     return Generator(rcfg["encoder"], rcfg.get("decoder_channels") or (256, 128, 64, 32, 16))
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise WBCError("device=cuda but no CUDA device is available")
-    return torch.device(device)
 
 
 def autocast(device: torch.device, amp: str = "bf16"):

@@ -21,8 +21,9 @@ from ..data.damage import damage
 from ..data.layout import data_root, dataset_name, read_split, read_splits
 from ..errors import WBCError
 from ..io import atomic_path, write_csv, write_json, write_text
+from ..runtime import resolve_device
 from .pairs import simulate
-from .pix2pix import Restorer, psnr, resolve_device, train_pix2pix
+from .pix2pix import Restorer, psnr, train_pix2pix
 from .qa import qa_sheet
 from .score import Gate
 

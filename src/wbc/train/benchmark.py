@@ -29,8 +29,9 @@ from ..environment import kernel_mode
 from ..io import write_json
 from ..models.factory import create_model, model_data_config
 from ..models.inference import autocast
+from ..runtime import pick_device, seed_everything
 from .inputs import load_fold_data
-from .loop import _loader, _optimizer, _train_epoch, build_ema, pick_device, seed_everything, stage_loss
+from .loop import _loader, _optimizer, _train_epoch, build_ema, stage_loss
 from .mix import build_mixer
 
 

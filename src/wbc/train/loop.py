@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import random
 import shutil
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from ..io import torch_load, torch_save, write_json, write_text
 from ..metrics import macro_f1
 from ..models.factory import create_model, model_data_config
 from ..models.inference import autocast, predict_probs
+from ..runtime import pick_device, rng_state, seed_everything, set_rng_state
 from .inputs import Chain, FoldData, Rows, load_fold_data
 from .losses import build_loss, js_consistency
 from .mix import build_mixer
@@ -42,21 +42,6 @@ LOSS_SHOW_EVERY = 25  # steps between running-loss updates on the progress bar
 
 class StopTraining(Exception):
     """Raised by an `on_epoch` callback to end a run early (e.g. an Optuna pruner)."""
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def pick_device(cfg: dict) -> torch.device:
-    want = cfg.get("device", "auto")
-    if want == "auto":
-        want = "cuda" if torch.cuda.is_available() else "cpu"
-    if want == "cuda" and not torch.cuda.is_available():
-        raise WBCError("device=cuda but no CUDA device is available")
-    return torch.device(want)
 
 
 def fold_dir(cfg: dict, fold: int) -> Path:
@@ -119,22 +104,6 @@ def check_shared_memory(workers: int, batch_bytes: int, shm: str = "/dev/shm") -
                   f"{PREFETCH} batches of {batch_bytes / 2**20:.1f} MiB in flight want about {need / 2**20:.0f} MiB: "
                   "lower train.num_workers or enlarge it")
     return False
-
-
-def rng_state() -> dict:
-    # tensors and ints only, so the state loads with weights_only=True
-    return {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
-            "numpy_pos": int(np.random.get_state()[2]),
-            "python": list(random.getstate()[1]),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"], 0, 0.0))
-    random.setstate((3, tuple(int(v) for v in s["python"]), None))
-    if torch.cuda.is_available() and len(s["cuda"]):
-        torch.cuda.set_rng_state_all(s["cuda"])
 
 
 def _record_environment(path: Path, start: int) -> None:
