@@ -3,7 +3,9 @@
 Beer-Lambert: optical density OD = -ln(I / Io) is a non-negative mix of two stain vectors (for blood
 smears: the nuclear, haematoxylin/methylene-blue-like stain and the eosin-like one). Per image:
 
-1. stained pixels: every channel's OD > `od_threshold` (the pale background carries no stain signal);
+1. stained pixels: every channel's OD > `od_threshold` (the pale background carries no stain signal) and
+   none clipped to black; the estimate reads the OD smoothed by a `smooth_sigma`-pixel Gaussian, so that
+   sensor noise (strongest in OD at dark pixels) does not spread the angles of step 2;
 2. the plane of the two largest eigenvectors of their OD covariance; each pixel's angle in that plane;
    the `alpha` and 100 - `alpha` percentile angles are the two stain vectors (robust extremes);
 3. concentrations by least squares; their 99th percentile over stained pixels is the stain's "max".
@@ -14,12 +16,14 @@ are nearly parallel, is returned unchanged.
 """
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 from ..errors import WBCError
 
 IO = 255.0
 _OD_LUT = -np.log(np.maximum(np.arange(256, dtype=np.float32), 1.0) / np.float32(IO))
+OD_SATURATED = _OD_LUT[1]  # pixel values 0 and 1 (clipped to black)
 
 
 def optical_density(img: np.ndarray) -> np.ndarray:
@@ -54,8 +58,9 @@ class MacenkoNormalizer:
     """Fit a reference (stain vectors, max concentrations) on training images; map others onto it."""
 
     def __init__(self, od_threshold: float = 0.15, alpha: float = 1.0, max_percentile: float = 99.0,
-                 min_pixels: int = 100):
+                 min_pixels: int = 100, smooth_sigma: float = 1.0):
         self.od_threshold = float(od_threshold)
+        self.smooth_sigma = float(smooth_sigma)
         self.alpha = float(alpha)
         self.max_percentile = float(max_percentile)
         self.min_pixels = int(min_pixels)
@@ -63,8 +68,19 @@ class MacenkoNormalizer:
         self.max_conc: np.ndarray | None = None  # (2,)
 
     def _stained_od(self, img: np.ndarray) -> np.ndarray:
-        od = optical_density(img).reshape(-1, 3)
-        return od[self._stained(od)]
+        """The estimate's input: stained pixels of the smoothed OD, (N, 3).
+
+        Black-clipped pixels are left out, and out of their neighbours' averages: their OD is a floor, not a
+        measurement (the black half of salt-and-pepper noise would otherwise tilt the stain plane by some
+        16 degrees). OD mixes linearly, so a smoothed pixel stays inside the stains' cone."""
+        od = optical_density(img)
+        valid = (od < OD_SATURATED).all(-1)
+        if self.smooth_sigma > 0:
+            w = valid.astype(np.float32)
+            od = cv2.GaussianBlur(od * w[..., None], (0, 0), self.smooth_sigma)
+            od /= np.maximum(cv2.GaussianBlur(w, (0, 0), self.smooth_sigma), 1e-6)[..., None]
+        od, valid = od.reshape(-1, 3), valid.reshape(-1)
+        return od[valid & self._stained(od)]
 
     def _stained(self, od: np.ndarray) -> np.ndarray:
         t = self.od_threshold
@@ -104,10 +120,10 @@ class MacenkoNormalizer:
         if self.stain_matrix is None:
             raise WBCError("MacenkoNormalizer.transform before fit / load_state_dict")
         img = _as_image(img)
-        od = optical_density(img).reshape(-1, 3)
-        est = self._estimate(od[self._stained(od)])
+        est = self._estimate(self._stained_od(img))
         if est is None:
             return img
+        od = optical_density(img).reshape(-1, 3)
         he, max_c = est
         # Pair stains by direction, not by the red-first convention: in Romanowsky-stained smears either
         # stain may absorb more red, so that order flips between images.
@@ -127,7 +143,8 @@ class MacenkoNormalizer:
             raise WBCError("MacenkoNormalizer.state_dict before fit")
         return {"stain_matrix": self.stain_matrix.tolist(), "max_conc": self.max_conc.tolist(),
                 "od_threshold": self.od_threshold, "alpha": self.alpha,
-                "max_percentile": self.max_percentile, "min_pixels": self.min_pixels}
+                "max_percentile": self.max_percentile, "min_pixels": self.min_pixels,
+                "smooth_sigma": self.smooth_sigma}
 
     def load_state_dict(self, state: dict) -> "MacenkoNormalizer":
         try:
@@ -138,7 +155,7 @@ class MacenkoNormalizer:
         if he.shape != (2, 3) or max_c.shape != (2,) or not (np.isfinite(he).all() and (max_c > 0).all()):
             raise WBCError(f"stain normaliser state: stain_matrix {he.shape} / max_conc {max_c.shape} invalid")
         self.stain_matrix, self.max_conc = he, max_c
-        for k in ("od_threshold", "alpha", "max_percentile"):
+        for k in ("od_threshold", "alpha", "max_percentile", "smooth_sigma"):
             setattr(self, k, float(state.get(k, getattr(self, k))))
         self.min_pixels = int(state.get("min_pixels", self.min_pixels))
         return self
