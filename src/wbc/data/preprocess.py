@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from ..config import resolve_path
 from ..io import write_json
+from ..runtime import pick_device
 
 
 def build_preprocess(cfg: dict, pool_images_fn=None):
@@ -19,7 +19,7 @@ def build_preprocess(cfg: dict, pool_images_fn=None):
     if d.get("restore"):
         from ..restore import Restorer
 
-        restorer = Restorer.load(resolve_path(d["restore_dir"]), device="cuda" if torch.cuda.is_available() else "cpu")
+        restorer = Restorer.load(resolve_path(d["restore_dir"]), device=pick_device(cfg))
 
         def restore(images, split):
             if not split.startswith("phase2"):
