@@ -93,24 +93,34 @@ def test_an_embedding_epoch_and_export_stay_on_the_device(fake_cuda, monkeypatch
     assert embed_array(model, images, CUDA, norm, batch_size=4, amp="bf16", tta=2).shape == (6, int(e["proj_dim"]))
 
 
-def test_a_restorer_step_and_restoration_stay_on_the_device(fake_cuda, monkeypatch):
+def test_a_restorer_step_and_restoration_stay_on_the_device(fake_cuda, monkeypatch, tmp_path):
     """`Pix2Pix.step` (generator and discriminator losses, both optimisers) at `test_restore.py`'s tiny settings,
-    and the `Restorer` that `data.restore` runs on the fly (gate on the host, padded generator batches, bf16)."""
+    and `data.restore` as the image cache runs it: `build_preprocess` loads the restorer onto the config's device
+    (gate on the host, padded generator batches, bf16)."""
+    import yaml
+
+    from wbc.data import preprocess
     from wbc.restore import pix2pix
     from wbc.restore.pairs import to_tensor
     from wbc.restore.score import Gate
 
     monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: None)  # autograd needs a CUDA runtime
-    monkeypatch.setattr(pix2pix, "resolve_device", lambda device: CUDA)  # its check wants a CUDA runtime
+    monkeypatch.setattr(pix2pix, "resolve_device", lambda device: torch.device(device))  # its check wants a ...
+    monkeypatch.setattr(preprocess, "pick_device", lambda cfg: CUDA)  # ... CUDA runtime, as does `device: auto`
     rcfg = {"encoder": "tu-mobilenetv3_small_050", "decoder_channels": [32, 16, 16, 8, 8], "ndf": 8, "epochs": 2,
-            "lr": 1e-3, "lambda_l1": 100, "gan_mode": "vanilla", "amp": "bf16"}
+            "lr": 1e-3, "lambda_l1": 100, "gan_mode": "vanilla", "amp": "bf16", "batch_size": 2, "image_size": 64}
     model = pix2pix.Pix2Pix(rcfg, CUDA)
     pair = to_tensor(np.zeros((2, 64, 64, 3), np.uint8))  # as the loader gives them, on the host
     assert set(model.step(pair, pair)) == {"l1", "g_adv", "d"}
-    restorer = pix2pix.Restorer(pix2pix.build_generator(rcfg), Gate(threshold=-np.inf), "cuda", batch_size=2,
-                                image_size=64)
-    out, _, mask = restorer(np.zeros((3, 40, 50, 3), np.uint8))  # every image judged damaged
-    assert out.shape == (3, 40, 50, 3) and mask.all()
+
+    unset(lambda: torch.save(pix2pix.build_generator(rcfg).state_dict(), tmp_path / "generator.pt"))  # as trained
+    Gate(threshold=-np.inf).save(tmp_path / "gate.json")  # every image judged damaged
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"restorer": rcfg}))
+    devices, run = [], pix2pix.restore_batches
+    monkeypatch.setattr(pix2pix, "restore_batches", lambda G, x, device, *a: devices.append(device) or run(G, x, device, *a))
+    restore = preprocess.build_preprocess({"data": {"restore": True, "restore_dir": str(tmp_path)}})
+    out = restore(np.zeros((3, 40, 50, 3), np.uint8), "phase2_test")
+    assert out.shape == (3, 40, 50, 3) and out.dtype == np.uint8 and devices == [CUDA]
 
 
 def test_throughput_benchmark_stays_on_the_device(sample_root, make_cfg, fake_cuda, monkeypatch):
