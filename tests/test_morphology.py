@@ -316,10 +316,13 @@ def test_implausible_cell_area_is_a_failure():
     assert M.analyse(img, M.SegParams(max_cell_frac=0.2))[1]["seg_ok"]
 
 
-def test_cache_key_follows_the_parameters():
-    assert M.SegParams().key() == M.SegParams().key()
-    assert M.SegParams(median=7).key() != M.SegParams().key()
-    assert M.SegParams(lobe_persistence=0.5).key() != M.SegParams().key()
+def test_cache_key_follows_the_parameters_and_the_code(monkeypatch):
+    key = M.SegParams().key()
+    assert M.SegParams().key() == key
+    assert M.SegParams(median=7).key() != key
+    assert M.SegParams(lobe_persistence=0.5).key() != key
+    monkeypatch.setattr(M, "SOURCE_HASH", "edited")  # a changed segmentation file: cached features are stale
+    assert M.SegParams().key() != key
 
 
 def test_granular_cytoplasm_has_higher_granularity():

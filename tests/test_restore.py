@@ -255,6 +255,12 @@ def test_train_restorer_and_restore_commands(tmp_path):
     changed = np.array([not np.array_equal(a, b) for a, b in zip(restored[~p1], plain[~p1])])
     assert mask.any() and np.array_equal(changed, mask)
     assert np.array_equal(np.asarray(restored[~p1]), out)
+    # a retrained restorer gets a cache of its own instead of its predecessor's images
+    torch.save({k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+                for k, v in sd.items()}, run / "generator.pt")
+    again = load_images(cfg, df, build_preprocess(cfg))
+    assert not np.array_equal(np.asarray(again[~p1]), np.asarray(restored[~p1]))
+    assert np.array_equal(np.asarray(again[~p1]), Restorer.load(run)(np.asarray(plain[~p1]))[0])
 
 
 def test_damage_features_are_measured_at_224_px_on_the_background():

@@ -1,10 +1,14 @@
 """Decoded, resized images in a uint8 memmap per split, so data loading never re-decodes JPEGs.
 
-`cache/<dataset>_<size>[_stain][_restored]/<split>.u8` holds an (N, S, S, 3) RGB array in the row order
-of `<split>.ids`. A cache is rebuilt when the split's IDs change. Builds write to a temp file and rename.
+`cache/<dataset>_<size>[_stain-<hash>][_restored-<hash>]/<split>.u8` holds an (N, S, S, 3) RGB array in the
+row order of `<split>.ids`. A cache is rebuilt when the split's IDs change, and a preprocessed one lives under
+the hash of what made it (the stain normaliser's code; the restorer's files), so a retrained restorer never
+meets its predecessor's images. Builds write to a temp file and rename.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -50,10 +54,30 @@ def resize(img: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(img, (size, size), interpolation=interp)
 
 
+RESTORER_FILES = ("config.yaml", "generator.pt", "gate.json")
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, size: int, mtime_ns: int) -> bytes:
+    return hashlib.sha1(Path(path).read_bytes()).digest()  # keyed by size and mtime: hashed once per version
+
+
+def fingerprint(paths) -> str:
+    """Short hash of the files' contents (a missing file counts as missing)."""
+    h = hashlib.sha1()
+    for p in map(Path, paths):
+        st = p.stat() if p.exists() else None
+        h.update(p.name.encode() + (_digest(str(p), st.st_size, st.st_mtime_ns) if st else b"missing"))
+    return h.hexdigest()[:10]
+
+
 def cache_dir(cfg: dict) -> Path:
     d = cfg["data"]
-    tag = f"{dataset_name(cfg)}_{d['image_size']}" + ("_stain" if d.get("stain_norm") else "") + \
-        ("_restored" if d.get("restore") else "")
+    tag = f"{dataset_name(cfg)}_{d['image_size']}"
+    if d.get("stain_norm"):
+        tag += "_stain-" + fingerprint([Path(__file__).with_name("stain.py")])
+    if d.get("restore"):
+        tag += "_restored-" + fingerprint([resolve_path(d["restore_dir"]) / n for n in RESTORER_FILES])
     return resolve_path(d.get("cache_dir", "cache")) / tag
 
 

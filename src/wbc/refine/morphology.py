@@ -15,12 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
-VERSION = 3  # bump when segmentation or features change: cached feature files are recomputed
+# Cached feature files are keyed by this file's source as well as the parameters: a fixed segmentation bug
+# must not be served from features computed before the fix (a version number to bump was forgotten once).
+SOURCE_HASH = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()[:12]
 REGIONS = ("cell", "nuc", "cyto")
 COLOUR_FEATURES = [f"{r}_{k}" for r in REGIONS for k in ("r", "g", "b", "intensity", "rb_ratio")]
 SHAPE_FEATURES = ["cell_area", "cell_perimeter", "cell_circularity", "cell_solidity", "cell_eccentricity",
@@ -63,8 +66,8 @@ class SegParams:
     leak_iou: float = 0.9
 
     def key(self) -> str:
-        """Cache key: code version, parameters and feature list."""
-        blob = json.dumps({"version": VERSION, "params": asdict(self), "features": FEATURES}, sort_keys=True)
+        """Cache key: the segmentation code, parameters and feature list."""
+        blob = json.dumps({"source": SOURCE_HASH, "params": asdict(self), "features": FEATURES}, sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 
