@@ -15,7 +15,7 @@ PLASMA, CYTO, NUC, RBC = (240, 222, 205), (205, 185, 222), (95, 55, 150), (226, 
 C = (112, 112)
 
 
-def smear(cell_fn, nuc_fn, noise=3.0, seed=0):
+def smear(cell_fn, nuc_fn, noise=3.0, seed=0, cyto=CYTO):
     """RGB image with red cells in the corners, a cell and nucleus drawn by cell_fn / nuc_fn(img, colour);
     returns the image and the true cell / nucleus masks."""
     rng = np.random.default_rng(seed)
@@ -24,7 +24,7 @@ def smear(cell_fn, nuc_fn, noise=3.0, seed=0):
     for x, y in ((28, 30), (196, 34), (30, 194), (192, 196)):
         cv2.circle(img, (x, y), 17, RBC, -1)
     masks = []
-    for fn, colour in ((cell_fn, CYTO), (nuc_fn, NUC)):
+    for fn, colour in ((cell_fn, cyto), (nuc_fn, NUC)):
         m = np.zeros((224, 224), np.uint8)
         fn(m, 1)
         fn(img, colour)
@@ -284,6 +284,19 @@ def test_separate_nucleus_pieces_are_lobes_and_components():
     _, f = run(img)
     assert f["nuc_lobes"] == 3 and f["nuc_components"] == 3
     assert f["nuc_area"] == pytest.approx(nuc.sum(), rel=0.08)
+
+
+def test_a_segmented_nucleus_in_pale_cytoplasm_keeps_its_whole_cell():
+    """A neutrophil's pale cytoplasm is close to the plasma: grown from the central lobe alone, the watershed
+    stops at that lobe (786 of 12,061 px). The lobes within `seed_join` join the seed and the cell is found. On
+    pbcbench, leaving the join out changed a feature by over 1 % on 755 of 3,847 images."""
+    def apart(im, col):
+        for x in (72, 112, 152):
+            cv2.circle(im, (x, 112), 13, col, -1)
+    img, cell, nuc = smear(disc(62), apart, cyto=(225, 205, 215))
+    _, f = run(img)
+    assert f["cell_area"] == pytest.approx(cell.sum(), rel=0.05)
+    assert f["nuc_area"] == pytest.approx(nuc.sum(), rel=0.05) and f["nuc_components"] == 3
 
 
 def test_a_speck_is_no_constriction():
