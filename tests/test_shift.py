@@ -162,6 +162,9 @@ def test_feature_cache_is_reused_and_keyed_by_id_and_split(sample_root, make_cfg
     assert computed[-1] == list(other["ID"] + "|elsewhere")
     cache = pd.read_csv(features.features_path(cfg), dtype={"ID": str})
     assert len(cache) == 8 and not cache[["ID", "split"]].duplicated().any()
+    monkeypatch.setattr(features, "SOURCE_HASH", "edited")  # the measuring code changed: every row again
+    features.damage_feature_table(cfg, rows)
+    assert computed[-1] == list(rows["ID"] + "|phase1")
 
 
 def test_single_fold_check_bins_and_target_quantile(shifted_run, tmp_path):

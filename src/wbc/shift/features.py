@@ -5,6 +5,8 @@ measured on the full-resolution JPEG at 224 px, so they do not depend on any run
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -15,8 +17,12 @@ from ..config import resolve_path
 from ..console import progress
 from ..data.cache import read_image
 from ..data.layout import dataset_name
-from ..io import write_csv
+from ..io import write_csv, write_json
+from ..restore import score
 from ..restore.score import FEATURES, damage_features
+
+# the cache is stale when the code that measures the features changes
+SOURCE_HASH = hashlib.sha1(Path(score.__file__).read_bytes()).hexdigest()[:12]
 
 
 def shift_dir(cfg: dict) -> Path:
@@ -45,8 +51,9 @@ def damage_feature_table(cfg: dict, df: pd.DataFrame, workers: int = 2) -> pd.Da
     """FEATURES for every row of `df` (ID, split, path, csv, row), in `df`'s order. Rows already in the cache
     are reused; new ones are computed and the cache rewritten (atomically)."""
     path = features_path(cfg)
+    meta = path.with_suffix(".json")
     cached = None
-    if path.exists():
+    if path.exists() and meta.exists() and json.loads(meta.read_text()).get("source") == SOURCE_HASH:
         cached = pd.read_csv(path, dtype={"ID": str})
         if list(cached.columns) != ["ID", "split", *FEATURES]:
             cached = None  # written by another feature set: recompute
@@ -59,5 +66,6 @@ def damage_feature_table(cfg: dict, df: pd.DataFrame, workers: int = 2) -> pd.Da
         new.insert(0, "ID", todo["ID"].to_numpy())
         cached = new if cached is None else pd.concat([cached, new], ignore_index=True)
         write_csv(path, cached)
+        write_json(meta, {"source": SOURCE_HASH, "features": list(FEATURES)})
     cached = cached.assign(key=cached["ID"] + "|" + cached["split"]).set_index("key")
     return cached.loc[key.to_numpy()].reset_index(drop=True)
