@@ -7,6 +7,8 @@ a CSV with `ID`, optional `fold`, optional `labels` (ground truth, empty when un
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import os
 import tempfile
@@ -21,6 +23,20 @@ from .errors import WBCError
 PROB_PREFIX = "prob_"
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, size: int, mtime_ns: int) -> bytes:
+    return hashlib.sha1(Path(path).read_bytes()).digest()  # keyed by size and mtime: hashed once per version
+
+
+def fingerprint(paths) -> str:
+    """Short hash of the files' contents (a missing file counts as missing): a cache key for what made a cache."""
+    h = hashlib.sha1()
+    for p in map(Path, paths):
+        st = p.stat() if p.exists() else None
+        h.update(p.name.encode() + (_digest(str(p), st.st_size, st.st_mtime_ns) if st else b"missing"))
+    return h.hexdigest()[:12]
 
 
 @contextlib.contextmanager

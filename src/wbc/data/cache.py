@@ -7,8 +7,6 @@ meets its predecessor's images. Builds write to a temp file and rename.
 """
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +18,7 @@ import pandas as pd
 from ..config import resolve_path
 from ..console import progress
 from ..errors import WBCError, where
-from ..io import atomic_path, write_json
+from ..io import atomic_path, fingerprint, write_json
 from .layout import dataset_name
 
 cv2.setNumThreads(1)  # threads come from the pool below; nested OpenCV threads only contend
@@ -55,20 +53,6 @@ def resize(img: np.ndarray, size: int) -> np.ndarray:
 
 
 RESTORER_FILES = ("config.yaml", "generator.pt", "gate.json")
-
-
-@functools.lru_cache(maxsize=64)
-def _digest(path: str, size: int, mtime_ns: int) -> bytes:
-    return hashlib.sha1(Path(path).read_bytes()).digest()  # keyed by size and mtime: hashed once per version
-
-
-def fingerprint(paths) -> str:
-    """Short hash of the files' contents (a missing file counts as missing)."""
-    h = hashlib.sha1()
-    for p in map(Path, paths):
-        st = p.stat() if p.exists() else None
-        h.update(p.name.encode() + (_digest(str(p), st.st_size, st.st_mtime_ns) if st else b"missing"))
-    return h.hexdigest()[:10]
 
 
 def cache_dir(cfg: dict) -> Path:

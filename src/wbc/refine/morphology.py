@@ -15,15 +15,16 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
 from scipy import ndimage as ndi
 
+from ..io import fingerprint
+
 # Cached feature files are keyed by this file's source as well as the parameters: a fixed segmentation bug
 # must not be served from features computed before the fix (a version number to bump was forgotten once).
-SOURCE_HASH = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()[:12]
+SOURCE_HASH = fingerprint([__file__])
 REGIONS = ("cell", "nuc", "cyto")
 COLOUR_FEATURES = [f"{r}_{k}" for r in REGIONS for k in ("r", "g", "b", "intensity", "rb_ratio")]
 SHAPE_FEATURES = ["cell_area", "cell_perimeter", "cell_circularity", "cell_solidity", "cell_eccentricity",

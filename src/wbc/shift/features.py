@@ -5,7 +5,6 @@ measured on the full-resolution JPEG at 224 px, so they do not depend on any run
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,12 +16,12 @@ from ..config import resolve_path
 from ..console import progress
 from ..data.cache import read_image
 from ..data.layout import dataset_name
-from ..io import write_csv, write_json
+from ..io import fingerprint, write_csv, write_json
 from ..restore import score
 from ..restore.score import FEATURES, damage_features
 
 # the cache is stale when the code that measures the features changes
-SOURCE_HASH = hashlib.sha1(Path(score.__file__).read_bytes()).hexdigest()[:12]
+SOURCE_HASH = fingerprint([score.__file__])
 
 
 def shift_dir(cfg: dict) -> Path:
