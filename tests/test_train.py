@@ -482,6 +482,22 @@ def test_cache_is_rebuilt_when_ids_change_and_never_half_written(sample_root, ma
     assert np.array_equal(split_images(cfg, df.iloc[2:8], "phase1"), b)  # the previous cache is intact
 
 
+def test_cache_is_rebuilt_when_an_image_file_is_replaced(sample_root, make_cfg, tmp_path):
+    """Same IDs, new pixels (a regenerated sample set, a re-released split): the cache must not serve the old ones."""
+    import shutil
+
+    from wbc.data.cache import split_images
+    from wbc.data.layout import read_split
+
+    root = shutil.copytree(sample_root, tmp_path / "data")
+    cfg = make_cfg(root)
+    df = read_split(root, "phase1").iloc[:4]
+    before = np.array(split_images(cfg, df, "phase1"))
+    shutil.copyfile(df["path"].iloc[1], df["path"].iloc[0])  # image 0 now holds image 1's pixels
+    after = np.array(split_images(cfg, df, "phase1"))
+    assert np.array_equal(after[0], before[1]) and np.array_equal(after[1:], before[1:])
+
+
 def test_resume_inside_stage2_is_exact(cfg2):
     """A run killed during stage 2 resumes in stage 2, with the head's optimizer and schedule, not stage 1's."""
     _, _, res = _full_and_resumed(cfg2, ["train.epochs=1", "train.stage2.epochs=2", "train.ema=false"], kill_at=1)

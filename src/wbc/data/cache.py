@@ -1,13 +1,16 @@
 """Decoded, resized images in a uint8 memmap per split, so data loading never re-decodes JPEGs.
 
 `cache/<dataset>_<size>[_stain-<hash>][_restored-<hash>]/<split>.u8` holds an (N, S, S, 3) RGB array in the
-row order of `<split>.ids`. A cache is rebuilt when the split's IDs change, and a preprocessed one lives under
-the hash of what made it (the stain normaliser's code; the restorer's files), so a retrained restorer never
-meets its predecessor's images. Builds write to a temp file and rename.
+row order of `<split>.ids.json`. A cache is rebuilt when the split's IDs or image files (path, size, modification
+time) change, and a preprocessed one lives under the hash of what made it (the stain normaliser's code; the
+restorer's files), so a retrained restorer never meets its predecessor's images. Builds write to a temp file and
+rename.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -65,6 +68,16 @@ def cache_dir(cfg: dict) -> Path:
     return resolve_path(d.get("cache_dir", "cache")) / tag
 
 
+def _sources(paths) -> str:
+    """Signature of the image files (path, size, modification time): regenerated or replaced images under the
+    same IDs (a new `make sample-data`, a re-released split) rebuild the cache instead of being served stale."""
+    h = hashlib.sha1()
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{p}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:12]
+
+
 def decode_all(df: pd.DataFrame, size: int, workers: int = 4, desc: str = "decode") -> np.ndarray:
     """Decode and resize every image of `df` (columns path, csv, row) into one array."""
     out = np.empty((len(df), size, size, 3), np.uint8)
@@ -90,16 +103,15 @@ def split_images(cfg: dict, df: pd.DataFrame, split: str, transform=None) -> np.
     arr_path, ids_path = d / f"{split}.u8", d / f"{split}.ids.json"
     size = int(cfg["data"]["image_size"])
     ids = sub["ID"].tolist()
-    if arr_path.exists() and ids_path.exists():
-        cached = json.loads(ids_path.read_text())
-        if cached == ids:
-            return np.memmap(arr_path, np.uint8, "r", shape=(len(ids), size, size, 3))
+    key = {"ids": ids, "sources": _sources(sub["path"])}
+    if arr_path.exists() and ids_path.exists() and json.loads(ids_path.read_text()) == key:
+        return np.memmap(arr_path, np.uint8, "r", shape=(len(ids), size, size, 3))
     images = decode_all(sub.reset_index(drop=True), size, desc=f"cache {split}")
     if transform is not None:
         images = transform(images, split)
     with atomic_path(arr_path, suffix=".u8") as tmp:
         images.tofile(tmp)
-    write_json(ids_path, ids)
+    write_json(ids_path, key)
     return np.memmap(arr_path, np.uint8, "r", shape=(len(ids), size, size, 3))
 
 
