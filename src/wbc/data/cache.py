@@ -55,15 +55,14 @@ def resize(img: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(img, (size, size), interpolation=interp)
 
 
-RESTORER_FILES = ("config.yaml", "generator.pt", "gate.json")
-
-
 def cache_dir(cfg: dict) -> Path:
     d = cfg["data"]
     tag = f"{dataset_name(cfg)}_{d['image_size']}"
     if d.get("stain_norm"):
         tag += "_stain-" + fingerprint([Path(__file__).with_name("stain.py")])
     if d.get("restore"):
+        from ..restore.pix2pix import RESTORER_FILES  # lazily, as preprocess loads the restorer
+
         tag += "_restored-" + fingerprint([resolve_path(d["restore_dir"]) / n for n in RESTORER_FILES])
     return resolve_path(d.get("cache_dir", "cache")) / tag
 

@@ -84,6 +84,9 @@ def build_generator(rcfg: dict) -> Generator:
     return Generator(rcfg["encoder"], rcfg.get("decoder_channels") or (256, 128, 64, 32, 16))
 
 
+RESTORER_FILES = ("config.yaml", "generator.pt", "gate.json")  # what a trained restorer is
+
+
 def autocast(device: torch.device, amp: str = "bf16"):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and amp == "bf16")
 
@@ -252,7 +255,7 @@ class Restorer:
     @classmethod
     def load(cls, run_dir, device="cpu") -> "Restorer":
         run_dir = Path(run_dir)
-        for name in ("config.yaml", "generator.pt", "gate.json"):
+        for name in RESTORER_FILES:
             if not (run_dir / name).exists():
                 raise WBCError(f"{run_dir / name}: not found (run `make train-restorer` first)")
         rcfg = (yaml.safe_load((run_dir / "config.yaml").read_text()) or {}).get("restorer")
