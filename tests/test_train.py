@@ -498,6 +498,20 @@ def test_cache_is_rebuilt_when_an_image_file_is_replaced(sample_root, make_cfg, 
     assert np.array_equal(after[0], before[1]) and np.array_equal(after[1:], before[1:])
 
 
+def test_cache_is_rebuilt_when_the_decoder_changes(sample_root, make_cfg, tmp_path, monkeypatch):
+    """Images decoded by older code (another resize, say) are rebuilt, not served from the cache."""
+    import wbc.data.cache as cache
+    from wbc.data.layout import read_split
+
+    cfg = make_cfg(sample_root)
+    df = read_split(sample_root, "phase1").iloc[:3]
+    before = np.array(cache.split_images(cfg, df, "phase1"))
+    monkeypatch.setattr(cache, "resize", lambda img, size: np.zeros((size, size, 3), np.uint8))
+    assert np.array_equal(cache.split_images(cfg, df, "phase1"), before)  # same code: served from the cache
+    monkeypatch.setattr(cache, "CODE_HASH", "changed")
+    assert not np.array(cache.split_images(cfg, df, "phase1")).any()
+
+
 def test_resume_inside_stage2_is_exact(cfg2):
     """A run killed during stage 2 resumes in stage 2, with the head's optimizer and schedule, not stage 1's."""
     _, _, res = _full_and_resumed(cfg2, ["train.epochs=1", "train.stage2.epochs=2", "train.ema=false"], kill_at=1)

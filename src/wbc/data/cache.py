@@ -1,8 +1,8 @@
 """Decoded, resized images in a uint8 memmap per split, so data loading never re-decodes JPEGs.
 
 `cache/<dataset>_<size>[_stain-<hash>][_restored-<hash>]/<split>.u8` holds an (N, S, S, 3) RGB array in the
-row order of `<split>.ids.json`. A cache is rebuilt when the split's IDs or image files (path, size, modification
-time) change, and a preprocessed one lives under the hash of what made it (the stain normaliser's code; the
+row order of `<split>.ids.json`. A cache is rebuilt when the split's IDs, its image files (path, size, modification
+time) or this module's code (decoding, resizing) change, and a preprocessed one lives under the hash of what made it (the stain normaliser's code; the
 restorer's files), so a retrained restorer never meets its predecessor's images. Builds write to a temp file and
 rename.
 """
@@ -25,6 +25,7 @@ from ..io import atomic_path, fingerprint, write_json
 from .layout import dataset_name
 
 cv2.setNumThreads(1)  # threads come from the pool below; nested OpenCV threads only contend
+CODE_HASH = fingerprint([__file__])  # a changed decoder or resize must not serve images made by the old one
 
 
 def read_image(path, csv=None, row=None) -> np.ndarray:
@@ -102,7 +103,7 @@ def split_images(cfg: dict, df: pd.DataFrame, split: str, transform=None) -> np.
     arr_path, ids_path = d / f"{split}.u8", d / f"{split}.ids.json"
     size = int(cfg["data"]["image_size"])
     ids = sub["ID"].tolist()
-    key = {"ids": ids, "sources": _sources(sub["path"])}
+    key = {"ids": ids, "sources": _sources(sub["path"]), "code": CODE_HASH}
     if arr_path.exists() and ids_path.exists() and json.loads(ids_path.read_text()) == key:
         return np.memmap(arr_path, np.uint8, "r", shape=(len(ids), size, size, 3))
     images = decode_all(sub.reset_index(drop=True), size, desc=f"cache {split}")
