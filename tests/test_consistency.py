@@ -10,8 +10,8 @@ from wbc.data.dataset import CellDataset
 from wbc.errors import WBCError
 from wbc.folds import build_folds
 from wbc.io import write_csv
-from wbc.train.losses import js_consistency
 from wbc.train.loop import train_fold
+from wbc.train.losses import js_consistency
 
 
 def test_js_consistency_is_the_jensen_shannon_divergence():

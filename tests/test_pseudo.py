@@ -1,4 +1,6 @@
 """Pseudo-labels: selection (`wbc.pseudo.select`), the training file's checks and its use by `train_fold`."""
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -7,7 +9,7 @@ from wbc.data.layout import read_split
 from wbc.errors import WBCError
 from wbc.folds import build_folds
 from wbc.io import Probs, load_probs, save_probs, write_csv
-from wbc.pseudo.select import select, pseudo_label
+from wbc.pseudo.select import pseudo_label, select
 from wbc.train import loop
 from wbc.train.inputs import load_fold_data
 
@@ -136,9 +138,7 @@ def test_train_fold_trains_on_pseudo_rows_and_never_validates_on_them(sample_roo
     got = sorted((img.tobytes(), int(t)) for img, t in zip(images, tail))
     assert got == sorted((img.tobytes(), t) for img, t in expect.values())
     assert seen["targets"][:len(tr)].tolist() == data.pool["labels"].map(lut).to_numpy()[tr].tolist()
-    import json
-    from wbc.train.loop import fold_dir
-    assert json.loads((fold_dir(cfg, 0) / "train_result.json").read_text())["pseudo_labelled"] == 8
+    assert json.loads((loop.fold_dir(cfg, 0) / "train_result.json").read_text())["pseudo_labelled"] == 8
 
 
 def test_without_pseudo_labels_the_training_set_is_the_pool(sample_root, make_cfg, tmp_path):

@@ -12,11 +12,10 @@ from sklearn.covariance import LedoitWolf
 
 from wbc.errors import WBCError
 from wbc.io import Probs, save_probs
+from wbc.metrics import macro_f1
 from wbc.refine.gaussian import ClassGaussians, FeatureScaler, crossfit
 from wbc.refine.morphology import FEATURES
-from wbc.refine.rule import (Evidence, Settings, apply_hard, fast_macro_f1, fit_hard, fit_soft, nested,
-                             soft_probs)
-from wbc.metrics import macro_f1
+from wbc.refine.rule import Evidence, Settings, apply_hard, fast_macro_f1, fit_hard, fit_soft, nested, soft_probs
 
 CLASSES = ["A", "B", "R"]  # R is the rare class
 SEARCH = {"ratio": [0.01, 1.0], "maha_quantile": [0.5, 1.0], "shape_quantile": [0.0, 0.2],

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from wbc.__main__ import COMMAND_MODULES
-from wbc.data import cli, sample as S
+from wbc.data import cli
+from wbc.data import sample as S
 from wbc.data.layout import read_split
 from wbc.errors import WBCError
 

@@ -14,9 +14,9 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from .config import resolve_path
 from .console import console, print_table
+from .data.layout import check_labels, class_list, data_root, dataset_name, group_column, read_splits
 from .errors import WBCError
 from .io import write_csv
-from .data.layout import check_labels, class_list, data_root, dataset_name, group_column, read_splits
 
 
 def make_folds(df: pd.DataFrame, n_folds: int, seed: int, group_col: str | None = None) -> np.ndarray:

@@ -13,9 +13,9 @@ from ..console import console, print_table
 from ..errors import WBCError
 from ..io import Probs, load_probs, save_probs, write_csv, write_json
 from ..metrics import save_confusion_png, summary
+from .gaussian import FeatureScaler
 from .morphology import FEATURES, SegParams, extract_features
 from .qa import qa_sheet, separation_table
-from .gaussian import FeatureScaler
 from .rule import (Settings, apply_hard, fast_macro_f1, fit_gaussians, fit_hard, fit_soft, nested, new_evidence,
                    oof_evidence, soft_probs)
 
