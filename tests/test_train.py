@@ -498,7 +498,7 @@ def test_cache_is_rebuilt_when_an_image_file_is_replaced(sample_root, make_cfg, 
     assert np.array_equal(after[0], before[1]) and np.array_equal(after[1:], before[1:])
 
 
-def test_cache_is_rebuilt_when_the_decoder_changes(sample_root, make_cfg, tmp_path, monkeypatch):
+def test_cache_is_rebuilt_when_the_decoder_changes(sample_root, make_cfg, monkeypatch):
     """Images decoded by older code (another resize, say) are rebuilt, not served from the cache."""
     import wbc.data.cache as cache
     from wbc.data.layout import read_split

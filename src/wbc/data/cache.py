@@ -2,9 +2,9 @@
 
 `cache/<dataset>_<size>[_stain-<hash>][_restored-<hash>]/<split>.u8` holds an (N, S, S, 3) RGB array in the
 row order of `<split>.ids.json`. A cache is rebuilt when the split's IDs, its image files (path, size, modification
-time) or this module's code (decoding, resizing) change, and a preprocessed one lives under the hash of what made it (the stain normaliser's code; the
-restorer's files), so a retrained restorer never meets its predecessor's images. Builds write to a temp file and
-rename.
+time) or this module's code (decoding, resizing) change, and a preprocessed one lives under the hash of what made it
+(the stain normaliser's code; the restorer's files), so a retrained restorer never meets its predecessor's images.
+Builds write to a temp file and rename.
 """
 from __future__ import annotations
 
