@@ -79,8 +79,9 @@ def test_training_step_adds_the_js_term_to_the_view_zero_loss():
 
     def step(batch, weight):
         t = {"amp": "none", "consistency": {"weight": weight, "views": 3}}
-        return _train_epoch(model, model, None, [(batch, y)], 1, opt, sched, scaler, ce, torch.device("cpu"), norm, t, 1,
-                            "test")
+        ep = _train_epoch(model, model, None, [(batch, y)], 1, opt, sched, scaler, ce, torch.device("cpu"), norm, t, 1,
+                          "test")
+        return ep["loss"], ep["n"]
 
     model.train()
     logits = model(normalize(x.flatten(0, 1), norm["mean"], norm["std"])).view(6, 3, -1)

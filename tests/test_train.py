@@ -564,3 +564,72 @@ def test_eval_in_the_training_pool_is_not_also_a_holdout(cfg2):
     data = load_fold_data(cfg, with_test=False)
     assert "phase2_eval" in set(data.pool["split"])
     assert len(data.holdout) == 0 and data.holdout_images is None
+
+
+def test_training_step_reports_the_gradient_norm_before_clipping():
+    """The logged gradient norm is the true one: the autograd gradients' total norm, before any clipping."""
+    from wbc.train.loop import _train_step
+    from wbc.train.losses import build_loss
+
+    x = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (4, 3, 4, 4), dtype=np.uint8))
+    y = torch.tensor([0, 1, 2, 0])
+    norm = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+
+    ref = model()
+    xf = (x.float() / 255 - 0.5) / 0.25
+    torch.nn.functional.cross_entropy(ref(xf), y).backward()
+    expected = torch.cat([p.grad.flatten() for p in ref.parameters()]).norm().item()
+    for clip in (None, expected / 10):
+        m = model()
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        _, gnorm = _train_step(m, m, None, x, y, opt, sched, torch.amp.GradScaler("cuda", enabled=False),
+                               build_loss({"type": "ce"}, [1, 1, 1]), torch.device("cpu"), norm,
+                               {"grad_clip": clip, "amp": "none"}, 1)
+        assert gnorm.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_epoch_metrics_log_gradient_norms(cfg2):
+    cfg = cfg2("train.epochs=2", "train.grad_clip=0.01")
+    hist = train_fold(cfg, 0)["history"]
+    for h in hist:
+        # clipped at 0.01, yet the log shows the larger norm the step really had
+        assert h["nonfinite_steps"] == 0 and 0.01 < h["grad_norm"] <= h["grad_norm_max"] < 1e3
+
+
+def test_a_diverging_run_stops_with_one_line_and_keeps_the_epochs_before(cfg2, monkeypatch):
+    """A NaN in epoch 1 (here planted in one step's loss) stops the run at that epoch's end with one line naming
+    the run and epoch; epoch 0's metrics and checkpoints stay, nothing of epoch 1 is written."""
+    from wbc.errors import TrainingDiverged
+    from wbc.train import loop
+
+    cfg = cfg2("train.epochs=3", "train.ema=false")
+    real, calls = loop._batch_loss, [0]
+    steps_per_epoch = []
+
+    def poisoned(*a, **k):
+        calls[0] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if steps_per_epoch and calls[0] == steps_per_epoch[0] + 2 else loss
+
+    monkeypatch.setattr(loop, "_batch_loss", poisoned)
+    with pytest.raises(TrainingDiverged) as e:
+        train_fold(cfg, 0, on_epoch=lambda epoch, rec: steps_per_epoch.append(calls[0]))
+    msg, n = str(e.value), steps_per_epoch[0]
+    # the poisoned step and every later one: its NaN gradients made the weights NaN
+    assert "\n" not in msg and f"fold0: epoch 1: training diverged (loss nan, {n - 1} steps with non-finite" in msg
+    fold = run_dir(cfg) / "fold0"
+    assert [json.loads(x)["epoch"] for x in (fold / "metrics.jsonl").read_text().splitlines()] == [0]
+    assert torch_load(fold / "state.pt")["epoch"] == 0 and (fold / "best.pt").exists()
+
+
+def test_a_real_blow_up_is_caught(cfg2):
+    """No planted NaN: an absurd learning rate overflows the weights within the first epoch."""
+    from wbc.errors import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match="epoch 0: training diverged"):
+        train_fold(cfg2("train.epochs=2", "train.lr=1e30", "train.warmup_epochs=0"), 0)

@@ -170,3 +170,27 @@ def test_baseline_runs_first_and_the_gain_is_reported(tmp_path, monkeypatch):
         with pytest.raises(WBCError, match=msg):
             run_tune_train(None, [], dict(STUDY, baseline=bad), storage=f"journal:{tmp_path / 'x.journal'}",
                            train_fn=fake_train_fold)
+
+
+def test_a_diverged_trial_is_pruned_and_the_study_goes_on(tmp_path, monkeypatch):
+    """Trials with augment.strength above 1.2 blow up after two epochs: each is recorded as pruned, with the
+    reason, and the study still reaches its budget."""
+    from wbc.errors import TrainingDiverged
+
+    monkeypatch.setenv("WBC_WORKER", "w0")
+
+    def unstable(cfg, fold, on_epoch=None):
+        if cfg["augment"]["strength"] > 1.2:
+            on_epoch(0, {"val_macro_f1": 0.98})  # above every other trial: never pruned early
+            on_epoch(1, {"val_macro_f1": 0.99})
+            raise TrainingDiverged(f"{cfg['name']}: epoch 2: training diverged")
+        return fake_train_fold(cfg, fold, on_epoch)
+
+    study = run_tune_train(None, [f"output_dir={tmp_path / 'out'}"], STUDY, n_trials=10, study_name="tt",
+                           storage=f"journal:{tmp_path / 'td.journal'}", train_fn=unstable)
+    diverged = [t for t in study.trials if t.params["augment.strength"] > 1.2]
+    assert len(study.trials) == 10 and diverged
+    for t in diverged:
+        assert t.state == optuna.trial.TrialState.PRUNED and t.intermediate_values == {0: 0.98, 1: 0.99}
+        assert t.user_attrs["diverged"] == f"tt_t{t.number:04d}: epoch 2: training diverged"
+    assert all(t.state != optuna.trial.TrialState.FAIL for t in study.trials)

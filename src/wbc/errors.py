@@ -5,6 +5,10 @@ class WBCError(Exception):
     """Bad input or state the user can fix (file, row and reason in the message)."""
 
 
+class TrainingDiverged(WBCError):
+    """A training epoch ended with a non-finite loss or gradient: the weights are lost, the recipe needs changing."""
+
+
 def where(path, row=None) -> str:
     """`path` or `path:row` for error messages; row is the 1-based line in the file (header = 1)."""
     return f"{path}" if row is None else f"{path}:{row}"

@@ -21,7 +21,7 @@ from optuna.study import MaxTrialsCallback
 
 from ..config import display_path, dump_config, get_dotted, load_config, read_yaml, resolve_path, run_dir, set_dotted
 from ..console import console, print_table
-from ..errors import WBCError
+from ..errors import TrainingDiverged, WBCError
 from ..io import write_csv, write_json, write_text
 from .tune import FINISHED, make_storage, n_finished, open_study
 
@@ -162,6 +162,9 @@ def run_tune_train(train_config, overrides, study_cfg: dict, *, storage: str | N
 
         try:
             result = train_fn(cfg, fold, on_epoch=on_epoch)
+        except TrainingDiverged as e:  # a recipe that blows up is a bad trial, not a broken study
+            trial.set_user_attr("diverged", str(e))
+            raise optuna.TrialPruned(f"diverged: {e}") from None
         finally:
             if not keep_checkpoints:  # a trial's weights are not reused; they would fill the disk
                 for f in (run_dir(cfg) / f"fold{fold}").glob("*.pt"):

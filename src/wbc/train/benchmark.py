@@ -115,7 +115,7 @@ def _benchmark(cfg: dict, steps: int, warmup: int) -> dict:
             _sync(device)
             t0 = time.perf_counter()
             with count_syncs(device) if counted else contextlib.nullcontext([None]) as got:
-                _, n = _train_epoch(fwd, model, ema, stream, n_batches, *args, mixer=mixer)
+                n = _train_epoch(fwd, model, ema, stream, n_batches, *args, mixer=mixer)["n"]
             _sync(device)
             rates.append(n / (time.perf_counter() - t0))
             found = got

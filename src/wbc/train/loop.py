@@ -25,7 +25,7 @@ from ..console import console, progress
 from ..data.augment import train_transform
 from ..data.dataset import CellDataset, EpochTagged, StageBatches, normalize
 from ..environment import describe, differences, kernel_mode
-from ..errors import WBCError
+from ..errors import TrainingDiverged, WBCError
 from ..io import torch_load, torch_save, write_json, write_text
 from ..metrics import macro_f1
 from ..models.factory import create_model, model_data_config
@@ -239,11 +239,11 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
         if batches is None:
             batches = stage_batches(stage, epoch)
         mixer = build_mixer(t, counts, seed, epoch) if stage == 1 else None
-        train_loss, n_seen = _train_epoch(fwd, model, ema if stage == 1 else None,
-                                          itertools.islice(batches, steps_per_epoch), steps_per_epoch, opt, sched,
-                                          scaler, loss_fn, device, norm, t, stage, desc=f"fold {fold} ep {epoch}",
-                                          mixer=mixer)
+        ep = _train_epoch(fwd, model, ema if stage == 1 else None, itertools.islice(batches, steps_per_epoch),
+                          steps_per_epoch, opt, sched, scaler, loss_fn, device, norm, t, stage,
+                          desc=f"fold {fold} ep {epoch}", mixer=mixer)
         t_train = time.perf_counter() - t0
+        check_finite(ep, scaler, f"{out}: epoch {epoch}")
         val_probs = predict_probs(eval_model(), Rows(data.pool_images, va_idx), device, norm["mean"], norm["std"],
                                   tta=int(t.get("val_tta", 1)), batch_size=int(cfg["predict"]["batch_size"]),
                                   amp=t.get("amp", "none"), channels_last=bool(t.get("channels_last")) and
@@ -251,9 +251,10 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
         y_va = y_all[va_idx]
         f1 = macro_f1(y_va, val_probs.argmax(1), n_cls)
         val_loss = float(-np.log(np.clip(val_probs[np.arange(len(y_va)), y_va], 1e-12, None)).mean())
-        rec = {"epoch": epoch, "stage": stage, "train_loss": train_loss, "val_loss": val_loss,
-               "val_macro_f1": f1, "lr": opt.param_groups[0]["lr"], "train_img_per_s": n_seen / t_train,
-               "epoch_s": time.perf_counter() - t0}
+        rec = {"epoch": epoch, "stage": stage, "train_loss": ep["loss"], "val_loss": val_loss,
+               "val_macro_f1": f1, "lr": opt.param_groups[0]["lr"], "grad_norm": ep["grad_norm"],
+               "grad_norm_max": ep["grad_norm_max"], "nonfinite_steps": ep["nonfinite_steps"],
+               "train_img_per_s": ep["n"] / t_train, "epoch_s": time.perf_counter() - t0}
         history.append(rec)
         improved = f1 > best
         # Checkpoints (about 450 MB for ConvNeXt-T with EMA and AdamW) every `checkpoint_every_s` and at each
@@ -273,9 +274,9 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
                                     "best": best, "stage": stage})
             saved_at = time.monotonic()
         write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
-        console.print(f"fold {fold} epoch {epoch} stage {stage}: loss {train_loss:.4f} val_loss {val_loss:.4f} "
-                      f"val_macro_f1 {f1:.4f}{' *' if improved else ''} ({rec['train_img_per_s']:.0f} img/s)",
-                      highlight=False)
+        console.print(f"fold {fold} epoch {epoch} stage {stage}: loss {ep['loss']:.4f} val_loss {val_loss:.4f} "
+                      f"val_macro_f1 {f1:.4f}{' *' if improved else ''} (grad norm {ep['grad_norm']:.3g}, max "
+                      f"{ep['grad_norm_max']:.3g}; {rec['train_img_per_s']:.0f} img/s)", highlight=False)
         if on_epoch is not None:
             on_epoch(epoch, rec)
 
@@ -303,7 +304,10 @@ def _batches(loader, draw_seed: bool):
 
 
 def _train_epoch(fwd, model, ema, batches, n_batches: int, opt, sched, scaler, loss_fn, device, norm, t, stage, desc,
-                 mixer=None):
+                 mixer=None) -> dict:
+    """One pass over `batches`: {"loss" (mean per image), "n" (images), "grad_norm" (mean pre-clip norm over the
+    steps with a finite one), "grad_norm_max", "nonfinite_steps"}. Sums stay on the device and are read once at the
+    end, so a step costs no host-device sync."""
     model.train()
     if stage == 2:  # frozen backbone: BN statistics stay as trained
         model.eval()
@@ -311,35 +315,60 @@ def _train_epoch(fwd, model, ema, batches, n_batches: int, opt, sched, scaler, l
     # float64 as the Python float it replaces, so logged losses stay bit for bit (MPS has no float64)
     acc = torch.float32 if device.type == "mps" else torch.float64
     total, n, step = torch.zeros((), dtype=acc, device=device), 0, 0
+    gsum, gmax, bad = (torch.zeros((), dtype=acc, device=device) for _ in range(3))
     cl = bool(t.get("channels_last")) and device.type == "cuda"
     with progress() as bar:
         task = bar.add_task(desc, total=n_batches, info="")
         for x, y in batches:
-            loss = _train_step(fwd, model, ema, x, y, opt, sched, scaler, loss_fn, device, norm, t, stage, mixer, cl)
+            loss, gnorm = _train_step(fwd, model, ema, x, y, opt, sched, scaler, loss_fn, device, norm, t, stage,
+                                      mixer, cl)
             total = total + loss.detach().to(total.dtype) * len(y)  # on the device: no host-device sync per step
+            gnorm = gnorm.to(acc)
+            finite = torch.isfinite(gnorm)
+            gsum = gsum + torch.where(finite, gnorm, 0.0)
+            gmax = torch.maximum(gmax, torch.where(finite, gnorm, 0.0))
+            bad = bad + (~finite).to(acc)
             n += len(y)
             step += 1
             if step % LOSS_SHOW_EVERY == 0 and not bar.disable:  # the running loss costs a sync: shown now and then
                 bar.update(task, info=f"loss {total.item() / n:.4f}")
             bar.update(task, advance=1)
-    return float(total) / max(n, 1), n
+    total, gsum, gmax, bad = (float(v) for v in torch.stack([total, gsum, gmax, bad]).cpu())  # one sync
+    return {"loss": total / max(n, 1), "n": n, "grad_norm": gsum / max(step - bad, 1), "grad_norm_max": gmax,
+            "nonfinite_steps": int(bad)}
+
+
+def check_finite(ep: dict, scaler, where: str) -> None:
+    """Stop a diverged run with one line. An fp16 GradScaler skips steps with inf gradients by design; without it
+    such a step has already written NaN into the weights."""
+    bad = ep["nonfinite_steps"] if not scaler.is_enabled() else 0
+    if math.isfinite(ep["loss"]) and not bad:
+        return
+    raise TrainingDiverged(f"{where}: training diverged (loss {ep['loss']:.4g}, {bad} steps with non-finite "
+                           f"gradients, finite-step gradient norm mean {ep['grad_norm']:.3g} / max "
+                           f"{ep['grad_norm_max']:.3g}); lower train.lr, lengthen train.warmup_epochs or set "
+                           "train.grad_clip. Checkpoints of the epochs before are kept")
 
 
 def _train_step(fwd, model, ema, x, y, opt, sched, scaler, loss_fn, device, norm, t, stage, mixer=None,
-                channels_last=False) -> torch.Tensor:
-    """One optimizer step on a loader batch (uint8 images, integer labels); returns the loss (on the device)."""
+                channels_last=False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a loader batch (uint8 images, integer labels); returns the loss and the gradients'
+    total norm before clipping (both on the device)."""
     loss = _batch_loss(fwd, model, x, y, loss_fn, device, norm, t, stage, mixer, channels_last)
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    scaler.unscale_(opt)  # a no-op unless fp16: the norm below is the true one
+    params = [p for g in opt.param_groups for p in g["params"]]
     if t.get("grad_clip"):
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], float(t["grad_clip"]))
+        gnorm = torch.nn.utils.clip_grad_norm_(params, float(t["grad_clip"]))
+    else:
+        gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
     scaler.step(opt)
     scaler.update()
     sched.step()
     if ema is not None:
         ema.update(model, step=sched.last_epoch)  # stage-1 optimizer steps so far; resumes with sched
-    return loss
+    return loss, gnorm
 
 
 def _batch_loss(fwd, model, x, y, loss_fn, device, norm, t, stage, mixer=None, channels_last=False) -> torch.Tensor:
