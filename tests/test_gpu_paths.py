@@ -154,7 +154,7 @@ def test_a_two_stage_fold_stays_on_the_device(sample_root, make_cfg, fake_cuda, 
     monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: None)  # ... no autograd, ...
     monkeypatch.setattr(torch.Tensor, "__float__", lambda self: 1.0)  # ... no loss value to read, ...
     monkeypatch.setattr(loop, "torch_save", lambda *a, **k: None)  # ... nor weights to save
-    monkeypatch.setattr(loop, "check_finite", lambda *a: None)  # every read value is 1.0, a "non-finite" count too
+    monkeypatch.setattr(loop, "check_finite", lambda *a, **k: None)  # every read value is 1.0, a "non-finite" count too
     draw = dataset.EpochTagged.__iter__
     monkeypatch.setattr(dataset.EpochTagged, "__iter__", lambda self: unset(draw, self))  # host-side draws: real
     cfg = make_cfg(sample_root, "train.epochs=1", "train.stage2.epochs=1", "train.sampler.type=none",

@@ -243,7 +243,7 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
                           steps_per_epoch, opt, sched, scaler, loss_fn, device, norm, t, stage,
                           desc=f"fold {fold} ep {epoch}", mixer=mixer)
         t_train = time.perf_counter() - t0
-        check_finite(ep, scaler, f"{out}: epoch {epoch}")
+        check_finite(ep, scaler, f"{out}: epoch {epoch}", clipped=bool(t.get("grad_clip")))
         val_probs = predict_probs(eval_model(), Rows(data.pool_images, va_idx), device, norm["mean"], norm["std"],
                                   tta=int(t.get("val_tta", 1)), batch_size=int(cfg["predict"]["batch_size"]),
                                   amp=t.get("amp", "none"), channels_last=bool(t.get("channels_last")) and
@@ -338,7 +338,7 @@ def _train_epoch(fwd, model, ema, batches, n_batches: int, opt, sched, scaler, l
             "nonfinite_steps": int(bad)}
 
 
-def check_finite(ep: dict, scaler, where: str) -> None:
+def check_finite(ep: dict, scaler, where: str, clipped: bool = False) -> None:
     """Stop a diverged run with one line. An fp16 GradScaler skips steps with inf gradients by design; without it
     such a step has already written NaN into the weights."""
     bad = ep["nonfinite_steps"] if not scaler.is_enabled() else 0
@@ -346,8 +346,9 @@ def check_finite(ep: dict, scaler, where: str) -> None:
         return
     raise TrainingDiverged(f"{where}: training diverged (loss {ep['loss']:.4g}, {bad} steps with non-finite "
                            f"gradients, finite-step gradient norm mean {ep['grad_norm']:.3g} / max "
-                           f"{ep['grad_norm_max']:.3g}); lower train.lr, lengthen train.warmup_epochs or set "
-                           "train.grad_clip. Checkpoints of the epochs before are kept")
+                           f"{ep['grad_norm_max']:.3g}); lower train.lr, lengthen train.warmup_epochs or "
+                           f"{'lower' if clipped else 'set'} train.grad_clip. Checkpoints of the epochs before are "
+                           "kept")
 
 
 def _train_step(fwd, model, ema, x, y, opt, sched, scaler, loss_fn, device, norm, t, stage, mixer=None,
