@@ -1,37 +1,26 @@
-"""bf16 autocast, the GPU recipes' precision, run on the CPU. CI has no GPU and production code enables autocast on
-CUDA only, so without these tests no loss, mixer, consistency term, stage-2 head, prediction, embedding loss or
-Pix2Pix step would ever see bf16 activations before a paid GPU run did."""
+"""bf16 autocast, the GPU recipes' precision, run on the CPU through the config's `train.cpu` block. CI has no GPU,
+so without these tests no loss, mixer, consistency term, stage-2 head, prediction, embedding loss or Pix2Pix step
+would ever see bf16 activations before a paid GPU run did."""
 import numpy as np
 import pytest
 import torch
 
 import wbc.embed.train
-import wbc.models.inference
-import wbc.predict.adapt
 import wbc.restore.pix2pix
-import wbc.train.benchmark
-import wbc.train.loop
 from wbc.config import run_dir
+from wbc.errors import WBCError
 from wbc.folds import build_folds
 from wbc.io import load_probs, write_csv
 from wbc.predict.fold import predict_fold
+from wbc.runtime import device_precision
 from wbc.train.inputs import load_fold_data
 from wbc.train.loop import train_fold
 
-AUTOCAST_USERS = (wbc.models.inference, wbc.train.loop, wbc.train.benchmark, wbc.predict.adapt, wbc.embed.train,
-                  wbc.restore.pix2pix)
-
 
 @pytest.fixture
-def cpu_bf16(monkeypatch):
-    """Every module's `autocast` helper turned on for the CPU; yields the (training mode, dtype) pairs of all module
-    outputs seen, so a test can tell training steps from validation."""
-    def cpu_autocast(device, amp="bf16"):
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16")
-
-    for mod in AUTOCAST_USERS:
-        assert hasattr(mod, "autocast"), mod.__name__  # a module that stops importing it must leave this list
-        monkeypatch.setattr(mod, "autocast", cpu_autocast)
+def seen_dtypes():
+    """The (training mode, dtype) pairs of all module outputs seen, so a test can tell training steps from
+    validation and prediction."""
     seen = set()
     hook = torch.nn.modules.module.register_module_forward_hook(
         lambda m, i, o: seen.add((m.training, o.dtype)) if isinstance(o, torch.Tensor) else None)
@@ -46,22 +35,24 @@ def cpu_bf16(monkeypatch):
      "train.mix.cutmix_alpha=1.0", "train.mix.remix_kappa=3"],
     ["train.loss.type=balanced_softmax", "train.consistency.weight=2", "train.consistency.views=2"],
 ], ids=["logit_adjusted+ema+stage2", "focal+mix", "balanced_softmax+consistency"])
-def test_training_and_prediction_under_bf16(sample_root, make_cfg, cpu_bf16, recipe):
-    cfg = make_cfg(sample_root, "folds.n_folds=2", "train.epochs=1", "train.amp=bf16", "predict.tta=2", *recipe)
+def test_training_and_prediction_under_bf16(sample_root, make_cfg, seen_dtypes, recipe):
+    cfg = make_cfg(sample_root, "folds.n_folds=2", "train.epochs=1", "train.cpu.amp=bf16", "predict.tta=2", *recipe)
     write_csv(cfg["folds"]["file"], build_folds(cfg))
     data = load_fold_data(cfg)
     res = train_fold(cfg, 0, data=data)
-    assert (True, torch.bfloat16) in cpu_bf16  # the training steps ran under autocast, not only validation
+    assert (True, torch.bfloat16) in seen_dtypes  # the training steps ran under autocast, not only validation
     assert all(np.isfinite(h["train_loss"]) and np.isfinite(h["val_loss"]) for h in res["history"])
     assert [h["stage"] for h in res["history"]] == [1] + [2] * int(cfg["train"]["stage2"]["epochs"])
+    seen_dtypes.clear()
     predict_fold(cfg, 0, data)
+    assert (False, torch.bfloat16) in seen_dtypes
     for split in ("oof", "eval", "test"):
         p = load_probs(run_dir(cfg) / "fold0" / f"{split}.csv")
         assert p.probs.dtype != np.float16 and np.isfinite(p.probs).all()
         np.testing.assert_allclose(p.probs.sum(1), 1.0, atol=1e-4)
 
 
-def test_embedding_losses_under_bf16(tmp_path, cpu_bf16):
+def test_embedding_losses_under_bf16(tmp_path, seen_dtypes):
     from wbc.embed.encoders import EmbeddingHead, EmbeddingModel
     from wbc.embed.losses import SigLIPLoss, SupConLoss
     from wbc.embed.run import DEFAULTS
@@ -77,12 +68,15 @@ def test_embedding_losses_under_bf16(tmp_path, cpu_bf16):
         hist = wbc.embed.train.train_embedding(model, loss, feats, y, e, torch.device("cpu"), tmp_path, seed=0,
                                                amp="bf16")
         assert all(np.isfinite(h["loss"]) for h in hist), type(loss).__name__
-    assert (True, torch.bfloat16) in cpu_bf16
+    assert (True, torch.bfloat16) in seen_dtypes
 
 
-def test_pix2pix_step_under_bf16(cpu_bf16):
+def test_pix2pix_step_under_bf16(seen_dtypes, monkeypatch):
     from wbc.restore.pix2pix import Pix2Pix
 
+    # the restorer autocasts on CUDA only; forced on here
+    monkeypatch.setattr(wbc.restore.pix2pix, "autocast", lambda device, amp="bf16": torch.autocast(
+        "cpu", dtype=torch.bfloat16, enabled=amp == "bf16"))
     torch.manual_seed(0)
     x, y = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
     model = Pix2Pix({"encoder": "tu-mobilenetv3_small_050", "decoder_channels": [32, 16, 16, 8, 8], "ndf": 8,
@@ -90,4 +84,38 @@ def test_pix2pix_step_under_bf16(cpu_bf16):
                      "num_workers": 0, "amp": "bf16"}, torch.device("cpu"))
     out = model.step(x, y)
     assert all(np.isfinite(v) for v in out.values())
-    assert (True, torch.bfloat16) in cpu_bf16
+    assert (True, torch.bfloat16) in seen_dtypes
+
+
+def test_the_cpu_block_sets_precision_and_layout_off_cuda(sample_root, make_cfg, seen_dtypes):
+    """`train.amp` / `channels_last` are CUDA's; the CPU runs in float32, contiguous, unless `train.cpu` says
+    otherwise, so CPU figures measured before the block existed still repeat."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    t = {"amp": "bf16", "channels_last": True, "cpu": {"amp": "none", "channels_last": False}}
+    assert (device_precision(t, cuda)["amp"], device_precision(t, cuda)["channels_last"]) == ("bf16", True)
+    assert (device_precision(t, cpu)["amp"], device_precision(t, cpu)["channels_last"]) == ("none", False)
+    with pytest.raises(WBCError, match=r"train\.cpu\.amp='fp16' on cpu"):
+        device_precision({**t, "cpu": {"amp": "fp16"}}, cpu)
+    with pytest.raises(WBCError, match=r"train\.amp='bf61'"):
+        device_precision({**t, "amp": "bf61"}, cuda)
+
+    cfg = make_cfg(sample_root, "folds.n_folds=2", "train.epochs=1", "train.amp=bf16", "train.channels_last=true",
+                   "train.stage2.epochs=0")
+    write_csv(cfg["folds"]["file"], build_folds(cfg))
+    train_fold(cfg, 0)
+    assert {d for _, d in seen_dtypes} == {torch.float32}  # CUDA's bf16 does not leak onto the CPU
+
+    layouts = []
+    orig = torch.nn.Conv2d.forward
+    def conv_forward(self, x):  # noqa: E306
+        if self.training:  # prediction batches arrive channels_last either way: they are permuted NHWC arrays
+            layouts.append(x.is_contiguous(memory_format=torch.channels_last))
+        return orig(self, x)
+    for cl in (False, True):
+        layouts.clear()
+        c = make_cfg(sample_root, "folds.n_folds=2", "train.epochs=1", f"train.cpu.channels_last={str(cl).lower()}",
+                     "train.stage2.epochs=0", f"name=cl_{cl}")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.nn.Conv2d, "forward", conv_forward)
+            train_fold(c, 0)
+        assert set(layouts) == {cl}, cl

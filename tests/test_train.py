@@ -633,3 +633,25 @@ def test_a_real_blow_up_is_caught(cfg2):
 
     with pytest.raises(TrainingDiverged, match="epoch 0: training diverged"):
         train_fold(cfg2("train.epochs=2", "train.lr=1e30", "train.warmup_epochs=0"), 0)
+
+
+def test_a_collapsing_run_is_warned_about_in_the_log_and_the_console(cfg2, monkeypatch, capsys):
+    """A finite loss back above the first epoch's is flagged in that epoch's metrics and on the console; a loss
+    that merely rises, and stage 2's new head, are not."""
+    from wbc.train import loop
+
+    losses = iter([2.0, 1.5, 1.8, 2.1, 3.0])  # the last: stage 2, a fresh head
+    real = loop._train_epoch
+
+    def scripted(*a, **k):
+        return {**real(*a, **k), "loss": next(losses)}
+
+    monkeypatch.setattr(loop, "_train_epoch", scripted)
+    cfg = cfg2("train.epochs=4", "train.stage2.epochs=1", "train.ema=false")
+    capsys.readouterr()
+    train_fold(cfg, 0)
+    recs = [json.loads(x) for x in (run_dir(cfg) / "fold0" / "metrics.jsonl").read_text().splitlines()]
+    assert [bool(r.get("warning")) for r in recs] == [False, False, False, True, False]
+    assert "epoch 3: training loss 2.1 is back above its first epoch's 2; the run is collapsing" in recs[3]["warning"]
+    out = capsys.readouterr().out
+    assert out.count("warning:") == 1 and "lower train.grad_clip" in out.replace("\n", " ")

@@ -25,6 +25,20 @@ def pick_device(cfg: dict) -> torch.device:
     return resolve_device(str(cfg.get("device", "auto")))
 
 
+def device_precision(train: dict, device: torch.device) -> dict:
+    """`train` with `amp` and `channels_last` as they apply on `device`: its own keys on CUDA, its `cpu` block
+    elsewhere. The CPU block defaults off, so CPU runs repeat the figures measured before it existed."""
+    device = torch.device(device)
+    on_cuda = device.type == "cuda"
+    src = train if on_cuda else (train.get("cpu") or {})
+    amp = str(src.get("amp") or "none")
+    allowed = ("none", "bf16", "fp16") if on_cuda else ("none", "bf16")
+    if amp not in allowed:
+        key = "train.amp" if on_cuda else "train.cpu.amp"
+        raise WBCError(f"{key}={amp!r} on {device.type}: expected one of {', '.join(allowed)}")
+    return {**train, "amp": amp, "channels_last": bool(src.get("channels_last"))}
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -107,7 +107,7 @@ def run_embed(cfg: dict, resume: bool = False) -> dict:
     import torch
 
     from ..data.augment import build_transform
-    from ..runtime import pick_device, seed_everything
+    from ..runtime import device_precision, pick_device, seed_everything
     from ..train.inputs import Rows, load_fold_data
     from .encoders import EmbeddingHead, EmbeddingModel, build_encoder
     from .losses import build_loss
@@ -118,7 +118,7 @@ def run_embed(cfg: dict, resume: bool = False) -> dict:
     seed = int(cfg.get("seed", 0))
     seed_everything(seed)
     device = pick_device(cfg)
-    amp = cfg["train"].get("amp", "none")
+    amp = device_precision(cfg["train"], device)["amp"]
 
     frozen = e["encoder"] == "medsiglip" or bool(e["freeze_backbone"])
     epochs = int(e["epochs"])

@@ -18,14 +18,14 @@ def view(x: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def autocast(device: torch.device, amp: str):
-    enabled = device.type == "cuda" and amp in ("bf16", "fp16")
+    """Autocast for an `amp` already resolved for `device` (`runtime.device_precision`): none | bf16 | fp16."""
     dtype = torch.float16 if amp == "fp16" else torch.bfloat16
-    return torch.autocast(device_type=device.type, dtype=dtype, enabled=enabled)
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=amp in ("bf16", "fp16"))
 
 
 @torch.no_grad()
 def predict_probs(model, images: np.ndarray, device, mean, std, tta: int = 1, batch_size: int = 128,
-                   amp: str = "bf16", channels_last: bool = False, desc: str = "predict") -> np.ndarray:
+                   amp: str = "none", channels_last: bool = False, desc: str = "predict") -> np.ndarray:
     """Class probabilities averaged over `tta` dihedral views, for uint8 (N, H, W, 3) images."""
     if tta not in (1, 2, 4, 8):
         raise ValueError(f"tta must be 1, 2, 4 or 8, got {tta}")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from ..config import resolve_path, run_dir
 from ..console import print_table
@@ -9,7 +10,7 @@ from ..io import Probs, save_probs, torch_load
 from ..metrics import save_confusion_png, summary
 from ..models.factory import create_model, model_data_config
 from ..models.inference import predict_probs
-from ..runtime import pick_device
+from ..runtime import device_precision, pick_device
 from ..train.inputs import FoldData, Rows
 from .adapt import adapt_batchnorm
 
@@ -25,11 +26,14 @@ def load_fold_model(cfg: dict, weights, n_classes: int, device, tta: int | None 
     batch size, AMP)."""
     model = create_model({**cfg["model"], "pretrained": False, "pretrained_file": None}, n_classes)
     model.load_state_dict(torch_load(weights))
+    prec = device_precision(cfg["train"], device)
     model.to(device)
+    if prec["channels_last"]:
+        model.to(memory_format=torch.channels_last)
     norm = model_data_config(model)
     p = cfg["predict"]
     return model, dict(device=device, mean=norm["mean"], std=norm["std"], tta=int(tta or p["tta"]),
-                       batch_size=int(p["batch_size"]), amp=cfg["train"].get("amp", "none"))
+                       batch_size=int(p["batch_size"]), amp=prec["amp"], channels_last=prec["channels_last"])
 
 
 def predict_fold(cfg: dict, fold: int, data: FoldData, device=None, weights: str = "best.pt") -> dict:

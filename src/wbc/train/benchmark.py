@@ -29,7 +29,7 @@ from ..environment import kernel_mode
 from ..io import write_json
 from ..models.factory import create_model, model_data_config
 from ..models.inference import autocast
-from ..runtime import pick_device, seed_everything
+from ..runtime import device_precision, pick_device, seed_everything
 from .inputs import load_fold_data
 from .loop import _loader, _optimizer, _train_epoch, build_ema, stage_loss
 from .mix import build_mixer
@@ -42,7 +42,7 @@ def _sync(device):
 
 def _model(cfg, n_cls, device):
     m = create_model({**cfg["model"], "pretrained": False, "pretrained_file": None}, n_cls).to(device)
-    if cfg["train"].get("channels_last") and device.type == "cuda":
+    if device_precision(cfg["train"], device)["channels_last"]:
         m = m.to(memory_format=torch.channels_last)
     return m
 
@@ -73,7 +73,7 @@ def benchmark(cfg: dict, steps: int = 50, warmup: int = 10) -> dict:
 def _benchmark(cfg: dict, steps: int, warmup: int) -> dict:
     seed_everything(int(cfg.get("seed", 0)))
     device = pick_device(cfg)
-    t = cfg["train"]
+    t = device_precision(cfg["train"], device)
     data = load_fold_data(cfg, with_test=False)
     n_cls = len(data.classes)
     bs = int(t["batch_size"])
@@ -81,7 +81,7 @@ def _benchmark(cfg: dict, steps: int, warmup: int) -> dict:
     y = data.pool["labels"].map(lut).to_numpy()
     counts = np.bincount(y, minlength=n_cls)
     loss_fn = stage_loss(t, counts, 1, device)
-    cl = bool(t.get("channels_last")) and device.type == "cuda"
+    cl = t["channels_last"]
 
     # The trainer's path: cached uint8 images -> augmentation in workers -> device normalisation -> step.
     model = _model(cfg, n_cls, device)
@@ -143,8 +143,8 @@ def _benchmark(cfg: dict, steps: int, warmup: int) -> dict:
     x_all = normalize(torch.from_numpy(np.ascontiguousarray(data.pool_images[np.sort(idx[: steps * bs][:4096])]))
                       .permute(0, 3, 1, 2).to(device), norm["mean"], norm["std"])
     y_all = torch.as_tensor(y[np.sort(idx[: steps * bs][:4096])], device=device)
-    if cl:
-        x_all = x_all.contiguous(memory_format=torch.channels_last)
+    # permuted HWC images are channels_last already: lay them out as the pipeline's batches are
+    x_all = x_all.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
 
     def plain_run(n_batches):
         model.train()
@@ -152,7 +152,7 @@ def _benchmark(cfg: dict, steps: int, warmup: int) -> dict:
         t0 = time.perf_counter()
         for _ in range(n_batches):
             j = torch.randint(0, len(x_all), (bs * n_views,), device=device)  # the views' forward passes
-            with autocast(device, t.get("amp", "none")):
+            with autocast(device, t["amp"]):
                 loss = loss_fn(fwd(x_all[j]).float(), y_all[j])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -163,7 +163,7 @@ def _benchmark(cfg: dict, steps: int, warmup: int) -> dict:
     plain_run(warmup)
     plain = plain_run(steps)
     res = {"arch": cfg["model"]["arch"], "image_size": cfg["data"]["image_size"], "batch_size": bs,
-           "views": n_views, "amp": t.get("amp"), "channels_last": cl, "num_workers": int(t["num_workers"]),
+           "views": n_views, "amp": t["amp"], "channels_last": cl, "num_workers": int(t["num_workers"]),
            "device": str(device),
            "device_name": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "steps": steps,
            "pipeline_img_per_s": pipe, "plain_img_per_s": plain, "loader_img_per_s": loader, "ratio": pipe / plain,

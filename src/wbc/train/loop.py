@@ -30,7 +30,7 @@ from ..io import torch_load, torch_save, write_json, write_text
 from ..metrics import macro_f1
 from ..models.factory import create_model, model_data_config
 from ..models.inference import autocast, predict_probs
-from ..runtime import pick_device, rng_state, seed_everything, set_rng_state
+from ..runtime import device_precision, pick_device, rng_state, seed_everything, set_rng_state
 from .inputs import Chain, FoldData, Rows, load_fold_data
 from .losses import build_loss, js_consistency
 from .mix import build_mixer
@@ -129,13 +129,13 @@ def train_fold(cfg: dict, fold: int, on_epoch: Callable[[int, dict], None] | Non
 
 
 def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | None) -> dict:
-    t = cfg["train"]
+    device = pick_device(cfg)
+    t = device_precision(cfg["train"], device)  # amp / channels_last as they apply here
     out = fold_dir(cfg, fold)
     out.mkdir(parents=True, exist_ok=True)
     write_text(run_dir(cfg) / "config.yaml", dump_config(cfg))
     seed = int(cfg.get("seed", 0)) + fold
     seed_everything(seed)
-    device = pick_device(cfg)
     data = data or load_fold_data(cfg)
     if fold not in set(data.pool["fold"]):
         raise WBCError(f"fold {fold} not in the folds file (folds: {sorted(set(data.pool['fold']))})")
@@ -161,7 +161,7 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
 
     model = create_model(cfg["model"], n_cls).to(device)
     norm = model_data_config(model)
-    if t.get("channels_last") and device.type == "cuda":
+    if t["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     ema = build_ema(model, t)
     fwd = torch.compile(model) if t.get("compile") else model
@@ -201,7 +201,7 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
 
     stage = 1 if epochs1 > 0 else 2
     sampler, opt, sched, loss_fn = stage_objects(stage)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and t.get("amp") == "fp16")
+    scaler = torch.amp.GradScaler("cuda", enabled=t["amp"] == "fp16")  # fp16 is CUDA-only
     start, best, history = 0, -1.0, []
 
     state_path = out / "state.pt"
@@ -246,8 +246,7 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
         check_finite(ep, scaler, f"{out}: epoch {epoch}", clipped=bool(t.get("grad_clip")))
         val_probs = predict_probs(eval_model(), Rows(data.pool_images, va_idx), device, norm["mean"], norm["std"],
                                   tta=int(t.get("val_tta", 1)), batch_size=int(cfg["predict"]["batch_size"]),
-                                  amp=t.get("amp", "none"), channels_last=bool(t.get("channels_last")) and
-                                  device.type == "cuda", desc="validate")
+                                  amp=t["amp"], channels_last=t["channels_last"], desc="validate")
         y_va = y_all[va_idx]
         f1 = macro_f1(y_va, val_probs.argmax(1), n_cls)
         val_loss = float(-np.log(np.clip(val_probs[np.arange(len(y_va)), y_va], 1e-12, None)).mean())
@@ -256,6 +255,9 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
                "grad_norm_max": ep["grad_norm_max"], "nonfinite_steps": ep["nonfinite_steps"],
                "train_img_per_s": ep["n"] / t_train, "epoch_s": time.perf_counter() - t0}
         history.append(rec)
+        warning = collapse_warning(history, f"{out}: epoch {epoch}", clipped=bool(t.get("grad_clip")))
+        if warning:
+            rec["warning"] = warning
         improved = f1 > best
         # Checkpoints (about 450 MB for ConvNeXt-T with EMA and AdamW) every `checkpoint_every_s` and at each
         # stage's end; in between, new best weights wait in host memory and a kill loses at most that long.
@@ -277,6 +279,8 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
         console.print(f"fold {fold} epoch {epoch} stage {stage}: loss {ep['loss']:.4f} val_loss {val_loss:.4f} "
                       f"val_macro_f1 {f1:.4f}{' *' if improved else ''} (grad norm {ep['grad_norm']:.3g}, max "
                       f"{ep['grad_norm_max']:.3g}; {rec['train_img_per_s']:.0f} img/s)", highlight=False)
+        if warning:
+            console.print(f"[yellow]warning:[/] {warning}", highlight=False)
         if on_epoch is not None:
             on_epoch(epoch, rec)
 
@@ -316,7 +320,7 @@ def _train_epoch(fwd, model, ema, batches, n_batches: int, opt, sched, scaler, l
     acc = torch.float32 if device.type == "mps" else torch.float64
     total, n, step = torch.zeros((), dtype=acc, device=device), 0, 0
     gsum, gmax, bad = (torch.zeros((), dtype=acc, device=device) for _ in range(3))
-    cl = bool(t.get("channels_last")) and device.type == "cuda"
+    cl = bool(t.get("channels_last"))
     with progress() as bar:
         task = bar.add_task(desc, total=n_batches, info="")
         for x, y in batches:
@@ -346,9 +350,22 @@ def check_finite(ep: dict, scaler, where: str, clipped: bool = False) -> None:
         return
     raise TrainingDiverged(f"{where}: training diverged (loss {ep['loss']:.4g}, {bad} steps with non-finite "
                            f"gradients, finite-step gradient norm mean {ep['grad_norm']:.3g} / max "
-                           f"{ep['grad_norm_max']:.3g}); lower train.lr, lengthen train.warmup_epochs or "
-                           f"{'lower' if clipped else 'set'} train.grad_clip. Checkpoints of the epochs before are "
-                           "kept")
+                           f"{ep['grad_norm_max']:.3g}); {_stabilise(clipped)}. Checkpoints of the epochs before "
+                           "are kept")
+
+
+def collapse_warning(history: list[dict], where: str, clipped: bool = False) -> str | None:
+    """A warning when the newest stage-1 epoch's training loss is back above the stage's first: a finite collapse,
+    which `check_finite` cannot see (Swin-T at lr 1e-3 under bf16 did this at CPU scale and never recovered)."""
+    s1 = [r for r in history if r["stage"] == 1]
+    if len(s1) < 2 or history[-1]["stage"] != 1 or not s1[-1]["train_loss"] > s1[0]["train_loss"]:
+        return None
+    return (f"{where}: training loss {s1[-1]['train_loss']:.4g} is back above its first epoch's "
+            f"{s1[0]['train_loss']:.4g}; the run is collapsing: {_stabilise(clipped)}")
+
+
+def _stabilise(clipped: bool) -> str:
+    return f"lower train.lr, lengthen train.warmup_epochs or {'lower' if clipped else 'set'} train.grad_clip"
 
 
 def _train_step(fwd, model, ema, x, y, opt, sched, scaler, loss_fn, device, norm, t, stage, mixer=None,
