@@ -108,3 +108,50 @@ def test_fold_model_predicts_with_the_configured_tta(tmp_path):
     model, kw = load_fold_model(cfg, tmp_path / "best.pt", 3, "cpu")
     assert kw["tta"] == 4 and kw["batch_size"] == 16 and kw["device"] == "cpu"
     assert load_fold_model(cfg, tmp_path / "best.pt", 3, "cpu", tta=2)[1]["tta"] == 2  # an explicit count wins
+
+
+def test_predict_weights_choose_the_checkpoint_and_changed_settings_redo_a_fold(sample_root, make_cfg):
+    """`predict.weights=last` predicts with last.pt; a fold predicted with other weights or TTA is redone, one
+    predicted with the same settings is kept, and folds predicted before settings were recorded count as best.pt."""
+    from wbc.__main__ import main
+    from wbc.config import run_dir
+    from wbc.folds import build_folds
+    from wbc.io import torch_load, torch_save, write_csv
+    from wbc.models.inference import predict_probs
+    from wbc.predict.fold import load_fold_model
+    from wbc.train.inputs import Rows, load_fold_data
+    from wbc.train.loop import train_fold
+
+    cfg = make_cfg(sample_root, "folds.n_folds=2", "train.epochs=1", "predict.tta=1")
+    write_csv(cfg["folds"]["file"], build_folds(cfg))
+    train_fold(cfg, 0)
+    fold = run_dir(cfg) / "fold0"
+    sd = torch_load(fold / "best.pt")
+    bias = [k for k in sd if k.endswith("bias")][-1]  # the classifier's: last.pt now favours class 0
+    sd[bias][0] += 5.0
+    torch_save(fold / "last.pt", sd)
+    cmd = ["predict", "-c", "configs/tiny_cpu.yaml", f"data.root={cfg['data']['root']}",
+           f"output_dir={cfg['output_dir']}", f"data.cache_dir={cfg['data']['cache_dir']}",
+           f"folds.file={cfg['folds']['file']}", "folds.n_folds=2", "train.epochs=1", "predict.tta=1"]
+
+    def oof():
+        return load_probs(fold / "oof.csv")
+
+    assert main(cmd) == 0
+    best, stamp = oof(), (fold / "oof.csv").stat().st_mtime_ns
+    assert main(cmd) == 0 and (fold / "oof.csv").stat().st_mtime_ns == stamp  # same settings: kept
+    assert main(cmd + ["predict.weights=ema"]) == 2 and (fold / "oof.csv").stat().st_mtime_ns == stamp
+    assert main(cmd + ["predict.weights=last"]) == 0
+    last = oof().align(best.ids)
+    assert last.probs[:, 0].mean() > best.probs[:, 0].mean() + 0.3
+    data = load_fold_data(cfg)  # and they are last.pt's probabilities, image by image
+    model, kw = load_fold_model(cfg, fold / "last.pt", len(data.classes), torch.device("cpu"))
+    va = np.flatnonzero(data.pool["fold"].to_numpy() == 0)
+    want = predict_probs(model, Rows(data.pool_images, va), **kw)
+    np.testing.assert_allclose(last.align(data.pool["ID"].to_numpy()[va]).probs, want, atol=1e-6)
+    (fold / "prediction.json").unlink()  # as a fold predicted before the record existed: taken as best.pt
+    assert main(cmd + ["predict.weights=last"]) == 0
+    assert (fold / "prediction.json").exists()
+    stamp = (fold / "oof.csv").stat().st_mtime_ns
+    assert main(cmd + ["predict.weights=last", "predict.tta=2"]) == 0
+    assert (fold / "oof.csv").stat().st_mtime_ns > stamp  # another TTA: redone

@@ -13,18 +13,18 @@ def register(sub) -> None:
         from ..errors import WBCError
         from ..io import write_text
         from ..train.inputs import load_fold_data
-        from .fold import checkpoint_run, predict_fold
+        from .fold import checkpoint_run, fold_weights, predict_fold, predictions_current
         from .merge import fold_dirs, merge_run
 
         cfg = config_from_args(args)
-        run, source = run_dir(cfg), checkpoint_run(cfg)
+        run, source, weights = run_dir(cfg), checkpoint_run(cfg), fold_weights(cfg)
         if source != run:  # a prediction-only run (e.g. BN-adapted) of another run's fold models
-            if not any((d / "best.pt").exists() for d in fold_dirs(source)):
-                raise WBCError(f"predict.checkpoints: {source} has no fold*/best.pt")
+            if not any((d / weights).exists() for d in fold_dirs(source)):
+                raise WBCError(f"predict.checkpoints: {source} has no fold*/{weights}")
             write_text(run / "config.yaml", dump_config(cfg))
         data = None
         for d in fold_dirs(source):
-            if (d / "best.pt").exists() and (args.force or not (run / d.name / "oof.csv").exists()):
+            if (d / weights).exists() and (args.force or not predictions_current(cfg, run / d.name)):
                 data = data or load_fold_data(cfg)
                 predict_fold(cfg, int(d.name[4:]), data)
         from ..folds import load_folds

@@ -1,12 +1,15 @@
 """Per-fold predictions: the fold model's probabilities for its held-out pool images (OOF), eval and test."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 
-from ..config import resolve_path, run_dir
+from ..config import display_path, resolve_path, run_dir
 from ..console import print_table
-from ..io import Probs, save_probs, torch_load
+from ..errors import WBCError
+from ..io import Probs, save_probs, torch_load, write_json
 from ..metrics import save_confusion_png, summary
 from ..models.factory import create_model, model_data_config
 from ..models.inference import predict_probs
@@ -19,6 +22,32 @@ def checkpoint_run(cfg: dict):
     """The run folder whose fold checkpoints `predict` uses: `predict.checkpoints`, else the run itself."""
     src = cfg["predict"].get("checkpoints")
     return resolve_path(src) if src else run_dir(cfg)
+
+
+def fold_weights(cfg: dict) -> str:
+    """The checkpoint file each fold predicts with: `predict.weights` best | last."""
+    w = cfg["predict"].get("weights", "best")
+    if w not in ("best", "last"):
+        raise WBCError(f"predict.weights must be best or last, got {w!r}")
+    return f"{w}.pt"
+
+
+def prediction_settings(cfg: dict) -> dict:
+    """What a fold's predictions were made with; `predict` re-predicts a fold whose recorded settings differ."""
+    p = cfg["predict"]
+    return {"weights": fold_weights(cfg), "checkpoints": display_path(checkpoint_run(cfg)), "tta": int(p["tta"]),
+            "adapt_bn": float(p.get("adapt_bn") or 0)}
+
+
+def predictions_current(cfg: dict, fold_dir) -> bool:
+    """True when `fold_dir` holds predictions made with this config's settings. Folds predicted before the
+    settings were recorded count as best.pt predictions of unknown TTA."""
+    if not (fold_dir / "oof.csv").exists():
+        return False
+    rec = fold_dir / "prediction.json"
+    done = json.loads(rec.read_text()) if rec.exists() else {"weights": "best.pt"}
+    now = prediction_settings(cfg)
+    return all(done[k] == now[k] for k in done if k in now)
 
 
 def load_fold_model(cfg: dict, weights, n_classes: int, device, tta: int | None = None):
@@ -36,12 +65,12 @@ def load_fold_model(cfg: dict, weights, n_classes: int, device, tta: int | None 
                        batch_size=int(p["batch_size"]), amp=prec["amp"], channels_last=prec["channels_last"])
 
 
-def predict_fold(cfg: dict, fold: int, data: FoldData, device=None, weights: str = "best.pt") -> dict:
+def predict_fold(cfg: dict, fold: int, data: FoldData, device=None) -> dict:
     """Probabilities of fold `fold`'s model for its held-out pool images, the eval split and the test split."""
     device = device or pick_device(cfg)
     out = run_dir(cfg) / f"fold{fold}"
     classes, n_cls = data.classes, len(data.classes)
-    model, kw = load_fold_model(cfg, checkpoint_run(cfg) / f"fold{fold}" / weights, n_cls, device)
+    model, kw = load_fold_model(cfg, checkpoint_run(cfg) / f"fold{fold}" / fold_weights(cfg), n_cls, device)
     p = cfg["predict"]
     alpha = float(p.get("adapt_bn") or 0)
 
@@ -71,10 +100,12 @@ def predict_fold(cfg: dict, fold: int, data: FoldData, device=None, weights: str
         te = Probs(data.test["ID"], predict(data.test_images, "test"), classes,
                    labels=data.test["labels"])
         save_probs(out / "test.csv", te)
+    write_json(out / "prediction.json", prediction_settings(cfg))
     save_probs(out / "oof.csv", oof)  # last: `predict` takes a fold with oof.csv as done
     rows = [["OOF (this fold)", result["oof"]["macro_f1"]]]
     if "eval" in result:
         rows.append(["phase2_eval", result["eval"]["macro_f1"]])
-    title = f"{cfg['name']} fold {fold} (TTA x{p['tta']}" + (f", BN adapted {alpha:g})" if alpha else ")")
+    title = (f"{cfg['name']} fold {fold} ({fold_weights(cfg)}, TTA x{p['tta']}"
+             + (f", BN adapted {alpha:g})" if alpha else ")"))
     print_table(title, ["split", "macro-F1"], rows)
     return result

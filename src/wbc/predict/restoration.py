@@ -19,7 +19,7 @@ from ..models.inference import predict_probs
 from ..restore import Restorer
 from ..restore.pairs import simulate
 from ..runtime import pick_device
-from .fold import load_fold_model
+from .fold import fold_weights, load_fold_model
 from .merge import fold_dirs
 
 
@@ -65,9 +65,10 @@ def compare_restore(cfg: dict, split: str | None = None, severities=(1, 2, 3), n
     if not split:
         raise WBCError("compare-restore: no split given and data.holdout_splits is empty")
     run = run_dir(cfg)
-    folds = [f for f in fold_dirs(run) if (f / "best.pt").exists()]
+    weights = fold_weights(cfg)
+    folds = [f for f in fold_dirs(run) if (f / weights).exists()]
     if not folds:
-        raise WBCError(f"{run}: no fold checkpoints (best.pt); train the run first")
+        raise WBCError(f"{run}: no fold checkpoints ({weights}); train the run first")
     device = pick_device(cfg)
     restore_dir = resolve_path(d["restore_dir"])
     restorer = Restorer.load(restore_dir, device=device)
@@ -87,7 +88,7 @@ def compare_restore(cfg: dict, split: str | None = None, severities=(1, 2, 3), n
 
     probs: dict = {}
     for fd in folds:
-        model, kw = load_fold_model(cfg, fd / "best.pt", len(classes), device, tta)
+        model, kw = load_fold_model(cfg, fd / weights, len(classes), device, tta)
         for name, _, x, _, m, r in conds:
             p_raw = predict_probs(model, post(x, split), desc=f"{fd.name} {name}", **kw)
             p_res = p_raw.copy()  # gate-clean images pass through unchanged, so do their predictions
