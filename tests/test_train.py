@@ -430,14 +430,14 @@ def test_best_checkpoint_follows_val_macro_f1_and_survives_a_resume(cfg2, monkey
     best = torch_load(run_dir(cfg) / "fold0" / "best.pt")
     assert all(torch.equal(best[k], lasts[1][k]) for k in best)  # epoch 1's weights
     assert not all(torch.equal(best[k], lasts[3][k]) for k in best)
-    # predictions come from best.pt, not from the last epoch's weights
+    # predictions come from best.pt by default, from the last epoch's weights with predict.weights=last
     data = load_fold_data(cfg)
     oof = {}
-    for w in ("last.pt", "best.pt", None):
-        predict_fold(cfg, 0, data, **({"weights": w} if w else {}))
+    for w in ("last", "best", None):
+        predict_fold({**cfg, "predict": {**cfg["predict"], "weights": w}} if w else cfg, 0, data)
         oof[w] = load_probs(run_dir(cfg) / "fold0" / "oof.csv").probs
-    np.testing.assert_array_equal(oof[None], oof["best.pt"])
-    assert np.abs(oof[None] - oof["last.pt"]).max() > 1e-4
+    np.testing.assert_array_equal(oof[None], oof["best"])
+    assert np.abs(oof[None] - oof["last"]).max() > 1e-4
 
 
 def test_stage2_retrains_the_head_on_the_frozen_backbone_with_balanced_sampling(cfg2, monkeypatch):
