@@ -44,7 +44,7 @@ OVR := $(if $(DATA),data.root=$(DATA)) $(ARGS)
 WBC := $(PY) -m wbc
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test sample-data folds train-fold train-all predict submit check-submission convert-effnet \
+.PHONY: help setup test lint sample-data folds train-fold train-all predict submit check-submission convert-effnet \
         demo bundle benchmark-throughput benchmark-pbcbench ensemble tune-train \
         train-restorer restore compare-restore embed fewshot morph refine shift damage-match pseudo-label
 
@@ -57,8 +57,11 @@ setup: ## create .venv and install everything (torch 2.14.1 / torchvision 0.29.1
 	$(PY) -m pip install -q -r requirements.txt -r requirements-extra.txt
 	$(PY) -m pip install -q --no-deps -e .
 
-test: ## run the test suite (CPU, no external data)
+test: lint ## lint, then run the test suite (CPU, no external data)
 	$(PY) -m pytest tests
+
+lint: ## ruff: pyflakes, pycodestyle (120 columns) and import order over src/ and tests/
+	$(PY) -m ruff check src tests
 
 sample-data: ## write the synthetic sample dataset to data/sample
 	$(WBC) sample-data --out data/sample

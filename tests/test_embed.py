@@ -485,7 +485,8 @@ def test_embed_resumes_exactly_after_a_kill(sample_root, make_cfg, monkeypatch):
         assert all(torch.equal(a[n], b[n]) for n in a), k
         ea, eb = (embed_run.load_embeddings(embed_run.run_dir(c), "eval", k)["embeddings"] for c in (full, part))
         np.testing.assert_array_equal(ea, eb)
-    losses = [[json.loads(r)["loss"] for r in (embed_run.run_dir(c) / "fold0" / "metrics.jsonl").read_text().splitlines()]
+    losses = [[json.loads(r)["loss"]
+               for r in (embed_run.run_dir(c) / "fold0" / "metrics.jsonl").read_text().splitlines()]
               for c in (full, part)]
     assert len(losses[0]) == 3 and losses[0] == losses[1]
 

@@ -39,7 +39,8 @@ def test_differences_name_each_changed_setting():
     new = {"cpu": "A", "cpu_capability": "AVX2", "packages": {"pillow": "13.0.0", "numpy": "2.4.6"},
            "kernel_env": {"ONEDNN_MAX_CPU_ISA": "AVX2"}, "git_commit": "y"}
     assert environment.differences(old, new) == [
-        "cpu_capability: AVX512 -> AVX2", "packages.pillow: 12.3.0 -> 13.0.0", "kernel_env.ONEDNN_MAX_CPU_ISA: None -> AVX2"]
+        "cpu_capability: AVX512 -> AVX2", "packages.pillow: 12.3.0 -> 13.0.0",
+        "kernel_env.ONEDNN_MAX_CPU_ISA: None -> AVX2"]
     assert environment.differences(old, old) == []
 
 
@@ -76,12 +77,14 @@ def test_fold_records_each_start_and_warns_when_resumed_elsewhere(sample_root, m
 def test_deterministic_switch_holds_during_training_only(sample_root, make_cfg, deterministic):
     import torch
 
-    cfg = make_cfg(sample_root, "folds.n_folds=2", "train.epochs=1", f"train.deterministic={str(deterministic).lower()}")
+    cfg = make_cfg(sample_root, "folds.n_folds=2", "train.epochs=1",
+                   f"train.deterministic={str(deterministic).lower()}")
     write_csv(cfg["folds"]["file"], build_folds(cfg))
     before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
     seen = []
-    train_fold(cfg, 0, on_epoch=lambda e, r: seen.append(
-        (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)))
+    train_fold(cfg, 0, on_epoch=lambda e, r: seen.append((torch.are_deterministic_algorithms_enabled(),
+                                                          torch.backends.cudnn.deterministic,
+                                                          torch.backends.cudnn.benchmark)))
     assert seen == [(deterministic, deterministic, not deterministic)]
     assert json.loads((run_dir(cfg) / "fold0" / "env.json").read_text())[0]["deterministic"] is deterministic
     assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == before

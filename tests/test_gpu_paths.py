@@ -117,7 +117,8 @@ def test_a_restorer_step_and_restoration_stay_on_the_device(fake_cuda, monkeypat
     Gate(threshold=-np.inf).save(tmp_path / "gate.json")  # every image judged damaged
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"restorer": rcfg}))
     devices, run = [], pix2pix.restore_batches
-    monkeypatch.setattr(pix2pix, "restore_batches", lambda G, x, device, *a: devices.append(device) or run(G, x, device, *a))
+    monkeypatch.setattr(pix2pix, "restore_batches",
+                        lambda G, x, device, *a: devices.append(device) or run(G, x, device, *a))
     restore = preprocess.build_preprocess({"data": {"restore": True, "restore_dir": str(tmp_path)}})
     out = restore(np.zeros((3, 40, 50, 3), np.uint8), "phase2_test")
     assert out.shape == (3, 40, 50, 3) and out.dtype == np.uint8 and devices == [CUDA]

@@ -158,7 +158,8 @@ def test_prior_correction_exponent_is_what_the_loss_optimum_learns(train, expone
     got = prior_correction(train, LT_COUNTS)
     assert got["total"] == pytest.approx(exponent, abs=1e-6)
     labels = np.repeat(np.arange(len(LT_COUNTS)), LT_COUNTS)
-    w = class_sampling_weights(labels, len(LT_COUNTS), train["sampler"]["type"], power=train["sampler"].get("power", 0.5))
+    w = class_sampling_weights(labels, len(LT_COUNTS), train["sampler"]["type"],
+                               power=train["sampler"].get("power", 0.5))
     mix = torch.tensor(np.bincount(labels, weights=w), dtype=torch.float32)  # the class mix a batch sees
     loss_fn = build_loss(train["loss"], LT_COUNTS)
     logits = torch.zeros(1, len(LT_COUNTS), requires_grad=True)

@@ -17,7 +17,8 @@ def make(*args):
 def test_help_lists_every_phony_target():
     text = (ROOT / "Makefile").read_text()
     phony = set(re.search(r"^\.PHONY:(.*?)(?<!\\)\n", text, re.S | re.M).group(1).replace("\\", " ").split())
-    listed = {line.split()[0] for line in re.sub(r"\x1b\[[0-9;]*m", "", make("help").stdout).splitlines() if line.strip()}
+    text = re.sub(r"\x1b\[[0-9;]*m", "", make("help").stdout)
+    listed = {line.split()[0] for line in text.splitlines() if line.strip()}
     assert phony == listed
 
 
@@ -44,12 +45,16 @@ def test_benchmark_pbcbench_chains_members_ensembles_and_refinement():
     members = ["pbcbench_convnext_tiny", "pbcbench_swin_tiny", "pbcbench_effnet_lite0"]
     expected = []
     for m in members:
-        expected += [f"train-fold -c configs/{m}.yaml --fold 0,1,2,3,4", f"predict -c configs/{m}.yaml", f"submit -c configs/{m}.yaml --name {m}"]
+        expected += [f"train-fold -c configs/{m}.yaml --fold 0,1,2,3,4", f"predict -c configs/{m}.yaml",
+                     f"submit -c configs/{m}.yaml --name {m}"]
     # a specialist predicts only its classes: trained and predicted, never submitted alone
-    expected += ["train-fold -c configs/pbcbench_convnext_tiny_gran.yaml --fold 0,1,2,3,4", "predict -c configs/pbcbench_convnext_tiny_gran.yaml"]
-    expected += ["ensemble -c configs/ensemble/pbcbench_ensemble.yaml", "ensemble -c configs/ensemble/pbcbench_scratch.yaml",
+    expected += ["train-fold -c configs/pbcbench_convnext_tiny_gran.yaml --fold 0,1,2,3,4",
+                 "predict -c configs/pbcbench_convnext_tiny_gran.yaml"]
+    expected += ["ensemble -c configs/ensemble/pbcbench_ensemble.yaml",
+                 "ensemble -c configs/ensemble/pbcbench_scratch.yaml",
                  "ensemble -c configs/ensemble/pbcbench_ensemble_specialist.yaml",
-                 "morph -c configs/refine.yaml", "refine -c configs/refine.yaml --pred outputs/ensemble/pbcbench_ensemble"]
+                 "morph -c configs/refine.yaml",
+                 "refine -c configs/refine.yaml --pred outputs/ensemble/pbcbench_ensemble"]
     steps = [line.split(" -m wbc ", 1)[1] for line in lines if "convert-effnet" not in line]
     assert len(steps) == len(expected)
     for step, want in zip(steps, expected):

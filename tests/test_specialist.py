@@ -230,6 +230,7 @@ def test_a_specialist_keeps_only_its_classes_pseudo_labels(sample_root, make_cfg
     cfg = make_cfg(sample_root, "folds.n_folds=2", "data.subset_classes=[SNE,BNE,MY]", f"data.pseudo_labels={path}")
     write_csv(cfg["folds"]["file"], build_folds(cfg))
     data = load_fold_data(cfg, with_test=False)  # the test images still load for its pseudo rows
-    assert list(data.pseudo["ID"]) == list(test_ids.iloc[[0, 2, 4]]) and list(data.pseudo["labels"]) == ["SNE", "MY", "BNE"]
+    assert list(data.pseudo["ID"]) == list(test_ids.iloc[[0, 2, 4]])
+    assert list(data.pseudo["labels"]) == ["SNE", "MY", "BNE"]
     images, y = data.pseudo_rows()
     assert len(images) == 3 and list(y) == ["SNE", "MY", "BNE"]

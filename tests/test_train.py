@@ -338,7 +338,8 @@ def test_shared_memory_check_warns_before_workers_would_die(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("stage, recipe", [
-    (1, {"loss": {"type": "logit_adjusted", "tau": 0.5}, "mix": {"mixup_alpha": 0.4, "cutmix_alpha": 1.0, "remix_kappa": 3}}),
+    (1, {"loss": {"type": "logit_adjusted", "tau": 0.5},
+         "mix": {"mixup_alpha": 0.4, "cutmix_alpha": 1.0, "remix_kappa": 3}}),
     (1, {"loss": {"type": "focal", "class_weight": "effective"}}),
     (1, {"loss": {"type": "balanced_softmax"}, "consistency": {"weight": 2.0, "views": 2}}),
     (2, {"loss": {"type": "logit_adjusted", "tau": 1.0}}),

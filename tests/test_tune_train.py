@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+from operator import attrgetter
 
 import optuna
 import pytest
@@ -81,7 +82,8 @@ def test_trials_prune_resume_and_record_results(tmp_path, monkeypatch):
 
     resumed = _run(tmp_path, 16)
     assert len(resumed.trials) == 16
-    assert [(t.number, t.params, t.state) for t in resumed.trials[:10]] == [(t.number, t.params, t.state) for t in trials]
+    key = attrgetter("number", "params", "state")
+    assert [key(t) for t in resumed.trials[:10]] == [key(t) for t in trials]
     assert len(_run(tmp_path, 16).trials) == 16  # at its budget: nothing more
 
     out = tmp_path / "out" / "tune_train" / "tt"
@@ -118,7 +120,8 @@ def test_parallel_workers_share_the_journal(tmp_path):
         p.join(60)
         assert p.exitcode == 0
     study = optuna.load_study(study_name="tt", storage=tune_train.make_storage(f"journal:{tmp_path / 'tt.journal'}"))
-    finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    finished = [t for t in study.trials if t.state in done]
     assert 12 <= len(finished) <= 13  # the total budget is shared; a worker may finish one trial in flight
     assert {t.user_attrs["worker"] for t in finished} == {"gpu0", "gpu1"}
     assert sorted(t.number for t in study.trials) == list(range(len(study.trials)))

@@ -109,7 +109,8 @@ class Probs:
         self.ids = np.asarray(self.ids).astype(str)
         self.probs = np.asarray(self.probs, dtype=np.float64)
         if self.probs.shape != (len(self.ids), len(self.classes)):
-            raise WBCError(f"probabilities have shape {self.probs.shape}, expected ({len(self.ids)}, {len(self.classes)})")
+            raise WBCError(f"probabilities have shape {self.probs.shape}, "
+                           f"expected ({len(self.ids)}, {len(self.classes)})")
         if self.folds is not None:
             self.folds = np.asarray(self.folds).astype(int)
         if self.labels is not None:

@@ -57,7 +57,8 @@ def read_split(root, split: str, check_images: bool = True) -> pd.DataFrame:
     try:
         df = pd.read_csv(csv, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
-        raise WBCError(f"{csv}: not a readable CSV ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise WBCError(f"{csv}: not a readable CSV ({why})") from None
     df.columns = [c.strip() for c in df.columns]
     need = ["ID", "labels"]
     missing = [c for c in need if c not in df.columns]

@@ -30,7 +30,8 @@ def register(sub) -> None:
 
     p = sub.add_parser("tune-train", help="Optuna study over training-time class handling (pruned fold trainings)")
     add_config_args(p)
-    p.add_argument("--study-config", default=DEFAULT_STUDY, help="search space, pruner, trials (default configs/tune_train.yaml)")
+    p.add_argument("--study-config", default=DEFAULT_STUDY,
+                   help="search space, pruner, trials (default configs/tune_train.yaml)")
     p.add_argument("--storage", default=None,
                    help="sqlite:///<path> | journal:<path> | RDB URL, shared by parallel workers "
                         "(default: the study config's)")

@@ -40,7 +40,8 @@ def print_summary(report: dict) -> None:
         if shifted:
             row += [shifted[step], "" if nested_w.get(step) is None else nested_w[step]]
         rows.append(row + [ev[step]["macro_f1"] if step in ev else ""])
-    cols = ["step", "OOF", "OOF nested"] + (["OOF shift-weighted", "nested shift-weighted"] if shifted else []) + ["eval"]
+    cols = (["step", "OOF", "OOF nested"] + (["OOF shift-weighted", "nested shift-weighted"] if shifted else [])
+            + ["eval"])
     print_table("macro-F1 by step (OOF in-sample; nested = blend and rule fitted on K-1 folds"
                 + (", shift-tuned" if report.get("shift_tuned") else "") + "; phase2_eval)", cols, rows)
 

@@ -145,7 +145,8 @@ def run_ensemble(cfg: dict) -> dict:
     tuned = rule
     steps = rule_steps(rule)
     final_step = steps[-1][0]
-    if nested is not None and tcfg.get("select", "nested") == "nested" and nested["blend_macro_f1"] > nested["macro_f1"]:
+    by_nested = nested is not None and tcfg.get("select", "nested") == "nested"
+    if by_nested and nested["blend_macro_f1"] > nested["macro_f1"]:
         # Out of sample the tuned rule loses to the plain blend: submit the blend's argmax instead.
         final_step, rule = "blend", make_rule(classes, np.zeros(n_cls), {}, 0.0, prior)
 
@@ -191,7 +192,8 @@ def run_ensemble(cfg: dict) -> dict:
     report = {
         "name": name,
         "final_step": final_step,
-        "members": [{"name": n, "path": display_path(m.path), "weight": float(w)} for n, m, w in zip(names, members, weights)],
+        "members": [{"name": n, "path": display_path(m.path), "weight": float(w)}
+                    for n, m, w in zip(names, members, weights)],
         "specialists": decision["specialists"],
         "scores": scores,
         "nested": None if nested is None else {k: v for k, v in nested.items() if not k.startswith("pred")},
@@ -227,7 +229,8 @@ def run_ensemble(cfg: dict) -> dict:
 
         sidecar = {"step": "ensemble", "name": name, "members": decision["members"], "blend": decision["blend"],
                    "specialists": decision["specialists"],
-                   "decision": display_path(out / "decision.json"), "oof_macro_f1": scores["oof"][final_step]["macro_f1"],
+                   "decision": display_path(out / "decision.json"),
+                   "oof_macro_f1": scores["oof"][final_step]["macro_f1"],
                    "oof_nested_macro_f1": scores["oof_nested_blend" if final_step == "blend" else "oof_nested"],
                    "shift_weights": decision["shift_weights"],
                    "eval_macro_f1": scores["eval"][final_step]["macro_f1"] if "eval" in scores else None}

@@ -210,12 +210,14 @@ def _write_results(study: optuna.Study, fixed: dict, out: Path, base: dict, fold
     # A config to confirm the winner on every fold: its gain was selected on one fold, so it is optimistic.
     header = (f"# {study.study_name}: best trial {best.number}, val macro-F1 {best.value:.4f} on fold {fold}.\n"
               f"# Confirm on every fold: make train-all predict CONFIG={display_path(out / 'best.yaml')}\n")
-    write_text(out / "best.yaml", header + dump_config(best_config(base, fixed, best.params, f"{study.study_name}_best")))
+    best_cfg = best_config(base, fixed, best.params, f"{study.study_name}_best")
+    write_text(out / "best.yaml", header + dump_config(best_cfg))
     top = sorted(done, key=lambda t: -t.value)[:10]
     keys = list(best.params)
     print_table(f"tune-train {study.study_name}: top trials ({len(done)} complete, "
                 f"{sum(t.state.name == 'PRUNED' for t in trials)} pruned)",
-                ["trial", "val macro-F1"] + keys, [[t.number, t.value] + [t.params.get(k, "") for k in keys] for t in top])
+                ["trial", "val macro-F1"] + keys,
+                [[t.number, t.value] + [t.params.get(k, "") for k in keys] for t in top])
     console.print(f"best overrides: {' '.join(overrides)}")
     if base_trial is not None:
         console.print(f"baseline trial {base_trial.number}: {base_trial.value:.4f}; best {best.value:.4f} "

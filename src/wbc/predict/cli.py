@@ -34,7 +34,8 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
     p = add_config_args(sub.add_parser(
-        "compare-restore", help="a run's fold models on a labelled split without vs with the restorer (data.restore_dir)"))
+        "compare-restore",
+        help="a run's fold models on a labelled split without vs with the restorer (data.restore_dir)"))
     p.add_argument("--split", default=None, help="labelled split (default: the first of data.holdout_splits)")
     p.add_argument("--severities", type=int, nargs="*", default=[1, 2, 3],
                    help="simulated damage levels applied to the split's gate-clean images")

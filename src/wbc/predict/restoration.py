@@ -108,7 +108,8 @@ def compare_restore(cfg: dict, split: str | None = None, severities=(1, 2, 3), n
         report["conditions"][name] = {"n": int(len(idx)), "sent_to_restorer": float(m.mean()) if len(m) else 0.0,
                                       "raw": _score(y, a, n), "restored": _score(y, b, n),
                                       "delta_macro_f1_ci95": _delta_ci(y, a, b, n, rng, bootstrap)}
-        rows.append(pd.DataFrame({"ID": df["ID"].to_numpy()[idx], "condition": name, "label": df["labels"].to_numpy()[idx],
+        rows.append(pd.DataFrame({"ID": df["ID"].to_numpy()[idx], "condition": name,
+                                  "label": df["labels"].to_numpy()[idx],
                                   "damage_score": sc, "restored": m.astype(int), "pred_raw": np.array(classes)[a],
                                   "pred_restored": np.array(classes)[b],
                                   "p_true_raw": probs[name, "raw"][np.arange(len(y)), y],

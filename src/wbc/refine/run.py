@@ -16,8 +16,18 @@ from ..metrics import save_confusion_png, summary
 from .gaussian import FeatureScaler
 from .morphology import FEATURES, SegParams, extract_features
 from .qa import qa_sheet, separation_table
-from .rule import (Settings, apply_hard, fast_macro_f1, fit_gaussians, fit_hard, fit_soft, nested, new_evidence,
-                   oof_evidence, soft_probs)
+from .rule import (
+    Settings,
+    apply_hard,
+    fast_macro_f1,
+    fit_gaussians,
+    fit_hard,
+    fit_soft,
+    nested,
+    new_evidence,
+    oof_evidence,
+    soft_probs,
+)
 
 ALL_SPLITS = ["phase1", "phase2_train", "phase2_eval", "phase2_test"]
 SPLIT_NAMES = {"oof": "oof", "eval": "phase2_eval", "test": "phase2_test"}

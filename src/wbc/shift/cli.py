@@ -11,7 +11,8 @@ def register(sub) -> None:
     p.add_argument("--runs", nargs="*", default=[], help="run / ensemble / refine folders with oof (and eval) files")
     p.add_argument("--target", default=None, help="split to re-weight towards (default: data.test_split)")
     p.add_argument("--target-quantile", type=float, default=0.0,
-                   help="keep only target images at or above this damage-score quantile (validation on a labelled split)")
+                   help="keep only target images at or above this damage-score quantile "
+                        "(validation on a labelled split)")
     p.add_argument("--cap", type=float, default=20.0, help="largest weight, in units of the mean weight")
     p.add_argument("--clean-split", default="phase1", help="undamaged split: the damage score's reference")
     p.add_argument("--workers", type=int, default=2, help="threads computing damage features")

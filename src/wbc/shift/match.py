@@ -265,7 +265,8 @@ def damage_match(cfg: dict, target: str | None = None, n_images: int = 1200, per
         table[name] = {"domain_auc": domain_weights(f, tgt, seed=seed).auc,
                        "energy_distance": energy_distance(z(f), z(tgt)),
                        "damage_score_q10_50_90": np.quantile(score_features(f, ref), [0.1, 0.5, 0.9]).round(3).tolist()}
-    table["target"] = {"damage_score_q10_50_90": np.quantile(score_features(tgt, ref), [0.1, 0.5, 0.9]).round(3).tolist()}
+    q = np.quantile(score_features(tgt, ref), [0.1, 0.5, 0.9])
+    table["target"] = {"damage_score_q10_50_90": q.round(3).tolist()}
 
     out = resolve_path((cfg.get("shift") or {}).get("match_dir", "outputs/damage_match")) / \
         f"{dataset_name(cfg)}_{size}_{target}"

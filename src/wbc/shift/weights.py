@@ -55,7 +55,8 @@ def domain_weights(pool: np.ndarray, target: np.ndarray, cap: float = 20.0, n_sp
 
     pool, target = np.asarray(pool, float), np.asarray(target, float)
     if len(pool) < n_splits or len(target) < n_splits:
-        raise WBCError(f"shift weights need at least {n_splits} pool and target images, got {len(pool)} and {len(target)}")
+        raise WBCError(f"shift weights need at least {n_splits} pool and target images, "
+                       f"got {len(pool)} and {len(target)}")
     x = np.concatenate([pool, target])
     d = np.r_[np.zeros(len(pool), int), np.ones(len(target), int)]
     p = np.empty(len(x))
