@@ -30,11 +30,13 @@ BENCH ?= gpu
 BENCH_MEMBERS_gpu := pbcbench_convnext_tiny pbcbench_swin_tiny pbcbench_effnet_lite0
 BENCH_SPECIALISTS_gpu := pbcbench_convnext_tiny_gran
 BENCH_ENSEMBLES_gpu := pbcbench_ensemble pbcbench_scratch pbcbench_ensemble_specialist
-BENCH_MEMBERS_cpu := pbcbench_effnet_lite0_cpu pbcbench_effnet_lite1_cpu
-BENCH_ENSEMBLES_cpu := pbcbench_cpu_imagenet
+BENCH_MEMBERS_cpu := pbcbench_effnet_lite0_cpu_e16 pbcbench_effnet_lite1_cpu_e16
+BENCH_PREDICT_ONLY_cpu := pbcbench_effnet_lite0_cpu_e16_last
+BENCH_ENSEMBLES_cpu := pbcbench_cpu_e16
 BENCH_MEMBERS ?= $(BENCH_MEMBERS_$(BENCH))
 BENCH_SPECIALISTS ?= $(BENCH_SPECIALISTS_$(BENCH))
 BENCH_ENSEMBLES ?= $(BENCH_ENSEMBLES_$(BENCH))
+BENCH_PREDICT_ONLY ?= $(BENCH_PREDICT_ONLY_$(BENCH))
 comma := ,
 space := $(subst ,, )
 export NO_ALBUMENTATIONS_UPDATE := 1
@@ -105,6 +107,7 @@ benchmark-pbcbench: ## the PBC-LT benchmark end to end (DATA=<its root>, BENCH=g
 	$(MAKE) weights/tf_efficientnet_lite0.pth $(if $(filter cpu,$(BENCH)),weights/tf_efficientnet_lite1.pth)
 	for m in $(BENCH_MEMBERS); do $(MAKE) train-all predict submit CONFIG=configs/$$m.yaml NAME=$$m || exit 1; done
 	for m in $(BENCH_SPECIALISTS); do $(MAKE) train-all predict CONFIG=configs/$$m.yaml || exit 1; done
+	for m in $(BENCH_PREDICT_ONLY); do $(MAKE) predict CONFIG=configs/$$m.yaml || exit 1; done
 	for e in $(BENCH_ENSEMBLES); do $(MAKE) ensemble ENSEMBLE=configs/ensemble/$$e.yaml ARGS= || exit 1; done
 	$(MAKE) morph refine PRED=outputs/ensemble/$(firstword $(BENCH_ENSEMBLES)) \
 	    ARGS="refine.submission_name=$(firstword $(BENCH_ENSEMBLES))_refined"

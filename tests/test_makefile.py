@@ -63,4 +63,6 @@ def test_benchmark_pbcbench_chains_members_ensembles_and_refinement():
     for path in re.findall(r"configs/\S+\.yaml", "\n".join(steps)):
         assert (ROOT / path).is_file(), path
     cpu = make("-n", "benchmark-pbcbench", "DATA=/bench", "BENCH=cpu").stdout
-    assert "configs/pbcbench_effnet_lite1_cpu.yaml" in cpu and "--pred outputs/ensemble/pbcbench_cpu_imagenet" in cpu
+    assert "train-fold -c configs/pbcbench_effnet_lite1_cpu_e16.yaml" in cpu
+    assert "predict -c configs/pbcbench_effnet_lite0_cpu_e16_last.yaml" in cpu  # its members' last weights
+    assert "--pred outputs/ensemble/pbcbench_cpu_e16 " in cpu
