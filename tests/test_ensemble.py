@@ -286,6 +286,33 @@ def test_member_checks_eval_and_class_order(runs):
         check_members([load_member(a), load_member(b)])
 
 
+@pytest.mark.parametrize("space", ["prob", "logit"])
+def test_a_seed_group_is_one_member_averaged_with_equal_weights(runs, space):
+    a, b = runs
+    a2 = _make_run(a.parent, "run_a_seed2", 7, 2.0)
+    group = load_member([str(a), str(a2)], space)
+    assert group.name == "run_a+run_a_seed2" and group.paths == (a, a2)
+    for split in ("oof", "eval", "test"):
+        want = combine([getattr(load_member(r), split).probs for r in (a, a2)], [0.5, 0.5], space)
+        np.testing.assert_allclose(getattr(group, split).probs, want, atol=1e-12)
+    np.testing.assert_array_equal(group.oof.folds, load_member(a).oof.folds)
+    members = check_members([group, load_member(b)])
+    assert [m.paths for m in members] == [(a, a2), (b,)]
+    # a list of one run is that run
+    np.testing.assert_array_equal(load_member([str(a)]).oof.probs, load_member(a).oof.probs)
+
+
+def test_a_seed_group_must_share_the_folds(runs):
+    a, _ = runs
+    a2 = _make_run(a.parent, "run_a_seed2", 7, 2.0)
+    _edit_oof(a2, _move_fold)
+    with pytest.raises(WBCError, match=r"run_a_seed2/oof.csv:11: ID img0009.jpg has fold [012], but fold [012]"):
+        load_member([str(a), str(a2)])
+    for bad in ([], [{"run": str(a)}], 3):
+        with pytest.raises(WBCError, match="is not a run folder or a list of run folders"):
+            load_member(bad)
+
+
 # ---------------------------------------------------------------- the command
 
 def _data_root(tmp_path, test_ids):
@@ -354,6 +381,26 @@ def test_ensemble_command_end_to_end(tmp_path, runs):
     assert decision2["study"]["finished_trials"] == finished == 8
     assert decision2["rule"] == decision["rule"]
     assert report2["scores"]["oof_nested"] == report["scores"]["oof_nested"]
+
+
+def test_ensemble_command_blends_a_seed_group_as_one_member(tmp_path, runs):
+    a, b = runs
+    a2 = _make_run(a.parent, "run_a_seed2", 7, 2.0)
+    root = _data_root(tmp_path, list(load_probs(a / "test.csv").ids))
+    cfg_file = tmp_path / "seeds.yaml"
+    cfg_file.write_text(yaml.safe_dump({"ensemble": {
+        "members": [[str(a), str(a2)], str(b)], "blend": {"space": "logit", "weights": "fit"},
+        "tuning": {"n_trials": 4, "seed": 0, "nested": False, "storage": f"journal:{tmp_path / 'ens.journal'}"},
+        "submit": False}}))
+    assert main(["ensemble", "--config", str(cfg_file), f"output_dir={tmp_path / 'out'}", f"data.root={root}"]) == 0
+    out = tmp_path / "out" / "ensemble" / "seeds"
+    report = json.loads((out / "report.json").read_text())
+    assert [m["name"] for m in report["members"]] == ["run_a+run_a_seed2", "run_b"]
+    assert report["members"][0]["path"] == [str(a), str(a2)] and report["members"][1]["path"] == str(b)
+    weights = [m["weight"] for m in report["members"]]
+    group = combine([load_probs(r / "oof.csv").probs for r in (a, a2)], [0.5, 0.5], "logit")
+    want = combine([group, load_probs(b / "oof.csv").probs], weights, "logit")
+    np.testing.assert_allclose(load_probs(out / "oof.csv").probs, want, atol=1e-9)
 
 
 def test_ensemble_command_reports_bad_members(tmp_path, runs, capsys):

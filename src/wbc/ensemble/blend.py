@@ -1,5 +1,6 @@
 """Load ensemble members (run folders with oof/eval/test probability files), check that they describe the
-same images, folds and classes, and blend them.
+same images, folds and classes, and blend them. A member may be a seed group: several runs of one recipe on the
+same folds, averaged with equal weights before the blend, so that seeds add no weights to fit.
 
 Blend weights live on the simplex (softmax-parametrised, so they are positive and sum to one) and are
 fitted on OOF by minimising the class-balanced log-loss (each class's mean negative log-likelihood,
@@ -32,6 +33,11 @@ class Member:
     oof: Probs
     eval: Probs | None
     test: Probs
+    parts: tuple[Path, ...] = ()  # the runs of a seed group; empty for one run
+
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        return self.parts or (self.path,)
 
 
 def _check_labels(p: Probs, path: Path, required: bool) -> bool:
@@ -61,7 +67,36 @@ def _load(path: Path) -> Probs:
     return p
 
 
-def load_member(run_dir) -> Member:
+def load_member(entry, space: str = "prob") -> Member:
+    """One `ensemble.members` entry: a run folder, or a list of run folders (a seed group, see `seed_group`)."""
+    if isinstance(entry, (list, tuple)):
+        if not entry or not all(isinstance(e, (str, Path)) for e in entry):
+            raise WBCError(f"ensemble.members: {entry!r} is not a run folder or a list of run folders")
+        return seed_group([_load_run(e) for e in entry], space) if len(entry) > 1 else _load_run(entry[0])
+    if not isinstance(entry, (str, Path)):
+        raise WBCError(f"ensemble.members: {entry!r} is not a run folder or a list of run folders")
+    return _load_run(entry)
+
+
+def seed_group(runs: list[Member], space: str) -> Member:
+    """Runs of one recipe (other seeds) as one member: checked like members, then averaged with equal weights in
+    the blend space."""
+    runs = check_members(runs)
+    w = np.full(len(runs), 1.0 / len(runs))
+    ref = runs[0]
+
+    def mean(split: str) -> Probs | None:
+        p = getattr(ref, split)
+        if p is None:
+            return None
+        return Probs(p.ids, combine([getattr(r, split).probs for r in runs], w, space), list(p.classes), p.folds,
+                     p.labels)
+
+    name = "+".join(Path(r.name).name for r in runs)
+    return Member(name, ref.path, mean("oof"), mean("eval"), mean("test"), tuple(r.path for r in runs))
+
+
+def _load_run(run_dir) -> Member:
     path = resolve_path(run_dir)
     if not path.is_dir():
         raise WBCError(f"{path}: ensemble member is not a run folder")
@@ -139,7 +174,7 @@ def check_members(members: list[Member]) -> list[Member]:
                                "(eval must be held out of training)")
             if m is not ref and ev.labels is not None and ref.eval.labels is not None:
                 _same_column(ev, ref.eval, "labels", m.eval, ev_path, ref.path / "eval.csv")
-        out.append(Member(m.name, m.path, oof, ev, test))
+        out.append(Member(m.name, m.path, oof, ev, test, m.parts))
     if ref.eval is not None:
         _check_labels(out[0].eval, ref.path / "eval.csv", required=False)
     return out

@@ -42,6 +42,11 @@ def _member_names(members) -> list[str]:
     return short if len(set(short)) == len(short) else [m.name for m in members]
 
 
+def _member_path(m):
+    """A run folder, or the list of a seed group's run folders."""
+    return display_path(m.path) if not m.parts else [display_path(p) for p in m.parts]
+
+
 def rule_steps(rule: dict) -> list[tuple[str, dict]]:
     """The tuned rule built up one part at a time: bias, then thresholds, then quota (those it uses)."""
     steps = [("+bias", dict(rule, thresholds={}, quota=0.0))]
@@ -90,7 +95,7 @@ def run_ensemble(cfg: dict) -> dict:
     if space not in SPACES:
         raise WBCError(f"ensemble.blend.space: '{space}' is not one of {', '.join(SPACES)}")
 
-    members = check_members([load_member(m) for m in ens["members"]])
+    members = check_members([load_member(m, space) for m in ens["members"]])
     names = _member_names(members)
     specs = [load_specialist(s, members[0]) for s in ens.get("specialists") or []]
     spec_names = _member_names(specs)
@@ -185,14 +190,14 @@ def run_ensemble(cfg: dict) -> dict:
         "specialist_check": spec_check,
         "shift_weights": display_path(resolve_path(ens["shift_weights"])) if sw is not None else None,
         "shift_tuned": fit_sw is not None,
-        "members": [display_path(m.path) for m in members],
+        "members": [_member_path(m) for m in members],
         "study": {"storage": storage_spec, "name": study.study_name, "finished_trials": n_finished(study),
                   "best_value": study.best_value, "seed": seed},
     }
     report = {
         "name": name,
         "final_step": final_step,
-        "members": [{"name": n, "path": display_path(m.path), "weight": float(w)}
+        "members": [{"name": n, "path": _member_path(m), "weight": float(w)}
                     for n, m, w in zip(names, members, weights)],
         "specialists": decision["specialists"],
         "scores": scores,
