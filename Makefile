@@ -30,9 +30,10 @@ BENCH ?= gpu
 BENCH_MEMBERS_gpu := pbcbench_convnext_tiny pbcbench_swin_tiny pbcbench_effnet_lite0
 BENCH_SPECIALISTS_gpu := pbcbench_convnext_tiny_gran
 BENCH_ENSEMBLES_gpu := pbcbench_ensemble pbcbench_scratch pbcbench_ensemble_specialist
-BENCH_MEMBERS_cpu := pbcbench_effnet_lite0_cpu_e16 pbcbench_effnet_lite1_cpu_e16
+BENCH_MEMBERS_cpu := pbcbench_effnet_lite0_cpu_e16 pbcbench_effnet_lite1_cpu_e16 \
+    pbcbench_effnet_lite0_cpu_e16_seed2 pbcbench_effnet_lite1_cpu_e16_seed2
 BENCH_PREDICT_ONLY_cpu := pbcbench_effnet_lite0_cpu_e16_last
-BENCH_ENSEMBLES_cpu := pbcbench_cpu_e16
+BENCH_ENSEMBLES_cpu := pbcbench_cpu_e16_seeds pbcbench_cpu_e16
 BENCH_MEMBERS ?= $(BENCH_MEMBERS_$(BENCH))
 BENCH_SPECIALISTS ?= $(BENCH_SPECIALISTS_$(BENCH))
 BENCH_ENSEMBLES ?= $(BENCH_ENSEMBLES_$(BENCH))

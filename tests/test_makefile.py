@@ -65,4 +65,6 @@ def test_benchmark_pbcbench_chains_members_ensembles_and_refinement():
     cpu = make("-n", "benchmark-pbcbench", "DATA=/bench", "BENCH=cpu").stdout
     assert "train-fold -c configs/pbcbench_effnet_lite1_cpu_e16.yaml" in cpu
     assert "predict -c configs/pbcbench_effnet_lite0_cpu_e16_last.yaml" in cpu  # its members' last weights
-    assert "--pred outputs/ensemble/pbcbench_cpu_e16 " in cpu
+    assert "train-fold -c configs/pbcbench_effnet_lite1_cpu_e16_seed2.yaml" in cpu  # a seed group's second run
+    assert "ensemble -c configs/ensemble/pbcbench_cpu_e16_seeds.yaml" in cpu
+    assert "--pred outputs/ensemble/pbcbench_cpu_e16_seeds " in cpu

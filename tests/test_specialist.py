@@ -220,6 +220,30 @@ def test_specialists_that_do_not_match_the_members_are_refused(tmp_path):
         load_specialist(spec, ref)
 
 
+def test_a_seed_group_of_specialists_is_their_equal_weight_mean(tmp_path):
+    member, spec, _, _ = _write_runs(tmp_path / "outputs")
+    ref = check_members([load_member(member)])[0]
+    spec2 = tmp_path / "outputs" / "spec_seed2"
+    for split in ("oof", "eval", "test"):  # another seed: a sharper split of the same group
+        p = load_probs(spec / f"{split}.csv")
+        save_probs(spec2 / f"{split}.csv", Probs(p.ids, softmax(3 * np.log(p.probs), axis=1), p.classes, p.folds,
+                                                 p.labels))
+    group = load_specialist([str(spec), str(spec2)], ref)
+    assert group.name == "spec+spec_seed2" and group.parts == (spec, spec2) and group.group == [1, 3]
+    one, two = load_specialist(spec, ref), load_specialist(spec2, ref)
+    for split in ("oof", "eval", "test"):
+        want = (getattr(one, split).probs + getattr(two, split).probs) / 2
+        np.testing.assert_allclose(getattr(group, split).probs, want, atol=1e-12)
+    other = tmp_path / "outputs" / "spec_other"  # a specialist on other classes cannot join the group
+    for split in ("oof", "eval", "test"):
+        p = load_probs(spec / f"{split}.csv")
+        save_probs(other / f"{split}.csv", Probs(p.ids, p.probs, ["BA", "LY"], p.folds, p.labels))
+    with pytest.raises(WBCError, match=r"spec_other/oof.csv: classes BA, LY differ .*must share their classes"):
+        load_specialist([str(spec), str(other)], ref)
+    with pytest.raises(WBCError, match="not a run folder or a list of run folders"):
+        load_specialist([], ref)
+
+
 def test_a_specialist_keeps_only_its_classes_pseudo_labels(sample_root, make_cfg, tmp_path):
     from wbc.data.layout import read_split
 

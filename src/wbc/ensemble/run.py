@@ -43,7 +43,7 @@ def _member_names(members) -> list[str]:
 
 
 def _member_path(m):
-    """A run folder, or the list of a seed group's run folders."""
+    """A member's (or specialist's) run folder, or the list of its seed group's run folders."""
     return display_path(m.path) if not m.parts else [display_path(p) for p in m.parts]
 
 
@@ -184,7 +184,7 @@ def run_ensemble(cfg: dict) -> dict:
         "rule": rule,
         "tuned_params": study.best_params,
         "blend": {"space": space, "weights": weights_by_name, "how": how},
-        "specialists": [{"name": n, "path": display_path(s.path), "classes": [classes[i] for i in s.group],
+        "specialists": [{"name": n, "path": _member_path(s), "classes": [classes[i] for i in s.group],
                          "weight": w, "fit": spec_fit, "kept": bool(kept)}
                         for n, s, w in zip(spec_names, specs, spec_weights)],
         "specialist_check": spec_check,

@@ -12,7 +12,7 @@ when the blend weights use the log-loss: on PBC-LT the log-loss gave w = 0 to sp
 nested macro-F1 by 0.016-0.020 (docs/RESULTS.md); a specialist trained on its group's prior is calibrated unlike the
 blend. A grid can chase noise, so `nested_check` refits everything on K-1 folds and the ensemble keeps the specialists
 only when they win on the held-out folds. Several specialists apply in the listed order, each fitted on the output
-of the ones before it.
+of the ones before it. A list of runs (other seeds of one specialist) is one specialist, their equal-weight mean.
 """
 from __future__ import annotations
 
@@ -38,9 +38,35 @@ class Specialist:
     oof: Probs  # aligned to the first member's IDs; columns = the group's classes in the members' order
     eval: Probs | None
     test: Probs
+    parts: tuple[Path, ...] = ()  # the runs of a seed group; empty for one run
 
 
-def load_specialist(run_dir, ref: Member) -> Specialist:
+def load_specialist(entry, ref: Member) -> Specialist:
+    """One `ensemble.specialists` entry: a run folder, or a list of them (seeds of one specialist, averaged)."""
+    if isinstance(entry, (str, Path)):
+        return _load_specialist(entry, ref)
+    if not isinstance(entry, (list, tuple)) or not entry or not all(isinstance(e, (str, Path)) for e in entry):
+        raise WBCError(f"ensemble.specialists: {entry!r} is not a run folder or a list of run folders")
+    runs = [_load_specialist(e, ref) for e in entry]
+    for r in runs[1:]:
+        if r.group != runs[0].group:
+            names = ", ".join(ref.oof.classes[i] for i in r.group)
+            raise WBCError(f"{r.path / 'oof.csv'}: classes {names} differ from those of {runs[0].path / 'oof.csv'} "
+                           "(a seed group's runs must share their classes)")
+    if len(runs) == 1:
+        return runs[0]
+    w = np.full(len(runs), 1.0 / len(runs))
+
+    def mean(split: str) -> Probs | None:
+        p = getattr(runs[0], split)
+        return None if p is None else Probs(p.ids, combine([getattr(r, split).probs for r in runs], w), p.classes,
+                                            p.folds, p.labels)
+
+    return Specialist("+".join(Path(r.name).name for r in runs), runs[0].path, runs[0].group, mean("oof"),
+                      mean("eval"), mean("test"), tuple(r.path for r in runs))
+
+
+def _load_specialist(run_dir, ref: Member) -> Specialist:
     """A specialist run folder checked against the first (already aligned) member: same IDs, folds and labels,
     and classes that are a proper subset of the members' classes."""
     path = resolve_path(run_dir)
