@@ -82,18 +82,20 @@ def seed_group(runs: list[Member], space: str) -> Member:
     """Runs of one recipe (other seeds) as one member: checked like members, then averaged with equal weights in
     the blend space."""
     runs = check_members(runs)
+    name = "+".join(Path(r.name).name for r in runs)
+    return Member(name, runs[0].path, *seed_means(runs, space), tuple(r.path for r in runs))
+
+
+def seed_means(runs, space: str = "prob") -> tuple[Probs, Probs | None, Probs]:
+    """The oof, eval and test equal-weight means of runs (members or specialists) aligned to the first one."""
     w = np.full(len(runs), 1.0 / len(runs))
-    ref = runs[0]
 
     def mean(split: str) -> Probs | None:
-        p = getattr(ref, split)
-        if p is None:
-            return None
-        return Probs(p.ids, combine([getattr(r, split).probs for r in runs], w, space), list(p.classes), p.folds,
-                     p.labels)
+        p = getattr(runs[0], split)
+        return None if p is None else Probs(p.ids, combine([getattr(r, split).probs for r in runs], w, space),
+                                            list(p.classes), p.folds, p.labels)
 
-    name = "+".join(Path(r.name).name for r in runs)
-    return Member(name, ref.path, mean("oof"), mean("eval"), mean("test"), tuple(r.path for r in runs))
+    return mean("oof"), mean("eval"), mean("test")
 
 
 def _load_run(run_dir) -> Member:

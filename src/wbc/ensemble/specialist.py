@@ -26,7 +26,7 @@ from ..config import resolve_path
 from ..errors import WBCError
 from ..io import Probs
 from ..metrics import macro_f1
-from .blend import Member, _load, _reorder_classes, _same_column, _same_ids, combine, fit_weights
+from .blend import Member, _load, _reorder_classes, _same_column, _same_ids, combine, fit_weights, seed_means
 from .decision import EPS
 
 
@@ -55,15 +55,8 @@ def load_specialist(entry, ref: Member) -> Specialist:
                            "(a seed group's runs must share their classes)")
     if len(runs) == 1:
         return runs[0]
-    w = np.full(len(runs), 1.0 / len(runs))
-
-    def mean(split: str) -> Probs | None:
-        p = getattr(runs[0], split)
-        return None if p is None else Probs(p.ids, combine([getattr(r, split).probs for r in runs], w), p.classes,
-                                            p.folds, p.labels)
-
-    return Specialist("+".join(Path(r.name).name for r in runs), runs[0].path, runs[0].group, mean("oof"),
-                      mean("eval"), mean("test"), tuple(r.path for r in runs))
+    return Specialist("+".join(Path(r.name).name for r in runs), runs[0].path, runs[0].group, *seed_means(runs),
+                      tuple(r.path for r in runs))
 
 
 def _load_specialist(run_dir, ref: Member) -> Specialist:
