@@ -513,6 +513,28 @@ def test_cache_is_rebuilt_when_the_decoder_changes(sample_root, make_cfg, monkey
     assert not np.array(cache.split_images(cfg, df, "phase1")).any()
 
 
+def test_center_crop_zooms_the_cached_images_under_their_own_cache(sample_root, make_cfg):
+    """`data.center_crop` keeps the central square of each image before resizing, in a cache of its own, so a
+    zoomed run never reads the full-frame images (or the other way round)."""
+    import cv2
+
+    from wbc.data.cache import cache_dir, center_crop, read_image, split_images
+    from wbc.data.layout import read_split
+
+    img = np.arange(10 * 8 * 3, dtype=np.uint8).reshape(10, 8, 3)
+    assert np.array_equal(center_crop(img, 0.5), img[3:7, 2:6]) and center_crop(img, 1.0) is img
+    df = read_split(sample_root, "phase1").iloc[:3]
+    full_cfg, zoom_cfg = make_cfg(sample_root, "data.image_size=32"), make_cfg(sample_root, "data.image_size=32",
+                                                                               "data.center_crop=0.5")
+    assert cache_dir(zoom_cfg) != cache_dir(full_cfg) and cache_dir(zoom_cfg).name.endswith("_32_crop0.5")
+    full, zoom = np.array(split_images(full_cfg, df, "phase1")), np.array(split_images(zoom_cfg, df, "phase1"))
+    src = read_image(df["path"].iloc[0])  # 64 px: the central 32 px, not resized at all
+    assert np.array_equal(zoom[0], src[16:48, 16:48])
+    assert np.array_equal(full[0], cv2.resize(src, (32, 32), interpolation=cv2.INTER_AREA))
+    with pytest.raises(WBCError, match="center_crop"):
+        cache_dir(make_cfg(sample_root, "data.center_crop=1.5"))
+
+
 def test_resume_inside_stage2_is_exact(cfg2):
     """A run killed during stage 2 resumes in stage 2, with the head's optimizer and schedule, not stage 1's."""
     _, _, res = _full_and_resumed(cfg2, ["train.epochs=1", "train.stage2.epochs=2", "train.ema=false"], kill_at=1)

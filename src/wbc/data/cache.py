@@ -1,10 +1,10 @@
 """Decoded, resized images in a uint8 memmap per split, so data loading never re-decodes JPEGs.
 
-`cache/<dataset>_<size>[_stain-<hash>][_restored-<hash>]/<split>.u8` holds an (N, S, S, 3) RGB array in the
-row order of `<split>.ids.json`. A cache is rebuilt when the split's IDs, its image files (path, size, modification
-time) or this module's code (decoding, resizing) change, and a preprocessed one lives under the hash of what made it
-(the stain normaliser's code; the restorer's files), so a retrained restorer never meets its predecessor's images.
-Builds write to a temp file and rename.
+`cache/<dataset>_<size>[_crop<fraction>][_stain-<hash>][_restored-<hash>]/<split>.u8` holds an (N, S, S, 3) RGB
+array in the row order of `<split>.ids.json`. A cache is rebuilt when the split's IDs, its image files (path, size,
+modification time) or this module's code (decoding, resizing) change, and a preprocessed one lives under the hash of
+what made it (the stain normaliser's code; the restorer's files), so a retrained restorer never meets its
+predecessor's images. Builds write to a temp file and rename.
 """
 from __future__ import annotations
 
@@ -49,6 +49,17 @@ def _jpeg_complete(buf: np.ndarray) -> bool:
     return b"\xff\xd9" in tail
 
 
+def center_crop(img: np.ndarray, fraction: float) -> np.ndarray:
+    """The central square whose side is `fraction` of the short side: the cell fills more of the input, so a
+    CPU-sized input keeps more of its native detail (the WBCBench and PBC crops centre the cell)."""
+    if fraction >= 1.0:
+        return img
+    h, w = img.shape[:2]
+    side = max(1, int(round(min(h, w) * fraction)))
+    y, x = (h - side) // 2, (w - side) // 2
+    return img[y:y + side, x:x + side]
+
+
 def resize(img: np.ndarray, size: int) -> np.ndarray:
     if img.shape[0] == size and img.shape[1] == size:
         return img
@@ -59,6 +70,8 @@ def resize(img: np.ndarray, size: int) -> np.ndarray:
 def cache_dir(cfg: dict) -> Path:
     d = cfg["data"]
     tag = f"{dataset_name(cfg)}_{d['image_size']}"
+    if crop_fraction(cfg) < 1.0:
+        tag += f"_crop{crop_fraction(cfg):g}"
     if d.get("stain_norm"):
         tag += "_stain-" + fingerprint([Path(__file__).with_name("stain.py")])
     if d.get("restore"):
@@ -66,6 +79,13 @@ def cache_dir(cfg: dict) -> Path:
 
         tag += "_restored-" + fingerprint([resolve_path(d["restore_dir"]) / n for n in RESTORER_FILES])
     return resolve_path(d.get("cache_dir", "cache")) / tag
+
+
+def crop_fraction(cfg: dict) -> float:
+    f = float(cfg["data"].get("center_crop") or 1.0)
+    if not 0.0 < f <= 1.0:
+        raise WBCError(f"data.center_crop must be in (0, 1], got {f}")
+    return f
 
 
 def _sources(paths) -> str:
@@ -78,13 +98,13 @@ def _sources(paths) -> str:
     return h.hexdigest()[:12]
 
 
-def decode_all(df: pd.DataFrame, size: int, workers: int = 4, desc: str = "decode") -> np.ndarray:
-    """Decode and resize every image of `df` (columns path, csv, row) into one array."""
+def decode_all(df: pd.DataFrame, size: int, workers: int = 4, desc: str = "decode", crop: float = 1.0) -> np.ndarray:
+    """Decode, centre-crop and resize every image of `df` (columns path, csv, row) into one array."""
     out = np.empty((len(df), size, size, 3), np.uint8)
 
     def work(i):
         r = df.iloc[i]
-        out[i] = resize(read_image(r["path"], r.get("csv"), r.get("row")), size)
+        out[i] = resize(center_crop(read_image(r["path"], r.get("csv"), r.get("row")), crop), size)
 
     with progress() as bar, ThreadPoolExecutor(workers) as pool:
         task = bar.add_task(desc, total=len(df), info="")
@@ -106,7 +126,7 @@ def split_images(cfg: dict, df: pd.DataFrame, split: str, transform=None) -> np.
     key = {"ids": ids, "sources": _sources(sub["path"]), "code": CODE_HASH}
     if arr_path.exists() and ids_path.exists() and json.loads(ids_path.read_text()) == key:
         return np.memmap(arr_path, np.uint8, "r", shape=(len(ids), size, size, 3))
-    images = decode_all(sub.reset_index(drop=True), size, desc=f"cache {split}")
+    images = decode_all(sub.reset_index(drop=True), size, desc=f"cache {split}", crop=crop_fraction(cfg))
     if transform is not None:
         images = transform(images, split)
     with atomic_path(arr_path, suffix=".u8") as tmp:
