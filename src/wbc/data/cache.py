@@ -82,7 +82,8 @@ def cache_dir(cfg: dict) -> Path:
 
 
 def crop_fraction(cfg: dict) -> float:
-    f = float(cfg["data"].get("center_crop") or 1.0)
+    f = cfg["data"].get("center_crop")
+    f = 1.0 if f is None else float(f)  # 0 must be refused, not read as "off"
     if not 0.0 < f <= 1.0:
         raise WBCError(f"data.center_crop must be in (0, 1], got {f}")
     return f
