@@ -70,8 +70,9 @@ def resize(img: np.ndarray, size: int) -> np.ndarray:
 def cache_dir(cfg: dict) -> Path:
     d = cfg["data"]
     tag = f"{dataset_name(cfg)}_{d['image_size']}"
-    if crop_fraction(cfg) < 1.0:
-        tag += f"_crop{crop_fraction(cfg):g}"
+    crop = crop_fraction(cfg)
+    if crop < 1.0:
+        tag += f"_crop{crop:g}"
     if d.get("stain_norm"):
         tag += "_stain-" + fingerprint([Path(__file__).with_name("stain.py")])
     if d.get("restore"):
