@@ -17,7 +17,7 @@ from wbc.ensemble import apply_rule, load_rule
 from wbc.ensemble.blend import check_members, combine, fit_weights, load_member, resolve_weights
 from wbc.ensemble.decision import class_prior, make_rule
 from wbc.ensemble.run import rule_steps, run_ensemble
-from wbc.ensemble.tune import RuleSpace, macro_f1_fast, make_storage, n_finished, nested_estimate, tune_rule
+from wbc.ensemble.tune import RuleSpace, make_storage, n_finished, nested_estimate, tune_rule
 from wbc.errors import WBCError
 from wbc.io import Probs, load_probs, save_probs
 from wbc.metrics import macro_f1
@@ -97,13 +97,6 @@ def test_load_rule_roundtrip_and_errors(tmp_path):
         load_rule(tmp_path / "missing.json")
 
 
-def test_fast_macro_f1_matches_metrics():
-    rng = np.random.default_rng(0)
-    for _ in range(5):
-        y, pred = rng.integers(0, 6, 200), rng.integers(0, 4, 200)
-        assert macro_f1_fast(y, pred, 6) == pytest.approx(macro_f1(y, pred, 6), abs=1e-12)
-
-
 # ---------------------------------------------------------------- tuning
 
 def test_tuning_undoes_a_planted_prior_shift():
@@ -122,9 +115,9 @@ def test_tuning_undoes_a_planted_prior_shift():
     # and the tuned rule generalises to fresh data from the same shifted model
     y2 = rng.integers(0, n_cls, n)
     p2 = _probs(rng, y2, n_cls, 1.5, shift)
-    plain, tuned = macro_f1_fast(y2, p2.argmax(1), n_cls), macro_f1_fast(y2, apply_rule(p2, rule), n_cls)
+    plain, tuned = macro_f1(y2, p2.argmax(1), n_cls), macro_f1(y2, apply_rule(p2, rule), n_cls)
     assert tuned > plain + 0.15
-    assert study.best_value >= macro_f1_fast(y, probs.argmax(1), n_cls)  # the argmax start point is trial 0
+    assert study.best_value >= macro_f1(y, probs.argmax(1), n_cls)  # the argmax start point is trial 0
 
 
 def test_negative_tau_gives_back_a_prior_that_members_over_corrected():
@@ -140,13 +133,13 @@ def test_negative_tau_gives_back_a_prior_that_members_over_corrected():
 
     y, y2 = rng.choice(4, n, p=prior), rng.choice(4, n, p=prior)
     p, p2 = member(y), member(y2)
-    plain = macro_f1_fast(y2, p2.argmax(1), 4)
+    plain = macro_f1(y2, p2.argmax(1), 4)
     got = {}
     for tau_min in (0.0, -2.0):
         space = RuleSpace.from_cfg({"tau_min": tau_min, "tau_max": 2.0, "bias_range": 0})
         rule, study = tune_rule(p, y, classes, space, storage=optuna.storages.InMemoryStorage(),
                                 study_prefix=f"neg{tau_min}", n_trials=60, seed=0)
-        got[tau_min] = (study.best_params["tau"], macro_f1_fast(y2, apply_rule(p2, rule), 4))
+        got[tau_min] = (study.best_params["tau"], macro_f1(y2, apply_rule(p2, rule), 4))
     assert got[0.0][0] >= 0 and got[0.0][1] < plain + 0.02  # tau >= 0 only pushes further the wrong way
     assert got[-2.0][0] < -1.0 and got[-2.0][1] > plain + 0.3  # on fresh data from the same members
     with pytest.raises(WBCError, match="tau_min <= 0 <= tau_max"):
@@ -165,7 +158,7 @@ def test_nested_estimate_is_not_above_in_sample_on_noise():
     _, study = tune_rule(probs, y, classes, space, storage=storage, study_prefix="in", n_trials=30, seed=0)
     nested = nested_estimate([probs], y, folds, classes, space, weights=np.ones(1), blend_space="prob",
                              storage=storage, study_prefix="nested", n_trials=30, seed=0)
-    assert study.best_value > macro_f1_fast(y, probs.argmax(1), n_cls)  # tuning fits the noise in-sample
+    assert study.best_value > macro_f1(y, probs.argmax(1), n_cls)  # tuning fits the noise in-sample
     assert nested["macro_f1"] <= study.best_value
     assert abs(nested["macro_f1"] - 1 / n_cls) < 0.06  # held out, it is chance
     assert sorted(nested["fold_macro_f1"]) == [0, 1, 2] and (nested["pred"] >= 0).all()
@@ -460,11 +453,9 @@ def test_ensemble_submits_the_blend_when_the_rule_loses_out_of_sample(tmp_path, 
     assert sidecar["eval_macro_f1"] == pytest.approx(report["scores"]["eval"][report["final_step"]]["macro_f1"])
 
 
-def test_weighted_fast_macro_f1_and_blend_weights_follow_the_shift_weights():
+def test_blend_weights_follow_the_shift_weights():
     rng = np.random.default_rng(3)
     y = rng.integers(0, 5, 400)
-    pred, w = rng.integers(0, 5, 400), rng.uniform(0, 3, 400)
-    assert macro_f1_fast(y, pred, 5, w) == pytest.approx(macro_f1(y, pred, 5, w))
     # Member a is informative on the first half of the images, member b on the second half.
     half = np.arange(400) < 200
     a = _probs(rng, y, 5, 0.0)

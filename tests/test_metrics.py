@@ -2,8 +2,8 @@
 balanced accuracy (mean per-class recall) next to plain accuracy."""
 import numpy as np
 import pytest
+from sklearn.metrics import f1_score
 
-from wbc.ensemble.tune import macro_f1_fast
 from wbc.metrics import macro_f1, per_class_f1, summary
 
 
@@ -16,7 +16,25 @@ from wbc.metrics import macro_f1, per_class_f1, summary
 def test_macro_f1_counts_classes_seen_in_truth_or_prediction(y_true, y_pred, expected):
     y_true, y_pred = np.array(y_true), np.array(y_pred)
     assert macro_f1(y_true, y_pred, 4) == pytest.approx(expected)
-    assert macro_f1_fast(y_true, y_pred, 4) == pytest.approx(expected)  # the tuner's scorer agrees
+
+
+def test_macro_f1_equals_sklearn_on_random_labels_weights_and_codes():
+    """The bincount macro-F1 is sklearn's f1_score over the classes seen, weighted or not, for any label codes."""
+    rng = np.random.default_rng(0)
+    for t in range(300):
+        n, k = int(rng.integers(1, 60)), int(rng.integers(1, 8))
+        y, p = rng.integers(0, k, n), rng.integers(0, k, n)
+        w = None if t % 2 else np.where(rng.random(n) < 0.2, 0.0, rng.random(n) * 3)
+        if w is not None:
+            w[0] = 1.0  # sklearn refuses all-zero weights
+        ref = f1_score(y, p, labels=np.unique(np.concatenate([y, p])), average="macro", zero_division=0,
+                       sample_weight=w)
+        assert macro_f1(y, p, k, w) == pytest.approx(ref, abs=1e-12)
+        codes = np.array(list("ABCDEFGH"))
+        assert macro_f1(y - 1, p - 1, k, w) == macro_f1(codes[y], codes[p], k, w) == pytest.approx(ref, abs=1e-12)
+    assert macro_f1(np.array([], int), np.array([], int), 3) == 0.0
+    with pytest.raises(ValueError, match="equal 1-D shapes"):
+        macro_f1(np.zeros(3, int), np.zeros(2, int), 3)
 
 
 def test_per_class_f1_is_indexed_by_class():

@@ -53,17 +53,35 @@ def test_weighted_macro_f1_counts_an_image_w_times():
     assert macro_f1(y, p, 4, w) != pytest.approx(macro_f1(y, p, 4))
 
 
+@pytest.fixture(scope="module")
+def feature_cache(sample_root, tmp_path_factory):
+    """The sample data's damage-feature cache, computed once for the module: each test copies it in."""
+    from wbc.config import CONFIG_DIR, load_config
+    from wbc.data.layout import read_splits
+    from wbc.shift.features import damage_feature_table, features_path
+
+    out = tmp_path_factory.mktemp("shift_features")
+    cfg = load_config(CONFIG_DIR / "tiny_cpu.yaml", [f"data.root={sample_root}", f"shift.out_dir={out}"])
+    damage_feature_table(cfg, read_splits(sample_root, ["phase1", "phase2_train", "phase2_eval", "phase2_test"]))
+    return features_path(cfg)
+
+
 @pytest.fixture
-def shifted_run(sample_root, make_cfg, tmp_path):
+def shifted_run(sample_root, make_cfg, tmp_path, feature_cache):
     """Folds on the sample data and a fake run that is right on undamaged-looking images and wrong on damaged
     ones, so its score falls with the damage mix it is measured on."""
+    import shutil
+
     from wbc.data.layout import read_splits
     from wbc.folds import build_folds, folds_path
     from wbc.io import Probs, save_probs, write_csv
     from wbc.restore.score import FEATURES, fit_reference, score_features
-    from wbc.shift.features import damage_feature_table
+    from wbc.shift.features import damage_feature_table, features_path
 
     cfg = make_cfg(sample_root, f"shift.out_dir={tmp_path / 'shift'}")
+    features_path(cfg).parent.mkdir(parents=True, exist_ok=True)
+    for src in (feature_cache, feature_cache.with_suffix(".json")):
+        shutil.copy(src, features_path(cfg).parent / src.name)
     folds = build_folds(cfg)
     write_csv(folds_path(cfg), folds)
     rows = read_splits(sample_root, ["phase1", "phase2_train", "phase2_eval", "phase2_test"])

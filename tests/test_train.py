@@ -19,9 +19,9 @@ from wbc.train.loop import StopTraining, train_fold
 
 @pytest.fixture
 def cfg2(sample_root, make_cfg):
-    """Two folds, so a test can cover the whole pool quickly."""
+    """Two folds, so a test can cover the whole pool quickly; 32 px unless a test asks for more."""
     def make(*overrides):
-        cfg = make_cfg(sample_root, "folds.n_folds=2", *overrides)
+        cfg = make_cfg(sample_root, "folds.n_folds=2", "data.image_size=32", *overrides)
         write_csv(cfg["folds"]["file"], build_folds(cfg))
         return cfg
     return make

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..metrics import macro_f1
 from .classifiers import PrototypeClassifier
 
 
@@ -72,15 +73,7 @@ def evaluate_episode(emb: np.ndarray, y: np.ndarray, ep: Episode) -> tuple[float
     lut = {c: i for i, c in enumerate(ep.classes)}
     ys, yq = np.array([lut[c] for c in y[ep.support]]), np.array([lut[c] for c in y[ep.query]])
     pred = PrototypeClassifier(len(ep.classes)).fit(emb[ep.support], ys).logits(emb[ep.query]).argmax(1)
-    return float((pred == yq).mean()), episode_macro_f1(yq, pred, len(ep.classes))
-
-
-def episode_macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n: int) -> float:
-    """Macro-F1 over classes 0..n-1 (all present in a balanced episode's queries); sklearn's per call
-    overhead would dominate thousands of episodes."""
-    tp = np.bincount(y_true[y_true == y_pred], minlength=n)
-    denom = np.bincount(y_true, minlength=n) + np.bincount(y_pred, minlength=n)
-    return float(np.mean(2 * tp / np.maximum(denom, 1)))
+    return float((pred == yq).mean()), macro_f1(yq, pred, len(ep.classes))
 
 
 def run_episodes(spaces: list[dict], k_shots, episodes: int, n_query: int, seed: int = 0,

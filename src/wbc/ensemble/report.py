@@ -4,8 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..console import print_table
-from ..metrics import per_class_f1
-from .tune import macro_f1_fast
+from ..metrics import macro_f1, per_class_f1
 
 NO_SPECIALIST = "blend w/o specialists"  # the ensemble step before `ensemble.specialists` are composed in
 
@@ -13,7 +12,7 @@ NO_SPECIALIST = "blend w/o specialists"  # the ensemble step before `ensemble.sp
 def step_scores(y: np.ndarray, preds: dict[str, np.ndarray], classes: list[str]) -> dict:
     """{step: {"macro_f1": f, "per_class_f1": {class: f1}}} for each step's predictions."""
     n = len(classes)
-    return {step: {"macro_f1": macro_f1_fast(y, p, n),
+    return {step: {"macro_f1": macro_f1(y, p, n),
                    "per_class_f1": dict(zip(classes, map(float, per_class_f1(y, p, n))))}
             for step, p in preds.items()}
 

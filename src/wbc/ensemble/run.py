@@ -11,12 +11,12 @@ from ..config import display_path, dump_config, resolve_path
 from ..console import console
 from ..errors import WBCError
 from ..io import Probs, save_probs, write_csv, write_json, write_text
-from ..metrics import save_confusion_png
+from ..metrics import macro_f1, save_confusion_png
 from .blend import SPACES, blend, check_members, load_member, resolve_weights
 from .decision import apply_rule, class_prior, make_rule
 from .report import NO_SPECIALIST, print_per_class, print_rule, print_summary, step_scores
 from .specialist import apply_specialists, fit_specialists, load_specialist, nested_check
-from .tune import RuleSpace, macro_f1_fast, make_storage, n_finished, nested_estimate, tune_rule
+from .tune import RuleSpace, make_storage, n_finished, nested_estimate, tune_rule
 
 KEYS = {
     "ensemble": {"members", "specialists", "specialist_fit", "specialist_select", "blend", "tuning", "submit",
@@ -168,10 +168,10 @@ def run_ensemble(cfg: dict) -> dict:
               "oof_nested_blend": None if nested is None else nested["blend_macro_f1"],
               "oof_nested_no_specialist": None if spec_check is None else spec_check["without"]}
     if sw is not None:
-        scores["oof_shift_weighted"] = {s: macro_f1_fast(y, p, n_cls, sw) for s, p in oof_preds.items()}
+        scores["oof_shift_weighted"] = {s: macro_f1(y, p, n_cls, sw) for s, p in oof_preds.items()}
         if nested is not None:
-            scores["oof_nested_shift_weighted"] = macro_f1_fast(y, nested["pred"], n_cls, sw)
-            scores["oof_nested_blend_shift_weighted"] = macro_f1_fast(y, nested["pred_blend"], n_cls, sw)
+            scores["oof_nested_shift_weighted"] = macro_f1(y, nested["pred"], n_cls, sw)
+            scores["oof_nested_blend_shift_weighted"] = macro_f1(y, nested["pred_blend"], n_cls, sw)
     eval_labelled = ev is not None and (ev.labels != "").all()
     if ev is not None:
         eval_preds = step_preds("eval", ev.probs)

@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 from ..config import resolve_path
 from ..console import progress
 from ..errors import WBCError
+from ..metrics import macro_f1
 from .blend import combine, fit_weights
 from .decision import apply_rule, class_prior, make_rule
 from .specialist import apply_specialists, fit_specialists
@@ -74,15 +75,6 @@ def fingerprint(*arrays, **settings) -> str:
         h.update(a.tobytes())
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return h.hexdigest()[:10]
-
-
-def macro_f1_fast(y: np.ndarray, pred: np.ndarray, n_classes: int, weights: np.ndarray | None = None) -> float:
-    """`wbc.metrics.macro_f1` (classes present in y or pred) from one bincount: trials call it a lot.
-    `weights` counts image i as weights[i] images (test-shift importance weights)."""
-    cm = np.bincount(y * n_classes + pred, weights, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
-    denom = cm.sum(0) + cm.sum(1)
-    present = denom > 0
-    return float((2.0 * np.diag(cm)[present] / denom[present]).mean()) if present.any() else 0.0
 
 
 @dataclass
@@ -165,7 +157,7 @@ def tune_rule(probs: np.ndarray, y: np.ndarray, classes: list[str], space: RuleS
 
     def objective(trial: optuna.Trial) -> float:
         rule = rule_from_params(_suggest(trial, classes, prior, space), classes, prior, space)
-        return macro_f1_fast(y, apply_rule(probs, rule), n_cls, sample_weight)
+        return macro_f1(y, apply_rule(probs, rule), n_cls, sample_weight)
 
     todo = n_trials - n_finished(study)
     if todo > 0:
@@ -205,13 +197,13 @@ def nested_estimate(member_probs: list[np.ndarray], y: np.ndarray, folds: np.nda
                             n_trials=n_trials, seed=seed, desc=f"nested fold {k}", sample_weight=sw_tr)
         pred[te] = apply_rule(probs[te], rule)
         pred_blend[te] = probs[te].argmax(1)
-        per_fold[int(k)] = macro_f1_fast(y[te], pred[te], n_cls, None if sw is None else sw[te])
+        per_fold[int(k)] = macro_f1(y[te], pred[te], n_cls, None if sw is None else sw[te])
         fold_weights[int(k)] = [float(v) for v in w]
-    out = {"macro_f1": macro_f1_fast(y, pred, n_cls, sw), "blend_macro_f1": macro_f1_fast(y, pred_blend, n_cls, sw),
+    out = {"macro_f1": macro_f1(y, pred, n_cls, sw), "blend_macro_f1": macro_f1(y, pred_blend, n_cls, sw),
            "fold_macro_f1": per_fold, "fold_weights": fold_weights, "pred": pred, "pred_blend": pred_blend}
     if len(specialists):
         out["fold_specialist_weights"] = fold_spec_weights
     if sw is not None:
-        out.update(macro_f1_unweighted=macro_f1_fast(y, pred, n_cls),
-                   blend_macro_f1_unweighted=macro_f1_fast(y, pred_blend, n_cls))
+        out.update(macro_f1_unweighted=macro_f1(y, pred, n_cls),
+                   blend_macro_f1_unweighted=macro_f1(y, pred_blend, n_cls))
     return out

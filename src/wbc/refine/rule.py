@@ -22,20 +22,11 @@ from typing import Callable
 import numpy as np
 from scipy.special import softmax
 
+from ..metrics import macro_f1
 from .gaussian import ClassGaussians, crossfit
 
 EPS = 1e-12
 Decide = Callable[[np.ndarray], np.ndarray]
-
-
-def fast_macro_f1(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
-    """Macro-F1 over the classes present in y or pred (as `wbc.metrics.macro_f1`), from bincounts."""
-    tp = np.bincount(y[y == pred], minlength=n_classes).astype(float)
-    n_true = np.bincount(y, minlength=n_classes)
-    n_pred = np.bincount(pred, minlength=n_classes)
-    present = (n_true + n_pred) > 0
-    f1 = 2 * tp / np.maximum(n_true + n_pred, 1)
-    return float(f1[present].mean()) if present.any() else 0.0
 
 
 @dataclass
@@ -143,10 +134,10 @@ def fit_hard(ev: Evidence, y: np.ndarray, classes: list[str], rare: list[str], s
             p[f"{name}.maha_q"] = trial.suggest_float(f"{name}.maha_q", *search["maha_quantile"])
             p[f"{name}.shape"] = trial.suggest_categorical(f"{name}.shape", [False, True])
             p[f"{name}.shape_q"] = trial.suggest_float(f"{name}.shape_q", *search["shape_quantile"])
-        return fast_macro_f1(y, apply_hard(ev, build(p), classes), n_cls)
+        return macro_f1(y, apply_hard(ev, build(p), classes), n_cls)
 
     if not stats:
-        return {"gates": {}, "search": {}}, fast_macro_f1(y, ev.base, n_cls)
+        return {"gates": {}, "search": {}}, macro_f1(y, ev.base, n_cls)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
     closed = {}
@@ -185,7 +176,7 @@ def fit_soft(ev: Evidence, y: np.ndarray, decide: Decide, search: dict, n_classe
     """The grid weight with the best macro-F1 (ties: the smallest, so 0 wins when nothing helps)."""
     best_w, best = 0.0, -1.0
     for w in weight_grid(search):
-        f1 = fast_macro_f1(y, decide(soft_probs(ev, w)), n_classes)
+        f1 = macro_f1(y, decide(soft_probs(ev, w)), n_classes)
         if f1 > best + 1e-12:
             best_w, best = float(w), f1
     return best_w, best

@@ -12,14 +12,13 @@ from ..config import display_path, resolve_path
 from ..console import console, print_table
 from ..errors import WBCError
 from ..io import Probs, load_probs, save_probs, write_csv, write_json
-from ..metrics import save_confusion_png, summary
+from ..metrics import macro_f1, save_confusion_png, summary
 from .gaussian import FeatureScaler
 from .morphology import FEATURES, SegParams, extract_features
 from .qa import qa_sheet, separation_table
 from .rule import (
     Settings,
     apply_hard,
-    fast_macro_f1,
     fit_gaussians,
     fit_hard,
     fit_soft,
@@ -311,7 +310,7 @@ def _write_outputs(out_dir: Path, preds, pred, soft, method, classes, report) ->
         lab = yy >= 0
         for m in METHODS if lab.any() else ():
             save_confusion_png(out_dir / f"{k}_{m}.png", yy[lab], pred[k][m][lab], classes,
-                               f"{k} {m}: macro-F1 {fast_macro_f1(yy[lab], pred[k][m][lab], len(classes)):.4f}")
+                               f"{k} {m}: macro-F1 {macro_f1(yy[lab], pred[k][m][lab], len(classes)):.4f}")
     changes = pd.concat(changes, ignore_index=True)
     write_csv(out_dir / "changes.csv", changes)
     report["changes"] = _change_counts(changes, classes)
