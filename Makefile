@@ -1,6 +1,7 @@
 # WBC pipeline. `make help` lists every target. Variables:
 #   CONFIG=configs/<name>.yaml  FOLD=<k>  DATA=<dataset root>  NAME=<submission name>  ARGS="key=value ..."  RUN=outputs/<name>
 #   PRED=<predictions folder>  SPLITS=<splits to pseudo-label>  MIN_CONF=<pseudo-label confidence>
+#   TIME_LIMIT=<seconds>: train-fold / train-all / train-bundle stop cleanly where a fold would not finish in time
 SHELL := /bin/bash
 PY := .venv/bin/python
 CONFIG ?= configs/tiny_cpu.yaml
@@ -25,6 +26,13 @@ QUANTILE ?= 0
 SPLITS ?=
 MIN_CONF ?= 0.7
 DEST ?= outputs/bundles
+TIME_LIMIT ?=
+CONFIGS ?=
+# The Unix time to be done by; train-bundle fixes it once for all its configs.
+DEADLINE ?= $(if $(TIME_LIMIT),$(shell echo $$(( $$(date +%s) + $(TIME_LIMIT) ))))
+# train-bundle kills a training still running this long after the deadline (it normally stops itself before),
+# so that the bundles are still written.
+KILL_AFTER_S := 30
 # `make benchmark-pbcbench`: BENCH=gpu (the issue recipes, 224 px) or cpu (the CPU-scale runs in docs/RESULTS.md).
 BENCH ?= gpu
 BENCH_MEMBERS_gpu := pbcbench_convnext_tiny pbcbench_swin_tiny pbcbench_effnet_lite0
@@ -44,11 +52,12 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 # DATA= wins over the config's data.root (as does the WBC_DATA environment variable).
 OVR := $(if $(DATA),data.root=$(DATA)) $(ARGS)
+FOLD_LIST = $(subst $(space),$(comma),$(strip $(FOLDS)))
 WBC := $(PY) -m wbc
 
 .DEFAULT_GOAL := help
 .PHONY: help setup test lint sample-data folds train-fold train-all predict submit check-submission convert-effnet \
-        demo bundle benchmark-throughput benchmark-pbcbench ensemble tune-train \
+        demo bundle train-bundle benchmark-throughput benchmark-pbcbench ensemble tune-train \
         train-restorer restore compare-restore embed fewshot morph refine shift damage-match pseudo-label
 
 help: ## list the targets
@@ -73,10 +82,10 @@ folds: ## write folds/<dataset>.csv (stratified, grouped when groups exist)
 	$(WBC) folds -c $(CONFIG) $(OVR)
 
 train-fold: ## train fold FOLD with CONFIG, then predict its OOF / eval / test (RESUME=1 continues)
-	$(WBC) train-fold -c $(CONFIG) --fold $(FOLD) $(OVR)
+	$(WBC) train-fold -c $(CONFIG) --fold $(FOLD) $(if $(DEADLINE),--deadline $(DEADLINE)) $(OVR)
 
 train-all: ## train every fold in FOLDS with CONFIG, in one process (RESUME=1 skips finished folds)
-	$(WBC) train-fold -c $(CONFIG) --fold $(subst $(space),$(comma),$(strip $(FOLDS))) $(OVR)
+	$(WBC) train-fold -c $(CONFIG) --fold $(FOLD_LIST) $(if $(DEADLINE),--deadline $(DEADLINE)) $(OVR)
 
 predict: ## fill in missing fold predictions and merge folds: outputs/<name>/{oof,eval,test}.csv + report
 	$(WBC) predict -c $(CONFIG) $(OVR)
@@ -99,6 +108,21 @@ bundle: ## pack RUN=outputs/<name> without checkpoints into DEST/<name>.tar.gz (
 	@test -n "$(RUN)" && test -d "$(RUN)" || { echo "bundle: RUN=$(RUN): not a folder (give RUN=outputs/<name>)" >&2; exit 2; }
 	mkdir -p "$(DEST)" && tar czf "$(DEST)/$(notdir $(abspath $(RUN))).tar.gz" --exclude='*.pt' \
 	    -C "$(dir $(abspath $(RUN)))" "$(notdir $(abspath $(RUN)))"
+
+train-bundle: ## train-all FOLDS of each of CONFIGS within TIME_LIMIT s, then bundle each run into DEST (a lent GPU, a notebook)
+	@test -n "$(CONFIGS)" -a -n "$(TIME_LIMIT)" || \
+	    { echo 'train-bundle: give CONFIGS="configs/<a>.yaml ..." and TIME_LIMIT=<seconds>' >&2; exit 2; }
+	@end=$(DEADLINE); rc=0; \
+	for c in $(CONFIGS); do \
+	    left=$$(( end - $$(date +%s) + $(KILL_AFTER_S) )); \
+	    timeout -k 10 $$(( left > 1 ? left : 1 )) $(WBC) train-fold -c $$c --fold $(FOLD_LIST) --deadline $$end $(OVR) \
+	        || { rc=$$?; break; }; \
+	done; \
+	for c in $(CONFIGS); do \
+	    run=$$($(WBC) run-dir -c $$c $(OVR)) || { rc=2; continue; }; \
+	    if test -d "$$run"; then $(MAKE) --no-print-directory bundle RUN="$$run" || rc=2; fi; \
+	done; \
+	exit $$rc
 
 benchmark-throughput: ## training img/s of train-fold vs a plain timm loop on preloaded data (GPU)
 	$(WBC) benchmark-throughput -c $(CONFIG) $(OVR)

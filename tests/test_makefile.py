@@ -68,3 +68,34 @@ def test_benchmark_pbcbench_chains_members_ensembles_and_refinement():
     assert "train-fold -c configs/pbcbench_effnet_lite1_cpu_e16_seed2.yaml" in cpu  # a seed group's second run
     assert "ensemble -c configs/ensemble/pbcbench_cpu_e16_seeds.yaml" in cpu
     assert "--pred outputs/ensemble/pbcbench_cpu_e16_seeds " in cpu
+
+
+def test_train_bundle_stops_at_the_time_limit_and_still_bundles(sample_root, make_cfg, tmp_path):
+    """`make train-bundle` (one time-boxed call on a lent GPU): every config's folds under one deadline, training
+    stops itself at an epoch's end (exit 75, later configs not started), and whatever ran is bundled after it."""
+    from wbc.folds import build_folds
+    from wbc.io import write_csv
+
+    cfg = make_cfg(sample_root, "folds.n_folds=2")
+    write_csv(cfg["folds"]["file"], build_folds(cfg))
+    args = (f"data.root={sample_root} output_dir={cfg['output_dir']} data.cache_dir={cfg['data']['cache_dir']} "
+            f"folds.file={cfg['folds']['file']} folds.n_folds=2 data.image_size=32 train.epochs=3 predict.tta=1")
+    dest = tmp_path / "b"
+    r = make("train-bundle", "CONFIGS=configs/tiny_cpu.yaml configs/tiny_cpu_b.yaml", "FOLDS=0 1", "TIME_LIMIT=0",
+             f"DEST={dest}", f"ARGS={args}")
+    assert r.returncode != 0 and "Error 75" in r.stderr and "stopped after epoch 0" in r.stdout, r.stderr
+    with tarfile.open(dest / "tiny_cpu.tar.gz") as t:
+        names = {m.name for m in t.getmembers() if m.isfile()}
+        metrics = t.extractfile("tiny_cpu/fold0/metrics.jsonl").read().decode().splitlines()
+    assert "tiny_cpu/fold0/oof.csv" not in names and len(metrics) == 1
+    assert not (dest / "tiny_cpu_b.tar.gz").exists()  # never started
+
+    r = make("train-bundle", "CONFIGS=configs/tiny_cpu.yaml", "FOLDS=0", "TIME_LIMIT=600", f"DEST={dest}",
+             f"ARGS={args}", "RESUME=1")
+    assert r.returncode == 0, r.stderr
+    assert "resumed" in r.stdout
+    with tarfile.open(dest / "tiny_cpu.tar.gz") as t:
+        assert len(t.extractfile("tiny_cpu/fold0/metrics.jsonl").read().decode().splitlines()) == 3
+        assert "tiny_cpu/fold0/oof.csv" in {m.name for m in t.getmembers()}
+    r = make("train-bundle", "CONFIGS=configs/tiny_cpu.yaml")
+    assert r.returncode == 2 and "TIME_LIMIT=<seconds>" in r.stderr

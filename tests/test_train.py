@@ -678,3 +678,58 @@ def test_a_collapsing_run_is_warned_about_in_the_log_and_the_console(cfg2, monke
     assert "epoch 3: training loss 2.1 is back above its first epoch's 2; the run is collapsing" in recs[3]["warning"]
     out = capsys.readouterr().out
     assert out.count("warning:") == 1 and "lower train.grad_clip" in out.replace("\n", " ")
+
+
+def test_a_deadline_stops_training_at_an_epoch_end_and_a_resume_finishes_it(cfg2, monkeypatch):
+    """`--deadline` (make's TIME_LIMIT): at the first epoch's end from which the fold would not finish in time the
+    state is saved and DeadlineReached raised; RESUME then ends where an uninterrupted run ends."""
+    import wbc.train.deadline as dl
+
+    over = ["train.epochs=4", "train.num_workers=0"]
+    full = cfg2(*over, "name=full")
+    data = load_fold_data(full)
+    train_fold(full, 0, data=data)
+
+    now = [0.0]
+    monkeypatch.setattr(dl, "clock", lambda: now[0])
+    part = cfg2(*over, "name=part")
+    with pytest.raises(dl.DeadlineReached, match="stopped after epoch 1, state saved"):
+        # 1 s left, but never less than the two remaining epochs need: the first epoch alone does not decide
+        train_fold(part, 0, data=data, deadline=dl.Deadline(at=1e-9))
+    out = run_dir(part) / "fold0"
+    assert torch_load(out / "state.pt")["epoch"] == 1
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2 and not (out / "train_result.json").exists()
+
+    late = cfg2(*over, "name=late")
+    with pytest.raises(dl.DeadlineReached, match="stopped after epoch 0"):
+        train_fold(late, 0, data=data, deadline=dl.Deadline(at=-1.0))  # already passed: the first epoch decides
+
+    plenty = cfg2(*over, "name=plenty")
+    assert len(train_fold(plenty, 0, data=data, deadline=dl.Deadline(at=1e6))["history"]) == 4
+
+    train_fold(part, 0, resume=True, data=data)
+    a, b = (torch_load(run_dir(c) / "fold0" / "last.pt") for c in (full, part))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_fold_that_would_not_fit_before_the_deadline_is_not_started(cfg2, capsys):
+    import time
+
+    from wbc.__main__ import main
+    from wbc.train.deadline import EXIT_CODE, Deadline, DeadlineReached
+
+    d = Deadline(at=time.time() + 100)
+    d.check_fold(1, None)  # the first fold of a process has no estimate: the epoch-end check covers it
+    d.check_fold(1, 50.0)
+    with pytest.raises(DeadlineReached, match="fold 1 not started: the last fold took 200 s"):
+        d.check_fold(1, 200.0)
+
+    cfg = cfg2("train.epochs=1", "predict.tta=1")
+    args = ["train-fold", "-c", "configs/tiny_cpu.yaml", "--fold", "0,1", "--deadline", str(time.time() - 1000),
+            f"data.root={cfg['data']['root']}", f"output_dir={cfg['output_dir']}",
+            f"data.cache_dir={cfg['data']['cache_dir']}", f"folds.file={cfg['folds']['file']}", "folds.n_folds=2",
+            "train.epochs=1", "predict.tta=1"]
+    capsys.readouterr()
+    assert main(args) == EXIT_CODE  # one epoch: fold 0 has nothing to stop early, fold 1 is refused
+    assert "deadline: fold 1 not started" in capsys.readouterr().out
+    assert (run_dir(cfg) / "fold0" / "oof.csv").exists() and not (run_dir(cfg) / "fold1").exists()

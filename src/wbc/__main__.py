@@ -7,6 +7,8 @@ import sys
 
 from .console import console
 from .errors import WBCError
+from .train.deadline import EXIT_CODE as DEADLINE_EXIT
+from .train.deadline import DeadlineReached
 
 # Each module exposes register(subparsers): it adds its commands with set_defaults(func=...).
 COMMAND_MODULES = [
@@ -46,6 +48,9 @@ def main(argv=None) -> int:
     except WBCError as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         return 2
+    except DeadlineReached as e:
+        console.print(f"[yellow]deadline:[/] {e}", highlight=False, soft_wrap=True)
+        return DEADLINE_EXIT
     return 0
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from .config import resolve_path
 from .console import console, print_table
@@ -21,6 +20,8 @@ from .io import write_csv
 
 def make_folds(df: pd.DataFrame, n_folds: int, seed: int, group_col: str | None = None) -> np.ndarray:
     """Fold index per row of `df` (columns labels[, group_col])."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold  # slow to import: used here only
+
     y = df["labels"].to_numpy()
     with warnings.catch_warnings():
         # Classes rarer than K: sklearn spreads them one per fold and warns; we warn once ourselves.

@@ -7,7 +7,6 @@ import numpy as np
 import pandas as pd
 
 from .config import display_path, resolve_path, run_dir
-from .environment import git_commit
 from .errors import WBCError
 from .io import atomic_path, write_json
 
@@ -39,6 +38,7 @@ def write_submission(data_root, ids, labels, name: str, classes, sidecar: dict,
                      out_dir="submissions") -> Path:
     """Validate and write `<out_dir>/<name>.csv` and `<name>.json`; nothing is written if invalid."""
     from .data.layout import read_split
+    from .environment import git_commit  # imports torch: here, not at every command's start
 
     test = read_split(Path(data_root), "phase2_test", check_images=False)
     df = pd.DataFrame({"ID": np.asarray(ids).astype(str), "labels": np.asarray(labels).astype(str)})

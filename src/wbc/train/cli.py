@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 from pathlib import Path
 
 
@@ -34,12 +35,16 @@ def register(sub) -> None:
                    help="a fold, or several as 0,1,2: trained in turn in this process (one start-up, one image load)")
     p.add_argument("--resume", action="store_true", default=os.environ.get("RESUME") == "1",
                    help="continue from fold<k>/state.pt (also RESUME=1)")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="Unix time to be done by (make's TIME_LIMIT): stop at the first epoch's end from which the "
+                        "fold would not finish in time, state saved, and exit 75")
 
     def run(args):
         from ..config import run_dir
         from ..console import console
         from ..errors import WBCError
         from ..predict.fold import predict_fold  # the command orchestrates; the library flows one way
+        from .deadline import Deadline
         from .inputs import load_fold_data
         from .loop import train_fold
 
@@ -47,17 +52,29 @@ def register(sub) -> None:
         if cfg["predict"].get("checkpoints"):
             raise WBCError(f"{cfg['name']}: predict.checkpoints is set, so this config only predicts "
                            f"with another run's models; use `make predict`")
-        data = None
+        data, deadline, last_fold_s = None, Deadline(args.deadline), None
         for fold in args.fold:
             out = run_dir(cfg) / f"fold{fold}"
             if args.resume and finished(out):  # `RESUME=1 make train-all` skips the folds a killed call finished
                 console.print(f"{out}: trained and predicted already; nothing to resume")
                 continue
+            deadline.check_fold(fold, last_fold_s)
             data = data or load_fold_data(cfg)
-            train_fold(cfg, fold, resume=args.resume, data=data)
+            t0 = time.monotonic()  # after the one image load: the next fold will not repeat it
+            train_fold(cfg, fold, resume=args.resume, data=data, deadline=deadline)
             predict_fold(cfg, fold, data)
+            last_fold_s = time.monotonic() - t0
 
     p.set_defaults(func=run)
+
+    d = add_config_args(sub.add_parser("run-dir", help="print the folder a config's run writes to (outputs/<name>)"))
+
+    def show_run_dir(args):
+        from ..config import run_dir
+
+        print(run_dir(config_from_args(args)))
+
+    d.set_defaults(func=show_run_dir)
 
     b = add_config_args(sub.add_parser("benchmark-throughput", help="train-fold img/s vs a plain preloaded loop"))
     b.add_argument("--steps", type=int, default=50)

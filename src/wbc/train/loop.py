@@ -31,6 +31,7 @@ from ..metrics import macro_f1
 from ..models.factory import create_model, model_data_config
 from ..models.inference import autocast, predict_probs
 from ..runtime import device_precision, pick_device, rng_state, seed_everything, set_rng_state
+from .deadline import Deadline, DeadlineReached
 from .inputs import Chain, FoldData, Rows, load_fold_data
 from .losses import build_loss, js_consistency
 from .mix import build_mixer
@@ -119,16 +120,17 @@ def _record_environment(path: Path, start: int) -> None:
 
 
 def train_fold(cfg: dict, fold: int, on_epoch: Callable[[int, dict], None] | None = None,
-               resume: bool = False, data: FoldData | None = None) -> dict:
+               resume: bool = False, data: FoldData | None = None, deadline: Deadline | None = None) -> dict:
     """Train `fold` of the K-fold split: best.pt / last.pt / state.pt and metrics.jsonl in outputs/<name>/fold<k>/.
 
-    Predictions come after, from `wbc.predict.fold.predict_fold` (the `train-fold` command runs both).
+    Predictions come after, from `wbc.predict.fold.predict_fold` (the `train-fold` command runs both). With a
+    `deadline`, raises DeadlineReached at the first epoch's end from which the fold would not finish in time.
     """
     with kernel_mode(bool(cfg["train"].get("deterministic"))):
-        return _train_fold(cfg, fold, on_epoch, resume, data)
+        return _train_fold(cfg, fold, on_epoch, resume, data, deadline or Deadline())
 
 
-def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | None) -> dict:
+def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | None, deadline: Deadline) -> dict:
     device = pick_device(cfg)
     t = device_precision(cfg["train"], device)  # amp / channels_last as they apply here
     out = fold_dir(cfg, fold)
@@ -227,6 +229,10 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
     eval_model = lambda: ema.module if ema is not None and stage == 1 else model  # noqa: E731
     total_epochs = epochs1 + epochs2
     batches = None
+    # The fold's predictions: every held-out image under predict.tta views (the deadline's estimate).
+    n_predict_views = int(cfg["predict"]["tta"]) * (len(va_idx) + sum(
+        len(x) for x in (data.holdout_images, data.test_images) if x is not None))
+    epoch_s = []
     every, saved_at, best_sd = float(t.get("checkpoint_every_s", 0) or 0), time.monotonic(), None
     for epoch in range(start, total_epochs):
         if stage == 1 and epoch >= epochs1:
@@ -247,6 +253,7 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
         val_probs = predict_probs(eval_model(), Rows(data.pool_images, va_idx), device, norm["mean"], norm["std"],
                                   tta=int(t.get("val_tta", 1)), batch_size=int(cfg["predict"]["batch_size"]),
                                   amp=t["amp"], channels_last=t["channels_last"], desc="validate")
+        val_s_per_view = (time.perf_counter() - t0 - t_train) / max(len(va_idx) * int(t.get("val_tta", 1)), 1)
         y_va = y_all[va_idx]
         f1 = macro_f1(y_va, val_probs.argmax(1), n_cls)
         val_loss = float(-np.log(np.clip(val_probs[np.arange(len(y_va)), y_va], 1e-12, None)).mean())
@@ -259,9 +266,13 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
         if warning:
             rec["warning"] = warning
         improved = f1 > best
+        epoch_s.append(rec["epoch_s"])
+        need = deadline.must_stop(epoch_s, total_epochs - 1 - epoch, val_s_per_view, n_predict_views)
+        stop = need is not None
         # Checkpoints (about 450 MB for ConvNeXt-T with EMA and AdamW) every `checkpoint_every_s` and at each
         # stage's end; in between, new best weights wait in host memory and a kill loses at most that long.
-        save = every <= 0 or epoch in (epochs1 - 1, total_epochs - 1) or time.monotonic() - saved_at >= every
+        save = (every <= 0 or epoch in (epochs1 - 1, total_epochs - 1) or time.monotonic() - saved_at >= every
+                or stop)
         if improved:
             best = f1
             best_sd = eval_model().state_dict() if save else _host_copy(eval_model().state_dict())
@@ -283,6 +294,10 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
             console.print(f"[yellow]warning:[/] {warning}", highlight=False)
         if on_epoch is not None:
             on_epoch(epoch, rec)
+        if stop:
+            raise DeadlineReached(f"{out}: stopped after epoch {epoch}, state saved (RESUME=1 continues): the other "
+                                  f"{total_epochs - 1 - epoch} epochs and the predictions need about {need:.0f} s and "
+                                  f"{max(deadline.left(), 0):.0f} s are left before the deadline")
 
     write_json(out / "train_result.json", {"fold": fold, "best_macro_f1": best, "epochs": len(history),
                                            "prior_correction": prior, "pseudo_labelled": len(pseudo_labels)})
