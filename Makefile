@@ -27,6 +27,9 @@ SPLITS ?=
 MIN_CONF ?= 0.7
 DEST ?= outputs/bundles
 TIME_LIMIT ?=
+# fold: spend no time on a fold that cannot finish in time; epoch: train until the next epoch would not fit (a
+# RESUME=1 follows on the same disk).
+TIME_LIMIT_MODE ?= fold
 CONFIGS ?=
 # The Unix time to be done by; train-bundle fixes it once for all its configs.
 DEADLINE ?= $(if $(TIME_LIMIT),$(shell echo $$(( $$(date +%s) + $(TIME_LIMIT) ))))
@@ -53,6 +56,7 @@ export PYTHONUNBUFFERED := 1
 # DATA= wins over the config's data.root (as does the WBC_DATA environment variable).
 OVR := $(if $(DATA),data.root=$(DATA)) $(ARGS)
 FOLD_LIST = $(subst $(space),$(comma),$(strip $(FOLDS)))
+STOP = $(if $(DEADLINE),--deadline $(DEADLINE) --deadline-mode $(TIME_LIMIT_MODE))
 WBC := $(PY) -m wbc
 
 .DEFAULT_GOAL := help
@@ -82,10 +86,10 @@ folds: ## write folds/<dataset>.csv (stratified, grouped when groups exist)
 	$(WBC) folds -c $(CONFIG) $(OVR)
 
 train-fold: ## train fold FOLD with CONFIG, then predict its OOF / eval / test (RESUME=1 continues)
-	$(WBC) train-fold -c $(CONFIG) --fold $(FOLD) $(if $(DEADLINE),--deadline $(DEADLINE)) $(OVR)
+	$(WBC) train-fold -c $(CONFIG) --fold $(FOLD) $(STOP) $(OVR)
 
 train-all: ## train every fold in FOLDS with CONFIG, in one process (RESUME=1 skips finished folds)
-	$(WBC) train-fold -c $(CONFIG) --fold $(FOLD_LIST) $(if $(DEADLINE),--deadline $(DEADLINE)) $(OVR)
+	$(WBC) train-fold -c $(CONFIG) --fold $(FOLD_LIST) $(STOP) $(OVR)
 
 predict: ## fill in missing fold predictions and merge folds: outputs/<name>/{oof,eval,test}.csv + report
 	$(WBC) predict -c $(CONFIG) $(OVR)
@@ -115,8 +119,8 @@ train-bundle: ## train-all FOLDS of each of CONFIGS within TIME_LIMIT s, then bu
 	@end=$(DEADLINE); rc=0; \
 	for c in $(CONFIGS); do \
 	    left=$$(( end - $$(date +%s) + $(KILL_AFTER_S) )); \
-	    timeout -k 10 $$(( left > 1 ? left : 1 )) $(WBC) train-fold -c $$c --fold $(FOLD_LIST) --deadline $$end $(OVR) \
-	        || { rc=$$?; break; }; \
+	    timeout -k 10 $$(( left > 1 ? left : 1 )) $(WBC) train-fold -c $$c --fold $(FOLD_LIST) \
+	        --deadline $$end --deadline-mode $(TIME_LIMIT_MODE) $(OVR) || { rc=$$?; break; }; \
 	done; \
 	for c in $(CONFIGS); do \
 	    run=$$($(WBC) run-dir -c $$c $(OVR)) || { rc=2; continue; }; \

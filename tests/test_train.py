@@ -712,6 +712,27 @@ def test_a_deadline_stops_training_at_an_epoch_end_and_a_resume_finishes_it(cfg2
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_the_deadline_rule_on_given_epoch_times(monkeypatch):
+    import wbc.train.deadline as dl
+
+    monkeypatch.setattr(dl, "clock", lambda: 0.0)
+    fold, epoch = dl.Deadline(at=100.0), dl.Deadline(at=100.0, mode="epoch")
+    # 100 s left; epochs of 10 s after a 50 s first one (start-up), 20 to go, predictions 1e4 views at 1 ms
+    assert fold.must_stop([50.0, 10.0, 10.0], 20, 1e-3, 10_000) == pytest.approx(210.0)
+    assert fold.must_stop([50.0, 10.0, 10.0], 9, 1e-3, 10_000) is None  # 90 + 10 s fits
+    assert epoch.must_stop([50.0, 10.0, 10.0], 20, 1e-3, 10_000) is None  # the next epoch fits
+    assert dl.Deadline(at=5.0, mode="epoch").must_stop([50.0, 10.0], 20, 0, 0) == pytest.approx(10.0)
+    assert fold.must_stop([500.0], 20, 0, 0) is None  # the first epoch alone does not decide ...
+    assert dl.Deadline(at=0.0).must_stop([500.0], 20, 0, 0) == pytest.approx(10_000.0)  # ... unless time is up
+    assert fold.must_stop([10.0, 10.0], 0, 1.0, 10_000) is None  # nothing left to stop
+    assert dl.Deadline().must_stop([10.0, 10.0], 1000, 0, 0) is None
+    epoch.check_fold(3, 1000.0)  # mode epoch starts every fold: a resume on the same disk goes on with it
+    with pytest.raises(dl.DeadlineReached):
+        fold.check_fold(3, 1000.0)
+    with pytest.raises(ValueError, match="deadline mode"):
+        dl.Deadline(at=1.0, mode="soon")
+
+
 def test_a_fold_that_would_not_fit_before_the_deadline_is_not_started(cfg2, capsys):
     import time
 

@@ -38,6 +38,9 @@ def register(sub) -> None:
     p.add_argument("--deadline", type=float, default=None,
                    help="Unix time to be done by (make's TIME_LIMIT): stop at the first epoch's end from which the "
                         "fold would not finish in time, state saved, and exit 75")
+    p.add_argument("--deadline-mode", choices=("fold", "epoch"), default="fold",
+                   help="fold: spend no time on a fold that cannot finish (a machine gone afterwards); epoch: train "
+                        "until the next epoch would not fit (a RESUME=1 follows on the same disk)")
 
     def run(args):
         from ..config import run_dir
@@ -52,7 +55,7 @@ def register(sub) -> None:
         if cfg["predict"].get("checkpoints"):
             raise WBCError(f"{cfg['name']}: predict.checkpoints is set, so this config only predicts "
                            f"with another run's models; use `make predict`")
-        data, deadline, last_fold_s = None, Deadline(args.deadline), None
+        data, deadline, last_fold_s = None, Deadline(args.deadline, args.deadline_mode), None
         for fold in args.fold:
             out = run_dir(cfg) / f"fold{fold}"
             if args.resume and finished(out):  # `RESUME=1 make train-all` skips the folds a killed call finished

@@ -1,8 +1,10 @@
 """A wall-clock deadline for time-boxed machines (a lent GPU, a notebook session with a time limit).
 
-Training stops at an epoch's end, its state saved for RESUME=1, as soon as the rest of the fold and its predictions
-would not finish in time, and a fold is not started when the last one took longer than the time left. So a
-`make bundle` after it still runs inside the time box and brings back every fold that finished.
+Mode `fold` (for a machine that is gone afterwards): training stops at an epoch's end, state saved, as soon as the
+rest of the fold and its predictions would not finish in time, and a fold is not started when the last one took
+longer than the time left; no time goes to a fold that cannot finish, and a `make bundle` after it still runs in
+the time box. Mode `epoch` (for a RESUME=1 on the same disk: a warm machine, a notebook that keeps its outputs):
+training goes on until the next epoch would not fit.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import math
 import time
 
 EXIT_CODE = 75  # EX_TEMPFAIL: stopped on purpose, try again (RESUME=1) with more time
+MODES = ("fold", "epoch")
 clock = time.time  # a test replaces it
 
 
@@ -18,10 +21,12 @@ class DeadlineReached(Exception):
 
 
 class Deadline:
-    """`at`: Unix time (seconds) to be done by; None means no deadline."""
+    """`at`: Unix time (seconds) to be done by; None means no deadline. `mode`: `fold` or `epoch` (above)."""
 
-    def __init__(self, at: float | None = None):
-        self.at = at
+    def __init__(self, at: float | None = None, mode: str = "fold"):
+        if mode not in MODES:
+            raise ValueError(f"deadline mode must be one of {MODES}, got '{mode}'")
+        self.at, self.mode = at, mode
 
     def left(self) -> float:
         return math.inf if self.at is None else self.at - clock()
@@ -31,13 +36,14 @@ class Deadline:
 
     def check_fold(self, fold: int, last_fold_s: float | None) -> None:
         """Refuse to start `fold` when the fold before it in this process took longer than the time left."""
-        if last_fold_s is not None and not self.fits(last_fold_s):
+        if self.mode == "fold" and last_fold_s is not None and not self.fits(last_fold_s):
             raise DeadlineReached(f"fold {fold} not started: the last fold took {last_fold_s:.0f} s and "
                                   f"{max(self.left(), 0):.0f} s are left before the deadline")
 
     def must_stop(self, epoch_s: list[float], epochs_left: int, val_s_per_view: float,
                   n_predict_views: int) -> float | None:
-        """After an epoch: the seconds the rest of the fold needs when they exceed the time left, else None.
+        """After an epoch: the seconds still needed (the rest of the fold and its predictions, or in mode `epoch`
+        the next epoch) when they exceed the time left, else None.
 
         `epoch_s` are this process's epoch times. The first one carries the start-up (loader workers, cuDNN
         autotuning) and is left out once there are others; on it alone, only a deadline already passed stops.
@@ -45,7 +51,8 @@ class Deadline:
         if epochs_left <= 0 or self.at is None:
             return None
         recent = (epoch_s[1:] or epoch_s)[-3:]
-        need = sum(recent) / len(recent) * epochs_left + val_s_per_view * n_predict_views
+        per_epoch = sum(recent) / len(recent)
+        need = per_epoch if self.mode == "epoch" else per_epoch * epochs_left + val_s_per_view * n_predict_views
         if self.left() <= 0 or (len(epoch_s) > 1 and not self.fits(need)):
             return need
         return None

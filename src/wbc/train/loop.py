@@ -295,9 +295,10 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
         if on_epoch is not None:
             on_epoch(epoch, rec)
         if stop:
-            raise DeadlineReached(f"{out}: stopped after epoch {epoch}, state saved (RESUME=1 continues): the other "
-                                  f"{total_epochs - 1 - epoch} epochs and the predictions need about {need:.0f} s and "
-                                  f"{max(deadline.left(), 0):.0f} s are left before the deadline")
+            what = ("the next epoch needs" if deadline.mode == "epoch" else
+                    f"the other {total_epochs - 1 - epoch} epochs and the predictions need")
+            raise DeadlineReached(f"{out}: stopped after epoch {epoch}, state saved (RESUME=1 continues): {what} "
+                                  f"about {need:.0f} s, {max(deadline.left(), 0):.0f} s are left before the deadline")
 
     write_json(out / "train_result.json", {"fold": fold, "best_macro_f1": best, "epochs": len(history),
                                            "prior_correction": prior, "pseudo_labelled": len(pseudo_labels)})
