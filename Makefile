@@ -31,11 +31,6 @@ TIME_LIMIT ?=
 # RESUME=1 follows on the same disk).
 TIME_LIMIT_MODE ?= fold
 CONFIGS ?=
-# The Unix time to be done by; train-bundle fixes it once for all its configs.
-DEADLINE ?= $(if $(TIME_LIMIT),$(shell echo $$(( $$(date +%s) + $(TIME_LIMIT) ))))
-# train-bundle kills a training still running this long after the deadline (it normally stops itself before),
-# so that the bundles are still written.
-KILL_AFTER_S := 30
 # `make benchmark-pbcbench`: BENCH=gpu (the issue recipes, 224 px) or cpu (the CPU-scale runs in docs/RESULTS.md).
 BENCH ?= gpu
 BENCH_MEMBERS_gpu := pbcbench_convnext_tiny pbcbench_swin_tiny pbcbench_effnet_lite0
@@ -56,7 +51,7 @@ export PYTHONUNBUFFERED := 1
 # DATA= wins over the config's data.root (as does the WBC_DATA environment variable).
 OVR := $(if $(DATA),data.root=$(DATA)) $(ARGS)
 FOLD_LIST = $(subst $(space),$(comma),$(strip $(FOLDS)))
-STOP = $(if $(DEADLINE),--deadline $(DEADLINE) --deadline-mode $(TIME_LIMIT_MODE))
+STOP = $(if $(TIME_LIMIT),--time-limit $(TIME_LIMIT) --deadline-mode $(TIME_LIMIT_MODE))
 WBC := $(PY) -m wbc
 
 .DEFAULT_GOAL := help
@@ -109,24 +104,13 @@ demo: ## the whole chain on the sample data, on CPU (a few minutes)
 	$(MAKE) sample-data folds train-fold predict submit CONFIG=configs/tiny_cpu.yaml
 
 bundle: ## pack RUN=outputs/<name> without checkpoints into DEST/<name>.tar.gz (blend on another machine: untar into outputs/)
-	@test -n "$(RUN)" && test -d "$(RUN)" || { echo "bundle: RUN=$(RUN): not a folder (give RUN=outputs/<name>)" >&2; exit 2; }
-	mkdir -p "$(DEST)" && tar czf "$(DEST)/$(notdir $(abspath $(RUN))).tar.gz" --exclude='*.pt' \
-	    -C "$(dir $(abspath $(RUN)))" "$(notdir $(abspath $(RUN)))"
+	$(WBC) bundle --run "$(RUN)" --dest "$(DEST)"
 
 train-bundle: ## train-all FOLDS of each of CONFIGS within TIME_LIMIT s, then bundle each run into DEST (a lent GPU, a notebook)
 	@test -n "$(CONFIGS)" -a -n "$(TIME_LIMIT)" || \
 	    { echo 'train-bundle: give CONFIGS="configs/<a>.yaml ..." and TIME_LIMIT=<seconds>' >&2; exit 2; }
-	@end=$(DEADLINE); rc=0; \
-	for c in $(CONFIGS); do \
-	    left=$$(( end - $$(date +%s) + $(KILL_AFTER_S) )); \
-	    timeout -k 10 $$(( left > 1 ? left : 1 )) $(WBC) train-fold -c $$c --fold $(FOLD_LIST) \
-	        --deadline $$end --deadline-mode $(TIME_LIMIT_MODE) $(OVR) || { rc=$$?; break; }; \
-	done; \
-	for c in $(CONFIGS); do \
-	    run=$$($(WBC) run-dir -c $$c $(OVR)) || { rc=2; continue; }; \
-	    if test -d "$$run"; then $(MAKE) --no-print-directory bundle RUN="$$run" || rc=2; fi; \
-	done; \
-	exit $$rc
+	$(WBC) train-bundle --configs $(subst $(space),$(comma),$(strip $(CONFIGS))) --fold $(FOLD_LIST) $(STOP) \
+	    --dest $(DEST) $(OVR)
 
 benchmark-throughput: ## training img/s of train-fold vs a plain timm loop on preloaded data (GPU)
 	$(WBC) benchmark-throughput -c $(CONFIG) $(OVR)

@@ -33,7 +33,8 @@ def test_bundle_packs_a_run_without_checkpoints(tmp_path):
         names = {m.name for m in t.getmembers() if m.isfile()}
     assert names == {"myrun/fold0/oof.csv", "myrun/fold0/metrics.jsonl", "myrun/oof.csv", "myrun/report.json"}
     r = make("bundle", f"RUN={tmp_path / 'nope'}", f"DEST={tmp_path / 'b'}")
-    assert r.returncode != 0 and "not a folder" in r.stderr
+    assert r.returncode != 0 and "not a folder" in r.stdout
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["myrun.tar.gz"]  # no temporary file left
 
 
 def test_benchmark_pbcbench_chains_members_ensembles_and_refinement():

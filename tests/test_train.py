@@ -746,11 +746,41 @@ def test_a_fold_that_would_not_fit_before_the_deadline_is_not_started(cfg2, caps
         d.check_fold(1, 200.0)
 
     cfg = cfg2("train.epochs=1", "predict.tta=1")
-    args = ["train-fold", "-c", "configs/tiny_cpu.yaml", "--fold", "0,1", "--deadline", str(time.time() - 1000),
+    args = ["train-fold", "-c", "configs/tiny_cpu.yaml", "--fold", "0,1", "--time-limit", "0",
             f"data.root={cfg['data']['root']}", f"output_dir={cfg['output_dir']}",
             f"data.cache_dir={cfg['data']['cache_dir']}", f"folds.file={cfg['folds']['file']}", "folds.n_folds=2",
             "train.epochs=1", "predict.tta=1"]
     capsys.readouterr()
-    assert main(args) == EXIT_CODE  # one epoch: fold 0 has nothing to stop early, fold 1 is refused
+    assert main(args) == EXIT_CODE  # one epoch: fold 0 has nothing to stop early, fold 1 is refused (time is up)
     assert "deadline: fold 1 not started" in capsys.readouterr().out
     assert (run_dir(cfg) / "fold0" / "oof.csv").exists() and not (run_dir(cfg) / "fold1").exists()
+
+
+def test_train_bundle_interrupts_a_training_that_overruns_and_still_bundles(sample_root, make_cfg, tmp_path,
+                                                                             monkeypatch):
+    """The backstop: a training still running `kill_after_s` past the deadline (stuck in one long epoch, say) is
+    interrupted, and the runs are bundled all the same, checkpoints left out."""
+    import tarfile
+    import time
+
+    import wbc.train.cli as train_cli
+    from wbc.train.deadline import Deadline, DeadlineReached
+
+    cfg = make_cfg(sample_root)
+    overrides = [f"data.root={sample_root}", f"output_dir={cfg['output_dir']}"]
+
+    def stuck(cfg, folds, resume, deadline):
+        out = run_dir(cfg) / "fold0"
+        out.mkdir(parents=True)
+        (out / "metrics.jsonl").write_text("{}\n")
+        (out / "state.pt").write_text("x")
+        time.sleep(60)
+
+    monkeypatch.setattr(train_cli, "train_folds", stuck)
+    t0 = time.monotonic()
+    with pytest.raises(DeadlineReached, match="interrupted"):
+        train_cli.train_bundle(["configs/tiny_cpu.yaml"], overrides, [0], False, Deadline(time.time()),
+                               tmp_path / "b", kill_after_s=1)
+    assert time.monotonic() - t0 < 10
+    with tarfile.open(tmp_path / "b" / "tiny_cpu.tar.gz") as t:
+        assert {m.name for m in t.getmembers() if m.isfile()} == {"tiny_cpu/fold0/metrics.jsonl"}

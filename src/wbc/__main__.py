@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "wbc.shift.cli",
     "wbc.pseudo.cli",
     "wbc.submit",
+    "wbc.bundle",
     "wbc.models.cli",
 ]
 

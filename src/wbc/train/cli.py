@@ -1,8 +1,10 @@
-"""`train-fold` and `benchmark-throughput` commands (heavy imports happen only when a command runs)."""
+"""`train-fold`, `train-bundle` and `benchmark-throughput` commands (heavy imports happen only when a command runs)."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -27,57 +29,108 @@ def fold_list(text: str) -> list[int]:
     return folds
 
 
+def train_folds(cfg: dict, folds: list[int], resume: bool, deadline) -> None:
+    """Train and predict `folds` in turn in this process (one start-up, one image load) under `deadline`."""
+    from ..config import run_dir
+    from ..console import console
+    from ..errors import WBCError
+    from ..predict.fold import predict_fold  # the command orchestrates; the library flows one way
+    from .inputs import load_fold_data
+    from .loop import train_fold
+
+    if cfg["predict"].get("checkpoints"):
+        raise WBCError(f"{cfg['name']}: predict.checkpoints is set, so this config only predicts "
+                       f"with another run's models; use `make predict`")
+    data, last_fold_s = None, None
+    for fold in folds:
+        out = run_dir(cfg) / f"fold{fold}"
+        if resume and finished(out):  # `RESUME=1 make train-all` skips the folds a killed call finished
+            console.print(f"{out}: trained and predicted already; nothing to resume")
+            continue
+        deadline.check_fold(fold, last_fold_s)
+        data = data or load_fold_data(cfg)
+        t0 = time.monotonic()  # after the one image load: the next fold will not repeat it
+        train_fold(cfg, fold, resume=resume, data=data, deadline=deadline)
+        predict_fold(cfg, fold, data)
+        last_fold_s = time.monotonic() - t0
+
+
+def train_bundle(configs: list[str], overrides: list[str], folds: list[int], resume: bool, deadline,
+                 dest: Path, kill_after_s: float) -> None:
+    """Each config's folds in turn under one deadline, then every run that has a folder bundled into `dest`, also
+    when training stopped early or failed. A backstop alarm `kill_after_s` after the deadline interrupts a training
+    that overran it (on a lent machine the call's own limit would take the bundles with it)."""
+    from ..bundle import bundle_run
+    from ..config import load_config, run_dir
+    from ..console import console
+    from .deadline import DeadlineReached
+
+    cfgs = [load_config(c, overrides) for c in configs]  # every config checked before any training
+
+    def overran(signum, frame):
+        raise DeadlineReached(f"still training {kill_after_s:.0f} s after the deadline: interrupted")
+
+    previous = signal.signal(signal.SIGALRM, overran)
+    signal.alarm(max(int(math.ceil(deadline.left() + kill_after_s)), 1))
+    try:
+        for cfg in cfgs:
+            train_folds(cfg, folds, resume, deadline)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        for cfg in cfgs:
+            if run_dir(cfg).is_dir():
+                console.print(f"bundle: {bundle_run(run_dir(cfg), dest)}")
+
+
 def register(sub) -> None:
     from ..cli_common import add_config_args, config_from_args
 
+    def add_deadline_mode(p):
+        p.add_argument("--deadline-mode", choices=("fold", "epoch"), default="fold",
+                       help="fold: spend no time on a fold that cannot finish (a machine gone afterwards); epoch: "
+                            "train until the next epoch would not fit (a RESUME=1 follows on the same disk)")
+
+    def add_folds_and_resume(p):
+        p.add_argument("--fold", type=fold_list, required=True,
+                       help="a fold, or several as 0,1,2: trained in turn in this process (one start-up, one image "
+                            "load)")
+        p.add_argument("--resume", action="store_true", default=os.environ.get("RESUME") == "1",
+                       help="continue from fold<k>/state.pt (also RESUME=1)")
+
     p = add_config_args(sub.add_parser("train-fold", help="train folds, each then predicting OOF / eval / test"))
-    p.add_argument("--fold", type=fold_list, required=True,
-                   help="a fold, or several as 0,1,2: trained in turn in this process (one start-up, one image load)")
-    p.add_argument("--resume", action="store_true", default=os.environ.get("RESUME") == "1",
-                   help="continue from fold<k>/state.pt (also RESUME=1)")
-    p.add_argument("--deadline", type=float, default=None,
-                   help="Unix time to be done by (make's TIME_LIMIT): stop at the first epoch's end from which the "
-                        "fold would not finish in time, state saved, and exit 75")
-    p.add_argument("--deadline-mode", choices=("fold", "epoch"), default="fold",
-                   help="fold: spend no time on a fold that cannot finish (a machine gone afterwards); epoch: train "
-                        "until the next epoch would not fit (a RESUME=1 follows on the same disk)")
+    add_folds_and_resume(p)
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="seconds from now to be done by: stop at the first epoch's end from which the fold would "
+                        "not finish in time, state saved, and exit 75")
+    add_deadline_mode(p)
 
     def run(args):
-        from ..config import run_dir
-        from ..console import console
-        from ..errors import WBCError
-        from ..predict.fold import predict_fold  # the command orchestrates; the library flows one way
         from .deadline import Deadline
-        from .inputs import load_fold_data
-        from .loop import train_fold
 
-        cfg = config_from_args(args)
-        if cfg["predict"].get("checkpoints"):
-            raise WBCError(f"{cfg['name']}: predict.checkpoints is set, so this config only predicts "
-                           f"with another run's models; use `make predict`")
-        data, deadline, last_fold_s = None, Deadline(args.deadline, args.deadline_mode), None
-        for fold in args.fold:
-            out = run_dir(cfg) / f"fold{fold}"
-            if args.resume and finished(out):  # `RESUME=1 make train-all` skips the folds a killed call finished
-                console.print(f"{out}: trained and predicted already; nothing to resume")
-                continue
-            deadline.check_fold(fold, last_fold_s)
-            data = data or load_fold_data(cfg)
-            t0 = time.monotonic()  # after the one image load: the next fold will not repeat it
-            train_fold(cfg, fold, resume=args.resume, data=data, deadline=deadline)
-            predict_fold(cfg, fold, data)
-            last_fold_s = time.monotonic() - t0
+        at = None if args.time_limit is None else time.time() + args.time_limit
+        train_folds(config_from_args(args), args.fold, args.resume, Deadline(at, args.deadline_mode))
 
     p.set_defaults(func=run)
 
-    d = add_config_args(sub.add_parser("run-dir", help="print the folder a config's run writes to (outputs/<name>)"))
+    tb = sub.add_parser("train-bundle", help="train several configs' folds within a time limit, then bundle each run")
+    tb.add_argument("--configs", required=True, type=lambda text: [c for c in text.split(",") if c],
+                    help="experiment YAMLs separated by commas, trained in this order")
+    add_folds_and_resume(tb)
+    tb.add_argument("--time-limit", type=float, required=True, help="seconds from now to be done training by")
+    add_deadline_mode(tb)
+    tb.add_argument("--dest", type=Path, default=Path("outputs/bundles"), help="where the .tar.gz files go")
+    tb.add_argument("--kill-after", type=float, default=30.0,
+                    help="seconds past the deadline after which a training still running is interrupted")
+    tb.add_argument("overrides", nargs="*", help="key=value config overrides for every config")
 
-    def show_run_dir(args):
-        from ..config import run_dir
+    def run_bundle(args):
+        from .deadline import Deadline
 
-        print(run_dir(config_from_args(args)))
+        train_bundle(args.configs, args.overrides, args.fold, args.resume,
+                     Deadline(time.time() + args.time_limit, args.deadline_mode), args.dest, args.kill_after)
 
-    d.set_defaults(func=show_run_dir)
+    tb.set_defaults(func=run_bundle)
 
     b = add_config_args(sub.add_parser("benchmark-throughput", help="train-fold img/s vs a plain preloaded loop"))
     b.add_argument("--steps", type=int, default=50)
