@@ -21,6 +21,7 @@ REFINE ?= configs/refine.yaml
 PRED ?=
 RUN ?=
 RUNS ?=
+BUNDLES ?=
 TARGET ?=
 QUANTILE ?= 0
 SPLITS ?=
@@ -56,7 +57,7 @@ WBC := $(PY) -m wbc
 
 .DEFAULT_GOAL := help
 .PHONY: help setup test lint sample-data folds train-fold train-all predict submit check-submission convert-effnet \
-        demo bundle train-bundle benchmark-throughput benchmark-pbcbench ensemble tune-train \
+        demo bundle unbundle train-bundle benchmark-throughput benchmark-pbcbench ensemble tune-train \
         train-restorer restore compare-restore embed fewshot morph refine shift damage-match pseudo-label
 
 help: ## list the targets
@@ -105,6 +106,9 @@ demo: ## the whole chain on the sample data, on CPU (a few minutes)
 
 bundle: ## pack RUN=outputs/<name> without checkpoints into DEST/<name>.tar.gz (blend on another machine: untar into outputs/)
 	$(WBC) bundle --run "$(RUN)" --dest "$(DEST)"
+
+unbundle: ## extract BUNDLES="<dir>/*.tar.gz" into outputs/, fold by fold (a finished fold is never replaced by an unfinished one)
+	$(WBC) unbundle $(BUNDLES)
 
 train-bundle: ## train-all FOLDS of each of CONFIGS within TIME_LIMIT s, then bundle each run into DEST (a lent GPU, a notebook)
 	@test -n "$(CONFIGS)" -a -n "$(TIME_LIMIT)" || \

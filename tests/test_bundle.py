@@ -1,0 +1,71 @@
+"""Bundles: a run without checkpoints as one .tar.gz, and back; bundles of one run from several calls or sessions
+unbundle to the same folders in any order."""
+import io
+import os
+import tarfile
+
+import pytest
+
+from wbc.bundle import bundle_run, unbundle
+from wbc.errors import WBCError
+
+
+def _fold(run, fold, finished, stamp):
+    """A fold folder as training leaves it: finished = predicted after its last training start."""
+    out = run / f"fold{fold}"
+    out.mkdir(parents=True)
+    for name in ("env.json", "metrics.jsonl", "state.pt"):
+        (out / name).write_text(f"{name} {stamp}")
+        os.utime(out / name, (stamp, stamp))
+    if finished:
+        for name in ("train_result.json", "oof.csv"):
+            (out / name).write_text(f"{name} {stamp}")
+            os.utime(out / name, (stamp + 1, stamp + 1))
+
+
+def test_bundles_unbundle_fold_by_fold_and_finished_folds_win_in_any_order(tmp_path):
+    # call 1 finished fold 0 and was stopped in fold 1; call 2 (a resume) finished fold 1; a stray later bundle
+    # holds fold 0 restarted and killed before its predictions.
+    bundles = []
+    for i, folds in enumerate([[(0, True), (1, False)], [(1, True)], [(0, False)]]):
+        run = tmp_path / f"machine{i}" / "convnext"
+        for fold, done in folds:
+            _fold(run, fold, done, stamp=1_000_000 + 100 * i)
+        (run / "config.yaml").write_text(f"call {i}")
+        bundles.append(bundle_run(run, tmp_path / f"out{i}"))
+    with tarfile.open(bundles[0]) as t:
+        assert not [m for m in t.getmembers() if m.name.endswith(".pt")]
+
+    for order in ([0, 1, 2], [2, 1, 0], [1, 2, 0]):
+        into = tmp_path / f"outputs_{''.join(map(str, order))}"
+        for i in order:
+            unbundle(bundles[i], into)
+        run = into / "convnext"
+        assert (run / "fold0" / "oof.csv").read_text() == "oof.csv 1000000"  # call 1's finished fold 0
+        assert (run / "fold1" / "oof.csv").read_text() == "oof.csv 1000100"  # call 2's
+        assert (run / "config.yaml").read_text() == f"call {order[0]}"  # the first one unbundled
+        assert sorted(p.name for p in into.iterdir()) == ["convnext"]  # no temporary folder left
+
+    res = unbundle(bundles[2], tmp_path / "outputs_012")
+    assert res == {"run": "convnext", "taken": [], "kept": ["fold0"]}
+
+
+def test_a_bundle_that_escapes_its_folder_or_holds_two_runs_is_refused(tmp_path):
+    def tar_with(*names):
+        path = tmp_path / f"b{len(list(tmp_path.iterdir()))}.tar.gz"
+        with tarfile.open(path, "w:gz") as t:
+            for name in names:
+                info = tarfile.TarInfo(name)
+                info.size = 1
+                t.addfile(info, io.BytesIO(b"x"))
+        return path
+
+    with pytest.raises(WBCError, match="refused"):
+        unbundle(tar_with("run/fold0/oof.csv", "run/../../evil.txt"), tmp_path / "outputs")
+    assert not (tmp_path / "evil.txt").exists()
+    with pytest.raises(WBCError, match="one run folder"):
+        unbundle(tar_with("a/x.csv", "b/x.csv"), tmp_path / "outputs")
+    (tmp_path / "junk.tar.gz").write_text("not a tar")
+    with pytest.raises(WBCError, match="not a readable bundle"):
+        unbundle(tmp_path / "junk.tar.gz", tmp_path / "outputs")
+    assert list((tmp_path / "outputs").iterdir()) == []  # nothing half-extracted left behind
