@@ -602,3 +602,32 @@ def test_nested_estimate_refits_the_blend_weights_without_the_held_out_fold():
         tr = folds != k
         np.testing.assert_allclose(nested["fold_weights"][k], fit_weights([good[tr], weak[tr]], y[tr]), atol=1e-9)
     assert nested["fold_weights"][0][0] > nested["fold_weights"][1][0] + 0.1
+
+
+def test_members_that_finished_other_folds_blend_on_the_common_ones(tmp_path, runs):
+    """A run that finished only some folds (a time-boxed GPU call) is refused with the way out named; with
+    `ensemble.folds` every member and the rule use those folds' OOF rows only."""
+    a, b = runs
+    _edit_oof(b, lambda df: df.drop(df.index[df["fold"] == 2], inplace=True))
+    with pytest.raises(WBCError, match=r"run_b/oof.csv: covers folds 0, 1, but .*run_a/oof.csv covers 0, 1, 2: "
+                                       r"train the missing folds, or .* ensemble.folds=\[0,1\]"):
+        check_members([load_member(a), load_member(b)])
+    with pytest.raises(WBCError, match=r"run_b/oof.csv: fold\(s\) 2 of ensemble.folds not in this file"):
+        load_member(b, folds=[0, 2])
+    members = check_members([load_member(a, folds=[0, 1]), load_member(b, folds=[0, 1])])
+    folds = load_probs(a / "oof.csv").folds
+    assert [len(m.oof.ids) for m in members] == [int((folds < 2).sum())] * 2
+    assert set(members[0].oof.folds.tolist()) == {0, 1}
+
+    root = _data_root(tmp_path, list(load_probs(a / "test.csv").ids))
+    cfg_file = tmp_path / "partial.yaml"
+    cfg_file.write_text(yaml.safe_dump({"ensemble": {
+        "members": [str(a), str(b)], "folds": [0, 1],
+        "tuning": {"n_trials": 4, "seed": 0, "nested": True, "storage": f"journal:{tmp_path / 'p.journal'}"},
+        "submit_dir": str(tmp_path / "subs")}}))
+    assert main(["ensemble", "--config", str(cfg_file), f"output_dir={tmp_path / 'out'}", f"data.root={root}"]) == 0
+    report = json.loads((tmp_path / "out" / "ensemble" / "partial" / "report.json").read_text())
+    assert report["folds"] == [0, 1] and report["n"]["oof"] == int((folds < 2).sum())
+    assert json.loads((tmp_path / "subs" / "partial.json").read_text())["folds"] == [0, 1]
+    cfg_file.write_text(cfg_file.read_text().replace("- 0\n  - 1", "- 1"))
+    assert main(["ensemble", "--config", str(cfg_file), f"output_dir={tmp_path / 'out'}", f"data.root={root}"]) == 2

@@ -67,15 +67,29 @@ def _load(path: Path) -> Probs:
     return p
 
 
-def load_member(entry, space: str = "prob") -> Member:
-    """One `ensemble.members` entry: a run folder, or a list of run folders (a seed group, see `seed_group`)."""
+def only_folds(oof: Probs, folds: list[int] | None, path: Path) -> Probs:
+    """The OOF rows of `folds` (`ensemble.folds`, for runs that finished only some folds); None keeps every row."""
+    if folds is None:
+        return oof
+    have = sorted(set(oof.folds.tolist()))
+    missing = [f for f in folds if f not in have]
+    if missing:
+        raise WBCError(f"{path}: fold(s) {', '.join(map(str, missing))} of ensemble.folds not in this file "
+                       f"(it covers folds {', '.join(map(str, have))})")
+    return oof.subset(np.isin(oof.folds, folds))
+
+
+def load_member(entry, space: str = "prob", folds: list[int] | None = None) -> Member:
+    """One `ensemble.members` entry: a run folder, or a list of run folders (a seed group, see `seed_group`);
+    with `folds`, only those folds' OOF rows."""
     if isinstance(entry, (list, tuple)):
         if not entry or not all(isinstance(e, (str, Path)) for e in entry):
             raise WBCError(f"ensemble.members: {entry!r} is not a run folder or a list of run folders")
-        return seed_group([_load_run(e) for e in entry], space) if len(entry) > 1 else _load_run(entry[0])
+        runs = [_load_run(e, folds) for e in entry]
+        return seed_group(runs, space) if len(runs) > 1 else runs[0]
     if not isinstance(entry, (str, Path)):
         raise WBCError(f"ensemble.members: {entry!r} is not a run folder or a list of run folders")
-    return _load_run(entry)
+    return _load_run(entry, folds)
 
 
 def seed_group(runs: list[Member], space: str) -> Member:
@@ -98,13 +112,14 @@ def seed_means(runs, space: str = "prob") -> tuple[Probs, Probs | None, Probs]:
     return mean("oof"), mean("eval"), mean("test")
 
 
-def _load_run(run_dir) -> Member:
+def _load_run(run_dir, folds: list[int] | None = None) -> Member:
     path = resolve_path(run_dir)
     if not path.is_dir():
         raise WBCError(f"{path}: ensemble member is not a run folder")
     oof = _load(path / "oof.csv")
     if oof.folds is None:
         raise WBCError(f"{path / 'oof.csv'}: no fold column (is it an out-of-fold file?)")
+    oof = only_folds(oof, folds, path / "oof.csv")
     _check_labels(oof, path / "oof.csv", required=True)
     ev = None
     if (path / "eval.csv").exists():
@@ -136,6 +151,16 @@ def _same_ids(p: Probs, ref: Probs, path: Path, ref_path: Path) -> Probs:
     return p.align(ref.ids)
 
 
+def _same_folds(p: Probs, ref: Probs, path: Path, ref_path: Path) -> None:
+    """Runs that finished different folds: say so, and how to blend them anyway."""
+    a, b = set(p.folds.tolist()), set(ref.folds.tolist())
+    if a != b:
+        common = sorted(a & b)
+        raise WBCError(f"{path}: covers folds {', '.join(map(str, sorted(a)))}, but {ref_path} covers "
+                       f"{', '.join(map(str, sorted(b)))}: train the missing folds, or blend on the common ones "
+                       f"with ensemble.folds=[{','.join(map(str, common))}]")
+
+
 def _same_column(p: Probs, ref: Probs, col: str, original: Probs, path: Path, ref_path: Path) -> None:
     """`p` and `ref` are aligned; `original` is `p` in file order (to name the row)."""
     a, b = getattr(p, col), getattr(ref, col)
@@ -163,6 +188,7 @@ def check_members(members: list[Member]) -> list[Member]:
     out = []
     for m in members:
         oof_path, test_path, ev_path = m.path / "oof.csv", m.path / "test.csv", m.path / "eval.csv"
+        _same_folds(m.oof, ref.oof, oof_path, ref.path / "oof.csv")
         oof = _same_ids(_reorder_classes(m.oof, classes, oof_path), ref.oof, oof_path, ref.path / "oof.csv")
         _same_column(oof, ref.oof, "folds", m.oof, oof_path, ref.path / "oof.csv")
         _same_column(oof, ref.oof, "labels", m.oof, oof_path, ref.path / "oof.csv")

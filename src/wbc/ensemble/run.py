@@ -20,7 +20,7 @@ from .tune import RuleSpace, make_storage, n_finished, nested_estimate, tune_rul
 
 KEYS = {
     "ensemble": {"members", "specialists", "specialist_fit", "specialist_select", "blend", "tuning", "submit",
-                 "submit_dir", "shift_weights", "shift_tune"},
+                 "submit_dir", "shift_weights", "shift_tune", "folds"},
     "ensemble.blend": {"space", "weights"},
     "ensemble.tuning": {"n_trials", "seed", "nested", "nested_trials", "storage", "select"}
     | set(RuleSpace.__dataclass_fields__),
@@ -95,9 +95,16 @@ def run_ensemble(cfg: dict) -> dict:
     if space not in SPACES:
         raise WBCError(f"ensemble.blend.space: '{space}' is not one of {', '.join(SPACES)}")
 
-    members = check_members([load_member(m, space) for m in ens["members"]])
+    folds = ens.get("folds")
+    if folds is not None:
+        if not isinstance(folds, list) or len(set(folds)) < 2 or not all(isinstance(f, int) for f in folds):
+            raise WBCError(f"ensemble.folds: {folds!r} is not a list of two or more fold numbers (or null: all)")
+        console.print(f"[yellow]ensemble.folds:[/] blending on folds {', '.join(map(str, folds))} only: OOF "
+                      "scores, weights and rule come from those folds, and each member's test predictions are the "
+                      "mean of its own folds' models")
+    members = check_members([load_member(m, space, folds) for m in ens["members"]])
     names = _member_names(members)
-    specs = [load_specialist(s, members[0]) for s in ens.get("specialists") or []]
+    specs = [load_specialist(s, members[0], folds) for s in ens.get("specialists") or []]
     spec_names = _member_names(specs)
     # Test-shift weights (`make shift`) always add shift-weighted scores; with `shift_tune` (default) the blend
     # weights, the rule, the nested estimate and the selection also aim at the target's damage mix.
@@ -191,6 +198,7 @@ def run_ensemble(cfg: dict) -> dict:
         "shift_weights": display_path(resolve_path(ens["shift_weights"])) if sw is not None else None,
         "shift_tuned": fit_sw is not None,
         "members": [_member_path(m) for m in members],
+        "folds": folds,
         "study": {"storage": storage_spec, "name": study.study_name, "finished_trials": n_finished(study),
                   "best_value": study.best_value, "seed": seed},
     }
@@ -204,6 +212,7 @@ def run_ensemble(cfg: dict) -> dict:
         "nested": None if nested is None else {k: v for k, v in nested.items() if not k.startswith("pred")},
         "n": {"oof": len(y), "eval": 0 if ev is None else len(ev.ids), "test": len(test.ids)},
         "shift_tuned": fit_sw is not None,
+        "folds": folds,
     }
 
     save_probs(out / "oof.csv", oof)
@@ -237,7 +246,7 @@ def run_ensemble(cfg: dict) -> dict:
                    "decision": display_path(out / "decision.json"),
                    "oof_macro_f1": scores["oof"][final_step]["macro_f1"],
                    "oof_nested_macro_f1": scores["oof_nested_blend" if final_step == "blend" else "oof_nested"],
-                   "shift_weights": decision["shift_weights"],
+                   "shift_weights": decision["shift_weights"], "folds": folds,
                    "eval_macro_f1": scores["eval"][final_step]["macro_f1"] if "eval" in scores else None}
         path = write_submission(data_root(cfg), test.ids, [classes[i] for i in test_pred], name, classes, sidecar,
                                 out_dir=resolve_path(ens.get("submit_dir") or "submissions"))

@@ -26,7 +26,18 @@ from ..config import resolve_path
 from ..errors import WBCError
 from ..io import Probs
 from ..metrics import macro_f1
-from .blend import Member, _load, _reorder_classes, _same_column, _same_ids, combine, fit_weights, seed_means
+from .blend import (
+    Member,
+    _load,
+    _reorder_classes,
+    _same_column,
+    _same_folds,
+    _same_ids,
+    combine,
+    fit_weights,
+    only_folds,
+    seed_means,
+)
 from .decision import EPS
 
 
@@ -41,13 +52,14 @@ class Specialist:
     parts: tuple[Path, ...] = ()  # the runs of a seed group; empty for one run
 
 
-def load_specialist(entry, ref: Member) -> Specialist:
-    """One `ensemble.specialists` entry: a run folder, or a list of them (seeds of one specialist, averaged)."""
+def load_specialist(entry, ref: Member, folds: list[int] | None = None) -> Specialist:
+    """One `ensemble.specialists` entry: a run folder, or a list of them (seeds of one specialist, averaged); with
+    `folds`, only those folds' OOF rows, as for the members."""
     if isinstance(entry, (str, Path)):
-        return _load_specialist(entry, ref)
+        return _load_specialist(entry, ref, folds)
     if not isinstance(entry, (list, tuple)) or not entry or not all(isinstance(e, (str, Path)) for e in entry):
         raise WBCError(f"ensemble.specialists: {entry!r} is not a run folder or a list of run folders")
-    runs = [_load_specialist(e, ref) for e in entry]
+    runs = [_load_specialist(e, ref, folds) for e in entry]
     for r in runs[1:]:
         if r.group != runs[0].group:
             names = ", ".join(ref.oof.classes[i] for i in r.group)
@@ -59,7 +71,7 @@ def load_specialist(entry, ref: Member) -> Specialist:
                       tuple(r.path for r in runs))
 
 
-def _load_specialist(run_dir, ref: Member) -> Specialist:
+def _load_specialist(run_dir, ref: Member, folds: list[int] | None = None) -> Specialist:
     """A specialist run folder checked against the first (already aligned) member: same IDs, folds and labels,
     and classes that are a proper subset of the members' classes."""
     path = resolve_path(run_dir)
@@ -69,12 +81,14 @@ def _load_specialist(run_dir, ref: Member) -> Specialist:
     oof = _load(oof_path)
     if oof.folds is None:
         raise WBCError(f"{oof_path}: no fold column (is it an out-of-fold file?)")
+    oof = only_folds(oof, folds, oof_path)
     classes = ref.oof.classes
     if not set(oof.classes) < set(classes) or len(oof.classes) < 2:
         raise WBCError(f"{oof_path}: a specialist's classes ({', '.join(oof.classes)}) must be two or more of the "
                        f"members' classes ({', '.join(classes)}), not all of them")
     order = [c for c in classes if c in oof.classes]
     ref_oof = ref.path / "oof.csv"
+    _same_folds(oof, ref.oof, oof_path, ref_oof)
     aligned = _same_ids(_reorder_classes(oof, order, oof_path), ref.oof, oof_path, ref_oof)
     _same_column(aligned, ref.oof, "folds", oof, oof_path, ref_oof)
     _same_column(aligned, ref.oof, "labels", oof, oof_path, ref_oof)
