@@ -47,10 +47,17 @@ def test_typos_are_refused_naming_the_file_and_key(tmp_path):
 def test_free_form_and_step_sections_are_not_checked(tmp_path):
     cfg = load_config(CONFIG_DIR / "tiny_cpu.yaml", ["model.kwargs.in_chans=3", "ensemble.anything=1"])
     assert cfg["model"]["kwargs"] == {"in_chans": 3} and cfg["ensemble"] == {"anything": 1}
+    with pytest.raises(WBCError, match=r"override 'outptu_dir=x': unknown config key\(s\) outptu_dir"):
+        load_config(CONFIG_DIR / "tiny_cpu.yaml", ["outptu_dir=x"])  # a top-level typo is not a section
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONFIG_DIR)))
 def test_every_shipped_config_resolves(path):
+    if path.name.startswith("tune_train"):  # a `make tune-train` study, not a run
+        from wbc.ensemble.tune_train import load_study_config
+
+        assert load_study_config(path)["search_space"]
+        return
     cfg = load_config(path)
     assert cfg["name"] and cfg["model"]["arch"]
 

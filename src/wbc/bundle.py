@@ -95,7 +95,8 @@ def register(sub) -> None:
         rows = []
         for b in args.bundles:
             r = unbundle(b, resolve_path(args.into))
-            rows.append([str(b), r["run"], " ".join(r["taken"]) or "-", " ".join(r["kept"]) or "-"])
-        print_table("unbundled", ["bundle", "run", "folds taken", "folds kept (finished here already)"], rows)
+            rows.append([r["run"], " ".join(r["taken"]) or "-", " ".join(r["kept"]) or "-"])
+        print_table(f"unbundled into {resolve_path(args.into)}",
+                    ["run (one row per bundle)", "folds taken", "folds kept (finished there already)"], rows)
 
     u.set_defaults(func=run_unbundle)

@@ -82,11 +82,12 @@ def unknown_keys(cfg: dict, defaults: dict, prefix: str = "") -> list[str]:
     """Dotted keys of `cfg` that sit in a section `configs/base.yaml` defines but are not among its keys:
     typos such as `train.epoch`, which would otherwise be silently ignored. Free-form sections (empty in
     the defaults, like `model.kwargs`) and top-level sections the defaults lack (`ensemble`, `embed`,
-    `refine`, ...: each step checks its own) are not checked here."""
+    `refine`, ...: each step checks its own) are not checked here; a top-level key the defaults lack that is
+    not a section (`outptu_dir=x`) is unknown."""
     out = []
     for k, v in cfg.items():
         if k not in defaults:
-            if prefix:
+            if prefix or not isinstance(v, dict):
                 out.append(prefix + str(k))
             continue
         d = defaults[k]
