@@ -22,6 +22,7 @@ PRED ?=
 RUN ?=
 RUNS ?=
 BUNDLES ?=
+IMAGES ?=
 TARGET ?=
 QUANTILE ?= 0
 SPLITS ?=
@@ -56,7 +57,7 @@ STOP = $(if $(TIME_LIMIT),--time-limit $(TIME_LIMIT) --deadline-mode $(TIME_LIMI
 WBC := $(PY) -m wbc
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint sample-data folds train-fold train-all predict submit check-submission convert-effnet \
+.PHONY: help setup test lint sample-data folds train-fold train-all predict classify submit check-submission convert-effnet \
         demo bundle unbundle train-bundle benchmark-throughput benchmark-pbcbench ensemble tune-train \
         train-restorer restore compare-restore embed fewshot morph refine shift damage-match pseudo-label
 
@@ -89,6 +90,9 @@ train-all: ## train every fold in FOLDS with CONFIG, in one process (RESUME=1 sk
 
 predict: ## fill in missing fold predictions and merge folds: outputs/<name>/{oof,eval,test}.csv + report
 	$(WBC) predict -c $(CONFIG) $(OVR)
+
+classify: ## CONFIG's fold models on IMAGES="<folder or file> ..." (outside the dataset layout) -> outputs/<name>/classified.csv
+	$(WBC) classify -c $(CONFIG) $(foreach i,$(IMAGES),--images $(i)) $(OVR)
 
 submit: ## submissions/<NAME>.csv (+ .json sidecar) from outputs/<config name>
 	$(WBC) submit -c $(CONFIG) $(if $(NAME),--name $(NAME)) $(OVR)

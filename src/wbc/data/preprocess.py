@@ -2,9 +2,12 @@
 (reference fitted on the training pool) and Pix2Pix restoration of images the damage gate flags."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from ..config import resolve_path
+from ..errors import WBCError
 from ..io import write_json
 from ..runtime import pick_device
 
@@ -12,7 +15,8 @@ from ..runtime import pick_device
 def build_preprocess(cfg: dict, pool_images_fn=None):
     """`f(images, split) -> images` for `cache.split_images`, or None when nothing is enabled.
 
-    `pool_images_fn()` returns clean training images to fit the stain reference on (phase1 by default).
+    `pool_images_fn()` returns clean training images to fit the stain reference on (phase1 by default), when the
+    cache has none yet; without it, the saved reference must exist.
     """
     d = cfg["data"]
     steps = []
@@ -22,8 +26,8 @@ def build_preprocess(cfg: dict, pool_images_fn=None):
         restorer = Restorer.load(resolve_path(d["restore_dir"]), device=pick_device(cfg))
 
         def restore(images, split):
-            if not split.startswith("phase2"):
-                return images  # phase1 is clean
+            if split == "phase1":
+                return images  # clean; any other images (phase2, a folder to classify) go through the gate
             out, _, _ = restorer(images)
             return out
 
@@ -35,11 +39,17 @@ def build_preprocess(cfg: dict, pool_images_fn=None):
         norm = MacenkoNormalizer()
 
         def stain(images, split):
-            if norm.stain_matrix is None:  # fitted lazily: only a cache build needs the reference
-                ref = pool_images_fn()
-                pick = np.random.default_rng(cfg.get("seed", 0)).permutation(len(ref))[:256]
-                norm.fit(np.asarray(ref)[np.sort(pick)])
-                write_json(cache_dir(cfg) / "stain_reference.json", norm.state_dict())
+            if norm.stain_matrix is None:  # fitted lazily (only a cache build needs it), once per cache
+                saved = cache_dir(cfg) / "stain_reference.json"
+                if saved.exists():
+                    norm.load_state_dict(json.loads(saved.read_text()))
+                elif pool_images_fn is None:
+                    raise WBCError(f"data.stain_norm: no stain reference in {saved.parent} (train the run first)")
+                else:
+                    ref = pool_images_fn()
+                    pick = np.random.default_rng(cfg.get("seed", 0)).permutation(len(ref))[:256]
+                    norm.fit(np.asarray(ref)[np.sort(pick)])
+                    write_json(saved, norm.state_dict())
             return np.stack([norm.transform(im) for im in images])
 
         steps.append(stain)

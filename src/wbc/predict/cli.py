@@ -1,5 +1,8 @@
-"""`predict`: fill in missing per-fold predictions, then merge folds into run-level files; `compare-restore`."""
+"""`predict`: fill in missing per-fold predictions, then merge folds into run-level files; `classify`;
+`compare-restore`."""
 from __future__ import annotations
+
+from pathlib import Path
 
 
 def register(sub) -> None:
@@ -32,6 +35,19 @@ def register(sub) -> None:
         merge_run(run, expected_ids=load_folds(cfg)["ID"])
 
     p.set_defaults(func=run)
+
+    p = add_config_args(sub.add_parser("classify", help="a run's fold models on image files or folders (outside "
+                                                         "the dataset layout): ID, prediction, probabilities"))
+    p.add_argument("--images", action="append", required=True,
+                   help="an image file or a folder (searched recursively); repeat for more")
+    p.add_argument("--out", type=Path, default=None, help="CSV to write (default outputs/<name>/classified.csv)")
+
+    def run_classify(args):
+        from .classify import classify
+
+        classify(config_from_args(args), args.images, args.out)
+
+    p.set_defaults(func=run_classify)
 
     p = add_config_args(sub.add_parser(
         "compare-restore",
