@@ -57,7 +57,7 @@ STOP = $(if $(TIME_LIMIT),--time-limit $(TIME_LIMIT) --deadline-mode $(TIME_LIMI
 WBC := $(PY) -m wbc
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint sample-data folds train-fold train-all predict classify submit check-submission convert-effnet \
+.PHONY: help setup test lint sample-data folds train-fold train-all predict classify submit runs check-submission convert-effnet \
         demo bundle unbundle train-bundle benchmark-throughput benchmark-pbcbench ensemble tune-train \
         train-restorer restore compare-restore embed fewshot morph refine shift damage-match pseudo-label
 
@@ -96,6 +96,9 @@ classify: ## CONFIG's fold models on IMAGES="<folder or file> ..." (outside the 
 
 submit: ## submissions/<NAME>.csv (+ .json sidecar) from outputs/<config name>
 	$(WBC) submit -c $(CONFIG) $(if $(NAME),--name $(NAME)) $(OVR)
+
+runs: ## every run and ensemble under outputs/: folds done (and how far an unfinished one got), OOF / eval macro-F1
+	$(WBC) runs
 
 check-submission: ## validate FILE=submissions/<name>.csv against the test split
 	$(WBC) check-submission -c $(CONFIG) --file $(FILE) $(OVR)

@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "wbc.pseudo.cli",
     "wbc.submit",
     "wbc.bundle",
+    "wbc.runs",
     "wbc.models.cli",
 ]
 

@@ -1,0 +1,54 @@
+"""`runs`: the table of runs and ensembles reads what the steps wrote: finished and unfinished folds, scores."""
+import json
+import os
+
+import yaml
+
+from wbc.runs import show_runs
+
+
+def _finished_fold(d, stamp=1_000_000):
+    d.mkdir(parents=True)
+    for name in ("env.json", "metrics.jsonl"):
+        (d / name).write_text("{}\n" * 4)
+        os.utime(d / name, (stamp, stamp))
+    for name in ("train_result.json", "oof.csv"):
+        (d / name).write_text("x")
+        os.utime(d / name, (stamp + 1, stamp + 1))
+
+
+def test_runs_lists_folds_scores_and_ensembles(tmp_path, capsys):
+    run = tmp_path / "convnext"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"arch": "convnext_tiny"}, "folds": {"n_folds": 3},
+                                                     "train": {"epochs": 3, "stage2": {"epochs": 1}}}))
+    _finished_fold(run / "fold0")
+    (run / "fold1").mkdir()
+    (run / "fold1" / "metrics.jsonl").write_text("{}\n{}\n")  # stopped after two of four epochs
+    (run / "report.json").write_text(json.dumps({"oof": {"macro_f1": 0.5}, "oof_complete": False,
+                                                 "eval": {"macro_f1": 0.4}}))
+    other = tmp_path / "lite0"
+    other.mkdir()
+    (other / "config.yaml").write_text(yaml.safe_dump({"folds": {"n_folds": 3}, "train": {"epochs": 2}}))
+    (other / "report.json").write_text(json.dumps({"oof": {"macro_f1": 0.7}, "oof_complete": True}))
+    ens = tmp_path / "ensemble" / "blend2"
+    ens.mkdir(parents=True)
+    (ens / "report.json").write_text(json.dumps({
+        "final_step": "tuned", "members": [{"name": "a"}, {"name": "b"}], "folds": [0, 1],
+        "scores": {"oof": {"blend": {"macro_f1": 0.6}, "tuned": {"macro_f1": 0.8}}, "oof_nested": 0.75,
+                   "oof_nested_blend": 0.6, "eval": {"tuned": {"macro_f1": 0.7}}},
+        "submission": "submissions/blend2.csv"}))
+    (tmp_path / "bundles").mkdir()  # not a run: no config.yaml
+
+    rows = show_runs(tmp_path)
+    out = capsys.readouterr().out
+    assert [r["name"] for r in rows] == ["convnext", "lite0", "blend2"]
+    conv, lite, blend = rows
+    assert conv["folds_done"] == [0] and conv["unfinished"] == {1: "2/4 epochs"} and conv["arch"] == "convnext_tiny"
+    assert conv["oof_macro_f1"] == 0.5 and conv["eval_macro_f1"] == 0.4 and conv["oof_complete"] is False
+    assert lite["folds_done"] == [] and lite["oof_macro_f1"] == 0.7
+    assert blend["kind"] == "ensemble (tuned)" and blend["oof_macro_f1"] == 0.8 and blend["nested_macro_f1"] == 0.75
+    assert blend["eval_macro_f1"] == 0.7 and blend["folds_done"] == [0, 1] and blend["submission"].endswith(".csv")
+    assert "0 of 3; 1: 2/4 ep" in out and "0.5000 part" in out and "ensemble/blend2" in out
+    assert out.index("ensemble/blend2") < out.index("convnext")  # best OOF first
+    assert json.loads((tmp_path / "runs.json").read_text())[0]["name"] == "convnext"
