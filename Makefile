@@ -59,7 +59,7 @@ WBC := $(PY) -m wbc
 .DEFAULT_GOAL := help
 .PHONY: help setup test lint sample-data folds train-fold train-all predict classify submit runs check-submission convert-effnet \
         demo bundle unbundle train-bundle benchmark-throughput benchmark-pbcbench ensemble tune-train \
-        train-restorer restore compare-restore embed fewshot morph refine shift damage-match pseudo-label
+        train-restorer restore compare-restore embed fewshot morph refine shift damage-match pseudo-label label-issues
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-22s\033[0m %s\n", $$1, $$2}'
@@ -169,6 +169,10 @@ shift: ## RUNS' macro-F1 re-weighted to TARGET's damage mix (default the test sp
 
 damage-match: ## fit CONFIG's damage augmentation mix to TARGET's images (default the test split) -> outputs/damage_match/
 	$(WBC) damage-match -c $(CONFIG) $(if $(TARGET),--target $(TARGET)) $(OVR)
+
+label-issues: ## training images whose label PRED's out-of-fold predictions doubt (confident learning) + QA sheet -> outputs/label_issues/
+	@test -n "$(PRED)" || { echo "label-issues: give PRED=outputs/<run> or outputs/ensemble/<name>" >&2; exit 2; }
+	$(WBC) label-issues -c $(CONFIG) --pred $(PRED) $(OVR)
 
 pseudo-label: ## PRED's confident decisions on SPLITS (default the test split) -> outputs/pseudo/<pred>.csv, for data.pseudo_labels
 	$(WBC) pseudo-label -c $(CONFIG) --pred $(PRED) $(if $(SPLITS),--splits $(SPLITS)) --min-confidence $(MIN_CONF) $(OVR)

@@ -25,6 +25,7 @@ COMMAND_MODULES = [
     "wbc.submit",
     "wbc.bundle",
     "wbc.runs",
+    "wbc.label_issues",
     "wbc.models.cli",
 ]
 

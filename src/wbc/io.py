@@ -82,6 +82,17 @@ def write_csv(path, df: pd.DataFrame) -> None:
         df.to_csv(tmp, index=False)
 
 
+def save_png(path, rgb) -> None:
+    """An RGB uint8 image as PNG, written atomically."""
+    import cv2
+
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise OSError(f"could not encode {path} as PNG")
+    with atomic_path(path, suffix=".png") as tmp:
+        tmp.write_bytes(buf.tobytes())
+
+
 def torch_save(path, obj) -> None:
     import torch
 

@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from ..io import atomic_path
+from ..io import save_png
 from .morphology import FEATURES, Segmentation, SegParams, read_rgb, segment
 
 CELL_COLOUR = (40, 220, 40)     # RGB
@@ -74,9 +74,7 @@ def qa_sheet(df: pd.DataFrame, path, per_class: int = 8, size: int = 160, params
         cv2.putText(head, name, (6, size // 2 + 6), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (0, 0, 0), 2, cv2.LINE_AA)
         rows.append(np.hstack([head] + tiles))
     sheet = np.vstack(rows) if rows else np.full((size, label_w + size, 3), 255, np.uint8)
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR))
-    with atomic_path(path, suffix=".png") as tmp:
-        tmp.write_bytes(buf.tobytes())
+    save_png(path, sheet)
 
 
 def separation_table(feats: pd.DataFrame, labels, classes: list[str], columns=FEATURES) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from ..io import atomic_path
+from ..io import save_png
 
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 
@@ -30,6 +30,4 @@ def qa_sheet(path, damaged: np.ndarray, restored: np.ndarray, clean: np.ndarray,
                                                       interpolation=cv2.INTER_AREA), t)
                                     for im, t in cells], 1))
     sheet = np.concatenate(rows, 0)
-    with atomic_path(path, suffix=".png") as tmp:
-        if not cv2.imwrite(str(tmp), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR)):
-            raise OSError(f"could not write {path}")
+    save_png(path, sheet)

@@ -1,0 +1,134 @@
+"""`label-issues`: training images whose given label the out-of-fold predictions doubt (confident learning).
+
+For each class j, t_j is the mean OOF probability of j over the images labelled j: how sure the models usually are
+of that class. An image labelled i counts for class j when p_j >= t_j (for the most probable such j when several
+qualify); these counts form the confident joint C[i, j] (Northcutt, Jiang & Chuang, JAIR 2021). The images off its
+diagonal are the suspects: models that never trained on them give another class at least that class's usual
+confidence, and their own class less. Per-class thresholds matter on a long tail: a rare class the models are
+unsure of everywhere is not flagged for low confidence alone, as an argmax test would flag it.
+
+A list to review by eye (the QA sheet), not a verdict: a damaged image or a truly ambiguous cell lands here too.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from .config import display_path, resolve_path
+from .console import console, print_table
+from .errors import WBCError
+from .io import load_probs, save_png, write_csv, write_json
+
+TILE = 150  # QA sheet tile size in px
+
+
+def confident_joint(probs: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(C, suspected, thresholds): the K x K confident joint, each image's confident class (-1 when no class
+    reaches its threshold) and the per-class thresholds t_j (NaN for a class without images)."""
+    n_cls = probs.shape[1]
+    counts = np.bincount(y, minlength=n_cls)
+    sums = np.zeros(n_cls)
+    np.add.at(sums, y, probs[np.arange(len(y)), y])
+    t = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    above = probs >= np.where(np.isnan(t), np.inf, t)[None, :]
+    masked = np.where(above, probs, -np.inf)
+    suspected = np.where(above.any(1), masked.argmax(1), -1)
+    c = np.zeros((n_cls, n_cls), dtype=int)
+    ok = suspected >= 0
+    np.add.at(c, (y[ok], suspected[ok]), 1)
+    return c, suspected, t
+
+
+def find_issues(ids, probs: np.ndarray, labels, classes: list[str], folds=None) -> tuple[pd.DataFrame, np.ndarray,
+                                                                                          np.ndarray]:
+    """The suspects, most doubtful first (p_suspected - p_given), with the confident joint and thresholds."""
+    lut = {c: i for i, c in enumerate(classes)}
+    y = np.array([lut.get(v, -1) for v in labels])
+    if (y < 0).any():
+        i = int(np.flatnonzero(y < 0)[0])
+        raise WBCError(f"ID {ids[i]}: label '{labels[i]}' is not one of the classes ({', '.join(classes)})")
+    c, sus, t = confident_joint(probs, y)
+    flag = (sus >= 0) & (sus != y)
+    idx = np.flatnonzero(flag)
+    p_given, p_sus = probs[idx, y[idx]], probs[idx, sus[idx]]
+    df = pd.DataFrame({"ID": np.asarray(ids)[idx], "given": np.asarray(classes)[y[idx]],
+                       "suspected": np.asarray(classes)[sus[idx]], "p_given": p_given, "p_suspected": p_sus,
+                       "margin": p_sus - p_given})
+    if folds is not None:
+        df.insert(1, "fold", np.asarray(folds)[idx])
+    return df.sort_values("margin", ascending=False, kind="stable").reset_index(drop=True), c, t
+
+
+def _sheet(issues: pd.DataFrame, paths: dict, path: Path, cols: int = 8) -> None:
+    """The suspects as a grid of captioned tiles, most doubtful first."""
+    tiles = []
+    for _, r in issues.iterrows():
+        rgb = cv2.cvtColor(cv2.imread(str(paths[r["ID"]])), cv2.COLOR_BGR2RGB)
+        tile = cv2.resize(rgb, (TILE, TILE), interpolation=cv2.INTER_AREA)
+        for k, text in enumerate((str(r["ID"])[:22], f"{r['given']} -> {r['suspected']}",
+                                  f"{r['p_given']:.2f} / {r['p_suspected']:.2f}")):
+            org = (3, 13 + 14 * k)
+            cv2.putText(tile, text, org, cv2.FONT_HERSHEY_SIMPLEX, 0.38, (0, 0, 0), 3, cv2.LINE_AA)
+            cv2.putText(tile, text, org, cv2.FONT_HERSHEY_SIMPLEX, 0.38, (255, 255, 255), 1, cv2.LINE_AA)
+        tiles.append(tile)
+    tiles += [np.full((TILE, TILE, 3), 255, np.uint8)] * (-len(tiles) % cols)
+    rows = [np.hstack(tiles[i:i + cols]) for i in range(0, len(tiles), cols)]
+    save_png(path, np.vstack(rows))
+
+
+def label_issues(cfg: dict, pred_dir, top: int = 48, out=None) -> dict:
+    """Suspects in `pred_dir`'s oof.csv (a run or an ensemble): issues.csv, confident_joint.csv, report.json and a
+    QA sheet of the `top` most doubtful images in `out` (default <output_dir>/label_issues/<pred folder name>)."""
+    from .data.layout import data_root, read_splits
+
+    pred_dir = resolve_path(pred_dir)
+    oof = load_probs(pred_dir / "oof.csv")
+    if oof.labels is None or (oof.labels == "").any():
+        raise WBCError(f"{pred_dir / 'oof.csv'}: every row needs its label (an out-of-fold file of the CV pool)")
+    issues, c, t = find_issues(oof.ids, oof.probs, oof.labels, oof.classes, oof.folds)
+    out = resolve_path(out) if out else resolve_path(cfg.get("output_dir") or "outputs") / "label_issues" / \
+        pred_dir.name
+    write_csv(out / "issues.csv", issues)
+    write_csv(out / "confident_joint.csv",
+              pd.DataFrame(c, index=pd.Index(oof.classes, name="given"), columns=oof.classes).reset_index())
+    n_given = [int((oof.labels == k).sum()) for k in oof.classes]
+    per_class = {k: {"images": int(n_given[i]), "flagged": int(c[i].sum() - c[i, i]),
+                     "threshold": None if np.isnan(t[i]) else float(t[i])} for i, k in enumerate(oof.classes)}
+    pairs = sorted(((int(c[i, j]), oof.classes[i], oof.classes[j]) for i in range(len(c)) for j in range(len(c))
+                    if i != j and c[i, j]), reverse=True)
+    report = {"predictions": display_path(pred_dir / "oof.csv"), "n": len(oof.ids), "flagged": len(issues),
+              "per_class": per_class, "pairs": [{"given": g, "suspected": s, "n": n} for n, g, s in pairs]}
+    if top and len(issues):
+        pool = read_splits(data_root(cfg), cfg["data"]["train_splits"], check_images=False)
+        paths = dict(zip(pool["ID"], pool["path"]))
+        missing = [i for i in issues["ID"].head(top) if i not in paths]
+        if missing:
+            raise WBCError(f"{pred_dir / 'oof.csv'}: ID {missing[0]} is not in the data's training splits "
+                           f"({', '.join(cfg['data']['train_splits'])})")
+        _sheet(issues.head(top), paths, out / "sheet.png")
+        report["sheet"] = display_path(out / "sheet.png")
+    write_json(out / "report.json", report)
+    print_table(f"label issues in {display_path(pred_dir / 'oof.csv')}: {len(issues)} of {len(oof.ids)} images",
+                ["given class", "images", "flagged", "threshold t"],
+                [[k, v["images"], v["flagged"], "" if v["threshold"] is None else v["threshold"]]
+                 for k, v in per_class.items()])
+    if pairs:
+        print_table("most frequent given -> suspected pairs", ["given", "suspected", "images"],
+                    [[g, s, n] for n, g, s in pairs[:10]])
+    console.print(f"wrote {display_path(out)}/ (issues.csv, confident_joint.csv, report.json"
+                  f"{', sheet.png' if 'sheet' in report else ''})")
+    return report
+
+
+def register(sub) -> None:
+    from .cli_common import add_config_args, config_from_args
+
+    p = add_config_args(sub.add_parser("label-issues", help="training images whose label the OOF predictions doubt "
+                                                            "(confident learning) + QA sheet"))
+    p.add_argument("--pred", required=True, help="a run or ensemble folder with oof.csv")
+    p.add_argument("--top", type=int, default=48, help="images on the QA sheet (0: none)")
+    p.add_argument("--out", default=None, help="default: <output_dir>/label_issues/<pred folder name>")
+    p.set_defaults(func=lambda args: label_issues(config_from_args(args), args.pred, args.top, args.out))
