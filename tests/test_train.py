@@ -784,3 +784,29 @@ def test_train_bundle_interrupts_a_training_that_overruns_and_still_bundles(samp
     assert time.monotonic() - t0 < 10
     with tarfile.open(tmp_path / "b" / "tiny_cpu.tar.gz") as t:
         assert {m.name for m in t.getmembers() if m.isfile()} == {"tiny_cpu/fold0/metrics.jsonl"}
+
+
+def test_excluded_images_never_train_but_are_still_predicted(cfg2, tmp_path):
+    """`data.exclude_from_training` (e.g. `make label-issues`' list): the listed pool images leave every fold's
+    training set, and keep their out-of-fold predictions."""
+    import json
+
+    cfg = cfg2("train.epochs=1", "predict.tta=1")
+    pool = load_fold_data(cfg).pool
+    drop = pd.concat([pool[pool["fold"] == 0].head(3), pool[pool["fold"] == 1].head(5)])
+    write_csv(tmp_path / "issues.csv", drop[["ID", "labels"]])
+    cfg = cfg2("train.epochs=1", "predict.tta=1", f"data.exclude_from_training={tmp_path / 'issues.csv'}")
+    data = load_fold_data(cfg)
+    train_fold(cfg, 0, data=data)
+    predict_fold(cfg, 0, data)
+    result = json.loads((run_dir(cfg) / "fold0" / "train_result.json").read_text())
+    assert result["n_train"] == int((pool["fold"] != 0).sum()) - 5
+    oof = load_probs(run_dir(cfg) / "fold0" / "oof.csv")
+    assert set(drop["ID"][:3]) <= set(oof.ids) and len(oof.ids) == int((pool["fold"] == 0).sum())
+
+    write_csv(tmp_path / "bad.csv", pd.DataFrame({"id": ["x"]}))
+    with pytest.raises(WBCError, match=r"bad.csv:1: no ID column"):
+        load_fold_data(cfg2(f"data.exclude_from_training={tmp_path / 'bad.csv'}"))
+    write_csv(tmp_path / "bad.csv", pd.DataFrame({"ID": [pool["ID"].iloc[0], "nope.jpg"]}))
+    with pytest.raises(WBCError, match=r"bad.csv:3: ID nope.jpg is not in the training pool"):
+        load_fold_data(cfg2(f"data.exclude_from_training={tmp_path / 'bad.csv'}"))

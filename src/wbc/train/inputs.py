@@ -6,7 +6,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..config import resolve_path
+from ..config import display_path, resolve_path
+from ..console import console
 from ..data.cache import load_images
 from ..data.layout import check_labels, class_list, data_root, read_splits
 from ..data.preprocess import build_preprocess
@@ -24,11 +25,16 @@ class FoldData:
     holdout_images: np.ndarray | None
     test_images: np.ndarray | None
     pseudo: pd.DataFrame | None = None  # data.pseudo_labels rows: ID, labels, source ("holdout"/"test"), index
+    excluded: np.ndarray | None = None  # data.exclude_from_training: pool rows that never train (bool per row)
 
     def in_classes(self, df: pd.DataFrame) -> np.ndarray:
         """Rows whose label is one of the model's classes: a specialist trains and validates on these only,
         but predicts every image, so that an ensemble can compose it with full-class members."""
         return df["labels"].isin(self.classes).to_numpy()
+
+    def trainable(self) -> np.ndarray:
+        """Pool rows a fold may train on (all but `data.exclude_from_training`'s)."""
+        return np.ones(len(self.pool), bool) if self.excluded is None else ~self.excluded
 
     def pseudo_rows(self):
         """(images, labels) of the pseudo-labelled rows in `pseudo`'s order; ([], []) without a pseudo-label file."""
@@ -66,7 +72,27 @@ def load_fold_data(cfg: dict, with_test: bool = True) -> FoldData:
     pseudo = read_pseudo(d.get("pseudo_labels"), all_classes, merged, holdout, test)
     if pseudo is not None and len(classes) < len(all_classes):  # a specialist trains on its own classes only
         pseudo = pseudo[pseudo["labels"].isin(classes)].reset_index(drop=True)
-    return FoldData(classes, merged, holdout, test, imgs(merged), imgs(holdout), imgs(test), pseudo)
+    excluded = read_exclusions(d.get("exclude_from_training"), merged)
+    return FoldData(classes, merged, holdout, test, imgs(merged), imgs(holdout), imgs(test), pseudo, excluded)
+
+
+def read_exclusions(path, pool: pd.DataFrame) -> np.ndarray | None:
+    """`data.exclude_from_training`: a bool per pool row, True for the IDs the file lists; None without a file."""
+    if not path:
+        return None
+    path = resolve_path(path)
+    if not path.is_file():
+        raise WBCError(f"data.exclude_from_training: {path} not found")
+    ids = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if "ID" not in ids.columns:
+        raise WBCError(f"{path}:1: no ID column (columns: {', '.join(ids.columns)})")
+    unknown = ~ids["ID"].isin(pool["ID"])
+    if unknown.any():
+        i = int(np.flatnonzero(unknown)[0])
+        raise WBCError(f"{path}:{i + 2}: ID {ids['ID'].iloc[i]} is not in the training pool")
+    excluded = pool["ID"].isin(ids["ID"]).to_numpy()
+    console.print(f"data.exclude_from_training: {int(excluded.sum())} pool images never train ({display_path(path)})")
+    return excluded
 
 
 def subset_classes(subset, classes: list[str]) -> list[str]:

@@ -145,7 +145,7 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
     lut = {c: i for i, c in enumerate(classes)}
     y_all = data.pool["labels"].map(lut).fillna(-1).astype(int).to_numpy()
     keep = data.in_classes(data.pool)  # all rows, except in a specialist (`data.subset_classes`)
-    tr_idx = np.flatnonzero((data.pool["fold"].to_numpy() != fold) & keep)
+    tr_idx = np.flatnonzero((data.pool["fold"].to_numpy() != fold) & keep & data.trainable())
     va_idx = np.flatnonzero((data.pool["fold"].to_numpy() == fold) & keep)
     if not keep.all():
         console.print(f"fold {fold}: specialist on {', '.join(classes)}: {len(tr_idx)} training / {len(va_idx)} "
@@ -301,7 +301,8 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
                                   f"about {need:.0f} s, {max(deadline.left(), 0):.0f} s are left before the deadline")
 
     write_json(out / "train_result.json", {"fold": fold, "best_macro_f1": best, "epochs": len(history),
-                                           "prior_correction": prior, "pseudo_labelled": len(pseudo_labels)})
+                                           "n_train": n_tr, "prior_correction": prior,
+                                           "pseudo_labelled": len(pseudo_labels)})
     return {"fold": fold, "best_macro_f1": best, "history": history}
 
 
