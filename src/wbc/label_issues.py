@@ -19,6 +19,7 @@ import pandas as pd
 
 from .config import display_path, resolve_path
 from .console import console, print_table
+from .data.cache import read_image, resize
 from .errors import WBCError
 from .io import load_probs, save_png, write_csv, write_json
 
@@ -66,8 +67,7 @@ def _sheet(issues: pd.DataFrame, paths: dict, path: Path, cols: int = 8) -> None
     """The suspects as a grid of captioned tiles, most doubtful first."""
     tiles = []
     for _, r in issues.iterrows():
-        rgb = cv2.cvtColor(cv2.imread(str(paths[r["ID"]])), cv2.COLOR_BGR2RGB)
-        tile = cv2.resize(rgb, (TILE, TILE), interpolation=cv2.INTER_AREA)
+        tile = resize(read_image(paths[r["ID"]]), TILE)
         for k, text in enumerate((str(r["ID"])[:22], f"{r['given']} -> {r['suspected']}",
                                   f"{r['p_given']:.2f} / {r['p_suspected']:.2f}")):
             org = (3, 13 + 14 * k)
