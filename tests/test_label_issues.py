@@ -48,6 +48,15 @@ def test_planted_flips_are_found_and_an_uncertain_rare_class_is_not_flagged():
     # thresholds t = [0.6, (0.8 + 0.5) / 2 = 0.65]; row 2 reaches neither
     assert sus.tolist() == [0, 1, -1] and cj.tolist() == [[1, 0], [0, 1]]
 
+    # A hard class with a low threshold: row 2 reaches class 1's t = 0.45 only, yet still prefers its label 0.
+    # It is off the confident joint's diagonal, but listed only when min_margin lets a negative margin through.
+    probs2 = np.array([[0.9, 0.1], [0.8, 0.2], [0.55, 0.45], [0.6, 0.4], [0.5, 0.5]])
+    labels2 = np.array(["a", "a", "a", "b", "b"])
+    cj, sus, t = confident_joint(probs2, np.array([0, 0, 0, 1, 1]))
+    assert t.tolist() == pytest.approx([0.75, 0.45]) and sus.tolist() == [0, 0, 1, -1, 1] and cj[0, 1] == 1
+    assert find_issues(list("vwxyz"), probs2, labels2, ["a", "b"])[0].empty
+    assert find_issues(list("vwxyz"), probs2, labels2, ["a", "b"], min_margin=-1)[0]["ID"].tolist() == ["x"]
+
 
 def test_label_issues_writes_the_review_files_and_sheet(sample_root, make_cfg, tmp_path):
     cfg = make_cfg(sample_root)
