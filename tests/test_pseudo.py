@@ -148,5 +148,5 @@ def test_without_pseudo_labels_the_training_set_is_the_pool(sample_root, make_cf
     images, labels = data.pseudo_rows()
     assert data.pseudo is None and len(images) == 0 and len(labels) == 0
     cfg["data"]["pseudo_labels"] = str(tmp_path / "missing.csv")
-    with pytest.raises(WBCError, match="missing.csv: pseudo-label file not found"):
+    with pytest.raises(WBCError, match=r"missing.csv: not found \(data.pseudo_labels\)"):
         load_fold_data(cfg)

@@ -805,7 +805,7 @@ def test_excluded_images_never_train_but_are_still_predicted(cfg2, tmp_path):
     assert set(drop["ID"][:3]) <= set(oof.ids) and len(oof.ids) == int((pool["fold"] == 0).sum())
 
     write_csv(tmp_path / "bad.csv", pd.DataFrame({"id": ["x"]}))
-    with pytest.raises(WBCError, match=r"bad.csv:1: no ID column"):
+    with pytest.raises(WBCError, match=r"bad.csv:1: missing column\(s\) ID"):
         load_fold_data(cfg2(f"data.exclude_from_training={tmp_path / 'bad.csv'}"))
     write_csv(tmp_path / "bad.csv", pd.DataFrame({"ID": [pool["ID"].iloc[0], "nope.jpg"]}))
     with pytest.raises(WBCError, match=r"bad.csv:3: ID nope.jpg is not in the training pool"):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -76,16 +77,24 @@ def load_fold_data(cfg: dict, with_test: bool = True) -> FoldData:
     return FoldData(classes, merged, holdout, test, imgs(merged), imgs(holdout), imgs(test), pseudo, excluded)
 
 
+def read_id_file(path, key: str, columns: tuple[str, ...]) -> tuple[Path, pd.DataFrame]:
+    """The CSV that config key `key` names, as strings, with its required `columns`."""
+    path = resolve_path(path)
+    if not path.is_file():
+        raise WBCError(f"{path}: not found ({key})")
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise WBCError(f"{path}:1: missing column(s) {', '.join(missing)} (found: {', '.join(df.columns)}; "
+                       f"expected {','.join(columns)})")
+    return path, df
+
+
 def read_exclusions(path, pool: pd.DataFrame) -> np.ndarray | None:
     """`data.exclude_from_training`: a bool per pool row, True for the IDs the file lists; None without a file."""
     if not path:
         return None
-    path = resolve_path(path)
-    if not path.is_file():
-        raise WBCError(f"data.exclude_from_training: {path} not found")
-    ids = pd.read_csv(path, dtype=str, keep_default_na=False)
-    if "ID" not in ids.columns:
-        raise WBCError(f"{path}:1: no ID column (columns: {', '.join(ids.columns)})")
+    path, ids = read_id_file(path, "data.exclude_from_training", ("ID",))
     unknown = ~ids["ID"].isin(pool["ID"])
     if unknown.any():
         i = int(np.flatnonzero(unknown)[0])
@@ -113,13 +122,7 @@ def read_pseudo(path, classes: list[str], pool: pd.DataFrame, holdout: pd.DataFr
     """The pseudo-label file (`make pseudo-label`), each row located in the holdout or test images."""
     if not path:
         return None
-    path = resolve_path(path)
-    if not path.exists():
-        raise WBCError(f"{path}: pseudo-label file not found (data.pseudo_labels)")
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    missing = [c for c in ("ID", "labels") if c not in df.columns]
-    if missing:
-        raise WBCError(f"{path}: missing column(s) {', '.join(missing)} (expected ID,labels[,split,confidence])")
+    path, df = read_id_file(path, "data.pseudo_labels", ("ID", "labels"))
     if not len(df):
         raise WBCError(f"{path}: no pseudo-labelled rows")
     in_pool = set(pool["ID"])
