@@ -85,9 +85,10 @@ def train_bundle(configs: list[str], overrides: list[str], folds: list[int], res
 
 def register(sub) -> None:
     from ..cli_common import add_config_args, config_from_args
+    from .deadline import MODES
 
     def add_deadline_mode(p):
-        p.add_argument("--deadline-mode", choices=("fold", "epoch"), default="fold",
+        p.add_argument("--deadline-mode", choices=MODES, default="fold",
                        help="fold: spend no time on a fold that cannot finish (a machine gone afterwards); epoch: "
                             "train until the next epoch would not fit (a RESUME=1 follows on the same disk)")
 
@@ -125,10 +126,12 @@ def register(sub) -> None:
     tb.add_argument("overrides", nargs="*", help="key=value config overrides for every config")
 
     def run_bundle(args):
+        from ..config import resolve_path
         from .deadline import Deadline
 
         train_bundle(args.configs, args.overrides, args.fold, args.resume,
-                     Deadline(time.time() + args.time_limit, args.deadline_mode), args.dest, args.kill_after)
+                     Deadline(time.time() + args.time_limit, args.deadline_mode), resolve_path(args.dest),
+                     args.kill_after)
 
     tb.set_defaults(func=run_bundle)
 
