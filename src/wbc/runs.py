@@ -11,6 +11,7 @@ import yaml
 from .config import display_path, resolve_path
 from .console import print_table
 from .io import write_json
+from .predict.merge import fold_dirs
 
 
 def _json(path: Path):
@@ -37,8 +38,7 @@ def run_row(run: Path) -> dict:
     t = cfg.get("train") or {}
     epochs = None if "epochs" not in t else int(t["epochs"]) + int((t.get("stage2") or {}).get("epochs") or 0)
     n_folds = (cfg.get("folds") or {}).get("n_folds")
-    folds = sorted((p for p in run.glob("fold*") if p.is_dir() and p.name[4:].isdigit()), key=lambda p: int(p.name[4:]))
-    states = {int(f.name[4:]): _fold_state(f, epochs) for f in folds}
+    states = {int(f.name[4:]): _fold_state(f, epochs) for f in fold_dirs(run)}
     report = _json(run / "report.json") or {}
     return {"name": run.name, "kind": "run", "arch": (cfg.get("model") or {}).get("arch"),
             "folds_done": sorted(k for k, s in states.items() if s in ("done", "predicted")),
