@@ -2,6 +2,7 @@
 #   CONFIG=configs/<name>.yaml  FOLD=<k>  DATA=<dataset root>  NAME=<submission name>  ARGS="key=value ..."  RUN=outputs/<name>
 #   PRED=<predictions folder>  SPLITS=<splits to pseudo-label>  MIN_CONF=<pseudo-label confidence>
 #   TIME_LIMIT=<seconds>: train-fold / train-all / train-bundle stop cleanly where a fold would not finish in time
+#   GPUS="0 1 2 3": train-all / train-bundle train the folds side by side, a process per GPU ("0 0 1 1": two per GPU)
 SHELL := /bin/bash
 PY := .venv/bin/python
 CONFIG ?= configs/tiny_cpu.yaml
@@ -29,6 +30,7 @@ SPLITS ?=
 MIN_CONF ?= 0.7
 DEST ?= outputs/bundles
 TIME_LIMIT ?=
+GPUS ?=
 # fold: spend no time on a fold that cannot finish in time; epoch: train until the next epoch would not fit (a
 # RESUME=1 follows on the same disk).
 TIME_LIMIT_MODE ?= fold
@@ -53,7 +55,8 @@ export PYTHONUNBUFFERED := 1
 # DATA= wins over the config's data.root (as does the WBC_DATA environment variable).
 OVR := $(if $(DATA),data.root=$(DATA)) $(ARGS)
 FOLD_LIST = $(subst $(space),$(comma),$(strip $(FOLDS)))
-STOP = $(if $(TIME_LIMIT),--time-limit $(TIME_LIMIT) --deadline-mode $(TIME_LIMIT_MODE))
+STOP = $(if $(TIME_LIMIT),--time-limit $(TIME_LIMIT) --deadline-mode $(TIME_LIMIT_MODE)) \
+    $(if $(strip $(GPUS)),--gpus $(subst $(space),$(comma),$(strip $(GPUS))))
 WBC := $(PY) -m wbc
 
 .DEFAULT_GOAL := help
@@ -85,7 +88,7 @@ folds: ## write folds/<dataset>.csv (stratified, grouped when groups exist)
 train-fold: ## train fold FOLD with CONFIG, then predict its OOF / eval / test (RESUME=1 continues)
 	$(WBC) train-fold -c $(CONFIG) --fold $(FOLD) $(STOP) $(OVR)
 
-train-all: ## train every fold in FOLDS with CONFIG, in one process (RESUME=1 skips finished folds)
+train-all: ## train every fold in FOLDS with CONFIG, in one process or one per GPU in GPUS (RESUME=1 skips finished folds)
 	$(WBC) train-fold -c $(CONFIG) --fold $(FOLD_LIST) $(STOP) $(OVR)
 
 predict: ## fill in missing fold predictions and merge folds: outputs/<name>/{oof,eval,test}.csv + report

@@ -29,6 +29,14 @@ def fold_list(text: str) -> list[int]:
     return folds
 
 
+def gpu_slots(text: str) -> list[str]:
+    """`--gpus 0,1,2,3` (one CUDA_VISIBLE_DEVICES value per slot; a GPU named twice trains two folds at once)."""
+    slots = [s.strip() for s in text.split(",") if s.strip()]
+    if not slots:
+        raise argparse.ArgumentTypeError("no GPU given")
+    return slots
+
+
 def train_folds(cfg: dict, folds: list[int], resume: bool, deadline) -> None:
     """Train and predict `folds` in turn in this process (one start-up, one image load) under `deadline`."""
     from ..config import run_dir
@@ -55,8 +63,19 @@ def train_folds(cfg: dict, folds: list[int], resume: bool, deadline) -> None:
         last_fold_s = time.monotonic() - t0
 
 
+def run_folds(cfg: dict, config: str | None, overrides: list[str], folds: list[int], resume: bool, deadline,
+              gpus: list[str] | None) -> None:
+    """In this process, or with `gpus` a process per fold on each GPU slot (train/parallel.py)."""
+    if gpus:
+        from .parallel import train_folds_parallel
+
+        train_folds_parallel(cfg, config, overrides, folds, gpus, resume, deadline)
+    else:
+        train_folds(cfg, folds, resume, deadline)
+
+
 def train_bundle(configs: list[str], overrides: list[str], folds: list[int], resume: bool, deadline,
-                 dest: Path, kill_after_s: float) -> None:
+                 dest: Path, kill_after_s: float, gpus: list[str] | None = None) -> None:
     """Each config's folds in turn under one deadline, then every run that has a folder bundled into `dest`, also
     when training stopped early or failed. A backstop alarm `kill_after_s` after the deadline interrupts a training
     that overran it (on a lent machine the call's own limit would take the bundles with it)."""
@@ -73,8 +92,8 @@ def train_bundle(configs: list[str], overrides: list[str], folds: list[int], res
     previous = signal.signal(signal.SIGALRM, overran)
     signal.alarm(max(int(math.ceil(deadline.left() + kill_after_s)), 1))
     try:
-        for cfg in cfgs:
-            train_folds(cfg, folds, resume, deadline)
+        for config, cfg in zip(configs, cfgs):
+            run_folds(cfg, config, overrides, folds, resume, deadline, gpus)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
@@ -98,6 +117,9 @@ def register(sub) -> None:
                             "load)")
         p.add_argument("--resume", action="store_true", default=os.environ.get("RESUME") == "1",
                        help="continue from fold<k>/state.pt (also RESUME=1)")
+        p.add_argument("--gpus", type=gpu_slots, default=None,
+                       help="train the folds side by side, a process per CUDA_VISIBLE_DEVICES value, e.g. 0,1,2,3 "
+                            "(0,0,1,1: two folds per GPU); logs in outputs/<name>/logs/")
 
     p = add_config_args(sub.add_parser("train-fold", help="train folds, each then predicting OOF / eval / test"))
     add_folds_and_resume(p)
@@ -110,7 +132,8 @@ def register(sub) -> None:
         from .deadline import Deadline
 
         at = None if args.time_limit is None else time.time() + args.time_limit
-        train_folds(config_from_args(args), args.fold, args.resume, Deadline(at, args.deadline_mode))
+        run_folds(config_from_args(args), args.config, args.overrides, args.fold, args.resume,
+                  Deadline(at, args.deadline_mode), args.gpus)
 
     p.set_defaults(func=run)
 
@@ -131,7 +154,7 @@ def register(sub) -> None:
 
         train_bundle(args.configs, args.overrides, args.fold, args.resume,
                      Deadline(time.time() + args.time_limit, args.deadline_mode), resolve_path(args.dest),
-                     args.kill_after)
+                     args.kill_after, args.gpus)
 
     tb.set_defaults(func=run_bundle)
 
