@@ -180,6 +180,8 @@ def test_resumed_study_continues_its_trials(tmp_path, kind):
     assert resumed.study_name == first.study_name
     assert n_finished(resumed) == 12
     assert [(t.number, t.params) for t in resumed.trials[:6]] == before
+    # its new random trials are new points, not the first run's draws again
+    assert not {str(t.params) for t in resumed.trials[6:]} & {str(p) for _, p in before}
     # at its budget, rerunning adds nothing; different inputs get a different study
     _, again = tune_rule(probs, y, ["a", "b", "c"], RuleSpace(), storage=make_storage(spec), n_trials=12, **args)
     assert len(again.trials) == 12
@@ -407,6 +409,9 @@ def test_ensemble_command_reports_bad_members(tmp_path, runs, capsys):
     cfg_file.write_text(yaml.safe_dump({"ensemble": {"members": [str(a)], "tuning": {"n_trails": 5}}}))
     assert main(["ensemble", "--config", str(cfg_file)]) == 2
     assert "unknown key(s) n_trails" in capsys.readouterr().out
+    cfg_file.write_text(yaml.safe_dump({"ensemble": {"members": [str(a)], "tuning": {"select": "nestd"}}}))
+    assert main(["ensemble", "--config", str(cfg_file)]) == 2
+    assert "ensemble.tuning.select: 'nestd' is not nested or tuned" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("select,blend_wins,final", [("nested", True, "blend"), ("nested", False, "tuned"),
@@ -445,6 +450,7 @@ def test_ensemble_submits_the_blend_when_the_rule_loses_out_of_sample(tmp_path, 
     # the sidecar's nested score is the submitted step's
     sidecar = json.loads((tmp_path / "subs" / "sel.json").read_text())
     assert sidecar["oof_nested_macro_f1"] == fake["blend_macro_f1" if final == "blend" else "macro_f1"]
+    assert (sidecar["oof_nested_blend"], sidecar["oof_nested_rule"]) == (fake["blend_macro_f1"], fake["macro_f1"])
     # eval decisions and the sidecar's eval score are the submitted step's too
     ev = load_probs(out / "eval.csv")
     eval_pred = pd.read_csv(out / "eval_pred.csv", dtype=str, keep_default_na=False)["labels"].tolist()

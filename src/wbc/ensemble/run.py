@@ -119,6 +119,8 @@ def run_ensemble(cfg: dict) -> dict:
     spec_fit, select = ens.get("specialist_fit", "macro_f1"), ens.get("specialist_select", "nested")
     if select not in ("nested", "always"):
         raise WBCError(f"ensemble.specialist_select: '{select}' is not nested or always")
+    if tcfg.get("select", "nested") not in ("nested", "tuned"):
+        raise WBCError(f"ensemble.tuning.select: '{tcfg['select']}' is not nested or tuned")
     spec_oof, spec_groups = [s.oof.probs for s in specs], [s.group for s in specs]
     spec_weights = fit_specialists(oof.probs, spec_oof, spec_groups, y, fit_sw, spec_fit)
     kept, spec_check = specs, None
@@ -246,6 +248,8 @@ def run_ensemble(cfg: dict) -> dict:
                    "decision": display_path(out / "decision.json"),
                    "oof_macro_f1": scores["oof"][final_step]["macro_f1"],
                    "oof_nested_macro_f1": scores["oof_nested_blend" if final_step == "blend" else "oof_nested"],
+                   # the step above was chosen on these same folds (select: nested): both estimates, for the record
+                   "oof_nested_blend": scores["oof_nested_blend"], "oof_nested_rule": scores["oof_nested"],
                    "shift_weights": decision["shift_weights"], "folds": folds,
                    "eval_macro_f1": scores["eval"][final_step]["macro_f1"] if "eval" in scores else None}
         path = write_submission(data_root(cfg), test.ids, [classes[i] for i in test_pred], name, classes, sidecar,

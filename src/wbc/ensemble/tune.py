@@ -58,9 +58,11 @@ def make_storage(spec: str, heartbeat_s: int | None = None) -> BaseStorage:
 def open_study(storage: BaseStorage, name: str, seed: int, pruner=None, startup: int = 10) -> optuna.Study:
     """Create or resume a maximising study with a seeded TPE sampler."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup)
-    return optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=sampler,
-                               pruner=pruner, load_if_exists=True)
+    study = optuna.create_study(storage=storage, study_name=name, direction="maximize", pruner=pruner,
+                                load_if_exists=True)
+    # Offset by the trials already there: a resumed study reseeded as new would redraw its first random trials.
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials), n_startup_trials=startup)
+    return study
 
 
 def n_finished(study: optuna.Study) -> int:
