@@ -45,3 +45,23 @@ def test_save_load_round_trip_keeps_every_column(tmp_path):
 def test_probabilities_must_match_ids_and_classes():
     with pytest.raises(WBCError, match=r"shape \(2, 2\), expected \(2, 3\)"):
         Probs(["a", "b"], np.ones((2, 2)) / 2, CLASSES)
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("ID,fold,prob_BA,prob_EO,prob_LY\na,0,1,0,0\nb,0,,0.5,0.5\n", "p.csv:3: prob_BA is '', not a finite"),
+    ("ID,fold,prob_BA,prob_EO,prob_LY\na,0,1,0,0\nb,0,0.5,NaN,0.5\n", "p.csv:3: prob_EO is 'NaN', not a finite"),
+    ("ID,fold,prob_BA,prob_EO,prob_LY\na,0,1,0,x\n", "p.csv:2: prob_LY is 'x', not a finite"),
+    ("ID,fold,prob_BA,prob_EO,prob_LY\na,0,1,0,0\nb,,1,0,0\n", "p.csv:3: fold is '', not a fold number"),
+    ("", "p.csv: not a readable CSV"),
+])
+def test_load_probs_refuses_bad_cells_naming_file_and_row(tmp_path, text, msg):
+    (tmp_path / "p.csv").write_text(text)
+    with pytest.raises(WBCError, match=msg):
+        load_probs(tmp_path / "p.csv")
+
+
+def test_load_probs_requires_the_columns_the_caller_needs(tmp_path):
+    save_probs(tmp_path / "p.csv", Probs(["a"], [[1.0, 0, 0]], CLASSES))
+    assert load_probs(tmp_path / "p.csv").folds is None
+    with pytest.raises(WBCError, match=r"p.csv:1: missing column\(s\) fold, labels \(found ID, prob_BA"):
+        load_probs(tmp_path / "p.csv", need=("fold", "labels"))

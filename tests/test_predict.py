@@ -53,12 +53,44 @@ def test_merge_refuses_overlapping_oof_and_disagreeing_folds(tmp_path):
         merge_run(tmp_path / "dup")
     _fold_files(tmp_path / "ids", rng, [["a", "b"], ["c", "d"]], ["t0", "t1"])
     save_probs(tmp_path / "ids" / "fold1" / "test.csv", Probs(["t0", "t9"], _probs(rng, 2), CLASSES))
-    with pytest.raises(WBCError, match="folds disagree on IDs or classes"):
+    with pytest.raises(WBCError, match=r"fold1/test.csv: IDs differ from those of .*fold0/test.csv"):
         merge_run(tmp_path / "ids")
     _fold_files(tmp_path / "cls", rng, [["a", "b"], ["c", "d"]], ["t0", "t1"])
     save_probs(tmp_path / "cls" / "fold1" / "test.csv", Probs(["t0", "t1"], _probs(rng, 2), ["B", "A", "C"]))
-    with pytest.raises(WBCError, match="folds disagree on IDs or classes"):  # columns in another class order
-        merge_run(tmp_path / "cls")
+    with pytest.raises(WBCError, match="fold1/test.csv: classes B,A,C differ from .*fold0/oof.csv's A,B,C"):
+        merge_run(tmp_path / "cls")  # columns in another class order
+
+
+def test_merge_refuses_oof_files_whose_class_columns_differ(tmp_path):
+    rng = np.random.default_rng(2)
+    _fold_files(tmp_path, rng, [["a", "b", "c"], ["d", "e", "f"]], ["t0", "t1"])
+    one = load_probs(tmp_path / "fold1" / "oof.csv")
+    save_probs(tmp_path / "fold1" / "oof.csv", Probs(one.ids, one.probs[:, ::-1], ["C", "B", "A"], one.folds,
+                                                     one.labels))
+    with pytest.raises(WBCError, match="fold1/oof.csv: classes C,B,A differ from .*fold0/oof.csv's A,B,C"):
+        merge_run(tmp_path)
+    assert not (tmp_path / "oof.csv").exists()
+
+
+def test_merge_refuses_an_oof_file_without_folds(tmp_path):
+    rng = np.random.default_rng(3)
+    _fold_files(tmp_path, rng, [["a", "b"], ["c", "d"]], ["t0", "t1"])
+    one = load_probs(tmp_path / "fold1" / "oof.csv")
+    save_probs(tmp_path / "fold1" / "oof.csv", Probs(one.ids, one.probs, CLASSES, labels=one.labels))
+    with pytest.raises(WBCError, match=r"fold1/oof.csv:1: missing column\(s\) fold"):
+        merge_run(tmp_path)
+
+
+def test_a_refused_merge_leaves_the_previous_merge_whole(tmp_path):
+    rng = np.random.default_rng(4)
+    _fold_files(tmp_path, rng, [["a", "b", "c"], ["d", "e", "f"]], ["t0", "t1"])
+    merge_run(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    _fold_files(tmp_path, rng, [["a", "b", "c"], ["d", "e", "f"]], ["t0", "t1"])  # new OOF probabilities
+    save_probs(tmp_path / "fold1" / "test.csv", Probs(["t0", "t9"], _probs(rng, 2), CLASSES))
+    with pytest.raises(WBCError, match="folds disagree on IDs"):
+        merge_run(tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
 
 
 def test_probability_files_refuse_duplicate_ids(tmp_path):

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -14,10 +15,10 @@ def frame(ids, labels):
 
 
 @pytest.mark.parametrize("ids,labels,msg", [
-    (["1", "2"], ["A", "B"], "1 test IDs missing, e.g. 3"),
-    (["1", "2", "3", "4"], ["A", "B", "C", "A"], ":5: ID 4 is not in the test split"),
-    (["1", "2", "2", "3"], ["A", "B", "B", "C"], ":4: duplicate ID 2"),
-    (["1", "2", "3"], ["A", "B", "Z"], ":4: label 'Z' is not a class code"),
+    (["1", "2"], ["A", "B"], "1 test IDs missing, e.g. '3'"),
+    (["1", "2", "3", "4"], ["A", "B", "C", "A"], ":5: ID '4' is not in the test split"),
+    (["1", "2", "2", "3"], ["A", "B", "B", "C"], ":4: duplicate ID '2'"),
+    (["1", "2", "3 "], ["A", "B", "C"], ":4: ID '3 ' is not in the test split"),  # quoted: the space shows
 ])
 def test_validation_refuses(ids, labels, msg):
     with pytest.raises(WBCError, match=msg):
@@ -50,7 +51,7 @@ def test_check_file_validates_an_existing_submission(tmp_path):
     good.write_text("ID,labels\n1,A\n2,B\n3,C\n")
     short.write_text("ID,labels\n1,A\n2,B\n")
     check_file(good, tmp_path, CLASSES)
-    with pytest.raises(WBCError, match="short.csv: 1 test IDs missing, e.g. 3"):
+    with pytest.raises(WBCError, match="short.csv: 1 test IDs missing, e.g. '3'"):
         check_file(short, tmp_path, CLASSES)
     with pytest.raises(WBCError, match="submission not found"):
         check_file(tmp_path / "none.csv", tmp_path, CLASSES)
@@ -66,3 +67,82 @@ def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
             tmp.write_text("ID,lab")  # killed half-way
             raise RuntimeError("killed")
     assert p.read_text() == "ID,labels\n1,A\n" and [q.name for q in p.parent.iterdir()] == ["x.csv"]
+
+
+@pytest.mark.parametrize("content,msg", [
+    ("", ": not a readable CSV"),  # zero bytes
+    ("ID,labels\n1,A\n2,B,extra\n3,C\n", ": not a readable CSV"),  # a row with too many fields
+    ("ID,labels\n1,A,x\n2,B,x\n3,C,x\n", ":2: more fields than the header"),  # every row: not an index
+    (None, ": submission is not a regular file"),  # a folder
+])
+def test_check_file_refuses_unreadable_files(tmp_path, content, msg):
+    from wbc.submit import check_file
+
+    (tmp_path / "phase2_test.csv").write_text("ID,labels\n1,\n2,\n3,\n")
+    sub = tmp_path / "sub.csv"
+    if content is None:
+        sub.mkdir()
+    else:
+        sub.write_text(content)
+    with pytest.raises(WBCError, match=f"sub.csv{msg}"):
+        check_file(sub, tmp_path, CLASSES)
+
+
+def test_check_submission_cli_refuses_a_folder(capsys, sample_root, tmp_path):
+    from wbc.__main__ import main
+
+    code = main(["check-submission", "-c", "configs/tiny_cpu.yaml", f"data.root={sample_root}",
+                 "--file", str(tmp_path)])
+    out = capsys.readouterr()
+    lines = (out.out + out.err).strip().splitlines()
+    assert code == 2 and len(lines) == 1 and f"{tmp_path}: submission is not a regular file" in lines[0]
+
+
+def _pred_dir(tmp_path):
+    """A data root with a 3-image test split and an empty predictions folder."""
+    (tmp_path / "phase2_test.csv").write_text("ID,labels\n1,\n2,\n3,\n")
+    pred = tmp_path / "run"
+    pred.mkdir()
+    return pred
+
+
+@pytest.mark.parametrize("file,content,msg", [
+    ("test_pred.csv", "ID,label\n1,A\n2,B\n3,C\n", "test_pred.csv:1: missing column(s) labels"),
+    ("test_pred.csv", "", "test_pred.csv: not a readable CSV"),
+    ("test_pred.csv", "ID,labels\n1,A\n9,B\n3,C\n", "test_pred.csv:3: ID '9' is not in the test split"),
+    ("test.csv", "ID,prob_A,prob_B,prob_C\n1,1,0,0\n2,0,1,0\n", "test.csv: 1 test IDs missing, e.g. '3'"),
+    ("report.json", "{", "report.json: not valid JSON"),
+    ("report.json", "[1]", "report.json: not a JSON object"),
+])
+def test_submit_from_predictions_names_the_bad_file(tmp_path, file, content, msg):
+    from wbc.submit import submit_from_predictions
+
+    pred = _pred_dir(tmp_path)
+    if file == "report.json":
+        (pred / "test_pred.csv").write_text("ID,labels\n1,A\n2,B\n3,C\n")
+    (pred / file).write_text(content)
+    with pytest.raises(WBCError, match=re.escape(f"{pred / file}{msg[len(file):]}")):
+        submit_from_predictions(pred, tmp_path, "x", CLASSES, out_dir=tmp_path / "subs")
+    assert not (tmp_path / "subs").exists()
+
+
+def test_sidecar_writes_nan_as_null(tmp_path):
+    from wbc.submit import submit_from_predictions
+
+    pred = _pred_dir(tmp_path)
+    (pred / "test_pred.csv").write_text("ID,labels\n1,A\n2,B\n3,C\n")
+    (pred / "report.json").write_text('{"oof": {"macro_f1": NaN}, "folds": [0]}')
+    submit_from_predictions(pred, tmp_path, "x", CLASSES, out_dir=tmp_path / "subs")
+    text = (tmp_path / "subs" / "x.json").read_text()
+    side = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-standard JSON token {c}"))
+    assert side["cv_macro_f1"] is None and side["report"]["oof"]["macro_f1"] is None
+
+
+def test_a_failed_write_keeps_the_old_csv_and_sidecar_together(tmp_path):
+    (tmp_path / "phase2_test.csv").write_text("ID,labels\n1,\n2,\n3,\n")
+    subs = tmp_path / "subs"
+    write_submission(tmp_path, ["1", "2", "3"], ["A", "A", "A"], "x", CLASSES, {"v": 1}, out_dir=subs)
+    old = {p.name: p.read_text() for p in subs.iterdir()}
+    with pytest.raises(TypeError):  # the sidecar cannot be written
+        write_submission(tmp_path, ["1", "2", "3"], ["B", "B", "B"], "x", CLASSES, {"v": object()}, out_dir=subs)
+    assert {p.name: p.read_text() for p in subs.iterdir()} == old

@@ -61,8 +61,12 @@ def write_text(path, text: str) -> None:
         tmp.write_text(text)
 
 
+def json_text(obj) -> str:
+    return json.dumps(obj, indent=2, default=_json_default) + "\n"
+
+
 def write_json(path, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+    write_text(path, json_text(obj))
 
 
 def _json_default(o):
@@ -75,6 +79,23 @@ def _json_default(o):
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+def read_csv(path, what: str = "file", **kwargs) -> pd.DataFrame:
+    """pd.read_csv, with a missing file, a folder, an empty or malformed file as one WBCError line."""
+    path = Path(path)
+    if not path.exists():
+        raise WBCError(f"{path}: {what} not found")
+    if not path.is_file():
+        raise WBCError(f"{path}: {what} is not a regular file")
+    try:
+        df = pd.read_csv(path, **kwargs)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise WBCError(f"{path}: not a readable CSV ({why})") from None
+    if not isinstance(df.index, pd.RangeIndex):  # every row had one field too many: pandas made column 1 an index
+        raise WBCError(f"{path}:2: more fields than the header")
+    return df
 
 
 def write_csv(path, df: pd.DataFrame) -> None:
@@ -163,13 +184,13 @@ def save_probs(path, p: Probs) -> None:
     write_csv(path, p.to_frame())
 
 
-def load_probs(path) -> Probs:
+def load_probs(path, need=()) -> Probs:
+    """A probability file; `need` names the optional columns (`fold`, `labels`) the caller requires."""
     path = Path(path)
-    if not path.exists():
-        raise WBCError(f"{path}: prediction file not found")
-    df = pd.read_csv(path, dtype={"ID": str, "labels": str}, keep_default_na=False)
-    if "ID" not in df.columns:
-        raise WBCError(f"{path}: no ID column")
+    df = read_csv(path, "prediction file", dtype={"ID": str, "labels": str}, keep_default_na=False)
+    missing = [c for c in ("ID", *need) if c not in df.columns]
+    if missing:
+        raise WBCError(f"{path}:1: missing column(s) {', '.join(missing)} (found {', '.join(map(str, df.columns))})")
     pcols = [c for c in df.columns if c.startswith(PROB_PREFIX)]
     if not pcols:
         raise WBCError(f"{path}: no {PROB_PREFIX}<class> columns")
@@ -177,6 +198,17 @@ def load_probs(path) -> Probs:
     if dup.any():
         row = int(np.flatnonzero(dup.to_numpy())[0]) + 2
         raise WBCError(f"{path}:{row}: duplicate ID {df['ID'].iloc[row - 2]}")
-    return Probs(df["ID"].to_numpy(), df[pcols].to_numpy(float), [c[len(PROB_PREFIX):] for c in pcols],
-                 df["fold"].to_numpy() if "fold" in df.columns else None,
+    probs = df[pcols].apply(pd.to_numeric, errors="coerce").to_numpy(float)  # '' and text become NaN
+    bad = ~np.isfinite(probs)
+    if bad.any():
+        r, c = np.argwhere(bad)[0]
+        raise WBCError(f"{path}:{r + 2}: {pcols[c]} is {str(df[pcols[c]].iloc[r])!r}, not a finite probability")
+    folds = None
+    if "fold" in df.columns:
+        folds = pd.to_numeric(df["fold"], errors="coerce").to_numpy(float)
+        bad = ~np.isfinite(folds) | (folds != np.round(folds))
+        if bad.any():
+            r = int(np.flatnonzero(bad)[0])
+            raise WBCError(f"{path}:{r + 2}: fold is {str(df['fold'].iloc[r])!r}, not a fold number")
+    return Probs(df["ID"].to_numpy(), probs, [c[len(PROB_PREFIX):] for c in pcols], folds,
                  df["labels"].to_numpy() if "labels" in df.columns else None)

@@ -1,6 +1,7 @@
 """The submission writer: `ID,labels` for exactly the IDs of phase2_test.csv, plus a JSON sidecar."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,7 @@ import pandas as pd
 
 from .config import display_path, resolve_path, run_dir
 from .errors import WBCError
-from .io import atomic_path, write_json
+from .io import atomic_path, json_text, read_csv
 
 
 def validate_submission(df: pd.DataFrame, test_ids, classes, source: str = "submission") -> None:
@@ -19,39 +20,53 @@ def validate_submission(df: pd.DataFrame, test_ids, classes, source: str = "subm
     dup = ids.duplicated()
     if dup.any():
         i = int(np.flatnonzero(dup.to_numpy())[0])
-        raise WBCError(f"{source}:{i + 2}: duplicate ID {ids.iloc[i]}")
+        raise WBCError(f"{source}:{i + 2}: duplicate ID {ids.iloc[i]!r}")
     test = set(map(str, test_ids))
     extra = ~ids.isin(test)
     if extra.any():
         i = int(np.flatnonzero(extra.to_numpy())[0])
-        raise WBCError(f"{source}:{i + 2}: ID {ids.iloc[i]} is not in the test split")
+        raise WBCError(f"{source}:{i + 2}: ID {ids.iloc[i]!r} is not in the test split")
     missing = sorted(test - set(ids))
     if missing:
-        raise WBCError(f"{source}: {len(missing)} test IDs missing, e.g. {missing[0]}")
-    bad = ~df["labels"].astype(str).isin(list(classes))
+        raise WBCError(f"{source}: {len(missing)} test IDs missing, e.g. {missing[0]!r}")
+    labels = df["labels"].astype(str)
+    bad = ~labels.isin(list(classes))
     if bad.any():
         i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise WBCError(f"{source}:{i + 2}: label '{df['labels'].iloc[i]}' is not a class code")
+        raise WBCError(f"{source}:{i + 2}: label {labels.iloc[i]!r} is not a class code")
+
+
+def _null_nan(obj):
+    """NaN / inf as null: JSON has no token for them (json.dumps would write a bare NaN)."""
+    if isinstance(obj, dict):
+        return {k: _null_nan(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, np.ndarray)):
+        return [_null_nan(v) for v in obj]
+    if isinstance(obj, (float, np.floating)) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def write_submission(data_root, ids, labels, name: str, classes, sidecar: dict,
-                     out_dir="submissions") -> Path:
-    """Validate and write `<out_dir>/<name>.csv` and `<name>.json`; nothing is written if invalid."""
+                     out_dir="submissions", source: str = "submission") -> Path:
+    """Validate and write `<out_dir>/<name>.csv` and `<name>.json`; nothing is written if invalid.
+    `source` names where ids / labels came from in validation errors."""
     from .data.layout import read_split
     from .environment import git_commit  # imports torch: here, not at every command's start
 
     test = read_split(Path(data_root), "phase2_test", check_images=False)
     df = pd.DataFrame({"ID": np.asarray(ids).astype(str), "labels": np.asarray(labels).astype(str)})
-    validate_submission(df, test["ID"], classes)
+    validate_submission(df, test["ID"], classes, source)
     df = df.set_index("ID").loc[test["ID"]].reset_index()  # test-file order
-    out = resolve_path(out_dir)
-    path = out / f"{name}.csv"
-    with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False)
     counts = df["labels"].value_counts()
-    write_json(out / f"{name}.json", {"name": name, "git_commit": git_commit(), "n": len(df),
-                                      "predicted_counts": {c: int(counts.get(c, 0)) for c in classes},
-                                      **sidecar})
+    side = json_text(_null_nan({"name": name, "git_commit": git_commit(), "n": len(df),
+                                "predicted_counts": {c: int(counts.get(c, 0)) for c in classes}, **sidecar}))
+    path = resolve_path(out_dir) / f"{name}.csv"
+    # Both written in full before either is renamed, the sidecar first: a failure never leaves a new CSV
+    # beside the sidecar of an older one.
+    with atomic_path(path) as tmp_csv, atomic_path(path.with_suffix(".json")) as tmp_json:
+        df.to_csv(tmp_csv, index=False)
+        tmp_json.write_text(side)
     return path
 
 
@@ -59,10 +74,7 @@ def check_file(path, data_root, classes) -> None:
     """Validate an existing submission CSV (`python -m wbc check-submission`)."""
     from .data.layout import read_split
 
-    path = Path(path)
-    if not path.exists():
-        raise WBCError(f"{path}: submission not found")
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    df = read_csv(path, "submission", dtype=str, keep_default_na=False)
     test = read_split(Path(data_root), "phase2_test", check_images=False)
     validate_submission(df, test["ID"], classes, source=str(path))
 
@@ -78,26 +90,40 @@ def submit_from_predictions(pred_dir, data_root, name: str, classes, extra: dict
     pred_dir = Path(pred_dir)
     decided = pred_dir / "test_pred.csv"
     if decided.exists():
-        df = pd.read_csv(decided, dtype=str, keep_default_na=False)
-        ids, labels, rule = df["ID"], df["labels"], "tuned decision rule (test_pred.csv)"
+        df = read_csv(decided, "decisions", dtype=str, keep_default_na=False)
+        missing = [c for c in ("ID", "labels") if c not in df.columns]
+        if missing:
+            raise WBCError(f"{decided}:1: missing column(s) {', '.join(missing)} (found {', '.join(df.columns)})")
+        ids, labels, rule, source = df["ID"], df["labels"], "tuned decision rule (test_pred.csv)", decided
     else:
-        probs = load_probs(pred_dir / "test.csv")
+        source = pred_dir / "test.csv"
+        probs = load_probs(source)
         if set(probs.classes) < set(classes):
-            raise WBCError(f"{pred_dir / 'test.csv'}: a specialist's predictions (classes {', '.join(probs.classes)}) "
+            raise WBCError(f"{source}: a specialist's predictions (classes {', '.join(probs.classes)}) "
                            "cannot be submitted alone; compose it with full-class runs (ensemble.specialists)")
         ids, labels, rule = probs.ids, np.asarray(probs.classes)[probs.probs.argmax(1)], "argmax of test.csv"
     report = pred_dir / "report.json"
     sidecar = {"predictions": display_path(pred_dir), "decision": rule, **(extra or {})}
     if report.exists():
-        rep = json.loads(report.read_text())
-        sidecar["cv_macro_f1"] = rep.get("oof", {}).get("macro_f1")
-        sidecar["eval_macro_f1"] = rep.get("eval", {}).get("macro_f1")
+        try:
+            rep = json.loads(report.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise WBCError(f"{report}: not valid JSON ({e})") from None
+        if not isinstance(rep, dict):
+            raise WBCError(f"{report}: not a JSON object (found {type(rep).__name__})")
+        sidecar["cv_macro_f1"] = _macro_f1(rep, "oof")
+        sidecar["eval_macro_f1"] = _macro_f1(rep, "eval")
         sidecar["folds"] = rep.get("folds")
         sidecar["report"] = rep
     cfg_file = pred_dir / "config.yaml"
     if cfg_file.exists():
         sidecar["config"] = cfg_file.read_text()
-    return write_submission(data_root, ids, labels, name, classes, sidecar, out_dir)
+    return write_submission(data_root, ids, labels, name, classes, sidecar, out_dir, str(source))
+
+
+def _macro_f1(rep: dict, part: str):
+    scores = rep.get(part)
+    return scores.get("macro_f1") if isinstance(scores, dict) else None
 
 
 def register(sub) -> None:
