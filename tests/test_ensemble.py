@@ -314,6 +314,9 @@ def _data_root(tmp_path, test_ids):
     root = tmp_path / "data"
     root.mkdir()
     pd.DataFrame({"ID": test_ids, "labels": ""}).to_csv(root / "phase2_test.csv", index=False)
+    # a labelled split: the dataset's classes, which a submission is checked against
+    pd.DataFrame({"ID": [f"lab{c}.jpg" for c in CLASSES], "labels": CLASSES}).to_csv(root / "phase1_label.csv",
+                                                                                     index=False)
     return root
 
 
@@ -409,6 +412,11 @@ def test_ensemble_command_reports_bad_members(tmp_path, runs, capsys):
     cfg_file.write_text(yaml.safe_dump({"ensemble": {"members": [str(a)], "tuning": {"n_trails": 5}}}))
     assert main(["ensemble", "--config", str(cfg_file)]) == 2
     assert "unknown key(s) n_trails" in capsys.readouterr().out
+    root = _data_root(tmp_path, list(load_probs(a / "test.csv").ids))
+    cfg_file.write_text(yaml.safe_dump({"data": {"classes": [*CLASSES, "ZZ"]}, "ensemble": {"members": [str(a)]}}))
+    assert main(["ensemble", "--config", str(cfg_file), f"output_dir={tmp_path / 'out'}", f"data.root={root}"]) == 2
+    assert f"predicts classes {','.join(CLASSES)}, but the dataset's are" in capsys.readouterr().out
+    assert not (tmp_path / "out" / "ensemble" / "bad").exists()  # refused before anything is written
     cfg_file.write_text(yaml.safe_dump({"ensemble": {"members": [str(a)], "tuning": {"select": "nestd"}}}))
     assert main(["ensemble", "--config", str(cfg_file)]) == 2
     assert "ensemble.tuning.select: 'nestd' is not nested or tuned" in capsys.readouterr().out

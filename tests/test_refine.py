@@ -219,6 +219,8 @@ def write_case(root, seed=0):
     feats.to_csv(root / "morph" / "toy_features.csv", index=False)
     pd.DataFrame({"ID": ids[300 + n_ev:], "labels": ""}).to_csv(root / "data" / "toy" / "phase2_test.csv",
                                                                    index=False)
+    pd.DataFrame({"ID": [f"lab{c}.jpg" for c in CLASSES], "labels": CLASSES}).to_csv(
+        root / "data" / "toy" / "phase1_label.csv", index=False)  # the dataset's classes, for the submission
     pred = root / "preds"
     yl = np.asarray(CLASSES)[y]
     save_probs(pred / "oof.csv", Probs(ids[:300], probs, CLASSES, folds, yl))
@@ -313,6 +315,10 @@ def test_refine_rejects_missing_features(tmp_path):
     feats.iloc[1:].to_csv(tmp_path / "morph" / "toy_features.csv", index=False)
     with pytest.raises(WBCError, match="no morphology features"):
         run_refine(refine_cfg(tmp_path))
+    # predictions over fewer classes than the dataset has could never make a whole submission
+    with pytest.raises(WBCError, match="but the dataset's are A,B,R,ZZ"):
+        run_refine(refine_cfg(tmp_path, f"data.classes=[{','.join(CLASSES)},ZZ]"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_scaler_scales_integer_features_by_std_and_clips_outliers():

@@ -47,6 +47,18 @@ def _null_nan(obj):
     return obj
 
 
+def submission_classes(cfg: dict, classes, source) -> list[str]:
+    """The dataset's class codes, checked against those a step predicts: a submission over other classes would
+    pass a check against its own classes and never predict the dataset's missing ones."""
+    from .data.layout import class_list
+
+    want = class_list(cfg)
+    if set(classes) != set(want):
+        raise WBCError(f"{source}: predicts classes {','.join(classes)}, but the dataset's are {','.join(want)}; "
+                       "a submission needs them all (a specialist is composed through ensemble.specialists)")
+    return want
+
+
 def write_submission(data_root, ids, labels, name: str, classes, sidecar: dict,
                      out_dir="submissions", source: str = "submission") -> Path:
     """Validate and write `<out_dir>/<name>.csv` and `<name>.json`; nothing is written if invalid.

@@ -91,6 +91,8 @@ def run_ensemble(cfg: dict) -> dict:
     name = cfg["name"]
     out = resolve_path(cfg.get("output_dir") or "outputs") / "ensemble" / name
     bcfg, tcfg = ens.get("blend") or {}, ens.get("tuning") or {}
+    if tcfg.get("select", "nested") not in ("nested", "tuned"):
+        raise WBCError(f"ensemble.tuning.select: '{tcfg['select']}' is not nested or tuned")
     space = bcfg.get("space", "prob")
     if space not in SPACES:
         raise WBCError(f"ensemble.blend.space: '{space}' is not one of {', '.join(SPACES)}")
@@ -114,13 +116,15 @@ def run_ensemble(cfg: dict) -> dict:
     weights, how = resolve_weights(wspec, members, space, fit_sw)
     oof, ev, test = blend(members, weights, space)
     classes, n_cls = oof.classes, len(oof.classes)
+    if ens.get("submit", True):
+        from ..submit import submission_classes
+
+        submission_classes(cfg, classes, f"ensemble {name}")  # before any output is written
     y = oof.label_index()
     plain = {"oof": oof, "eval": ev}  # the blend before the specialists are composed in
     spec_fit, select = ens.get("specialist_fit", "macro_f1"), ens.get("specialist_select", "nested")
     if select not in ("nested", "always"):
         raise WBCError(f"ensemble.specialist_select: '{select}' is not nested or always")
-    if tcfg.get("select", "nested") not in ("nested", "tuned"):
-        raise WBCError(f"ensemble.tuning.select: '{tcfg['select']}' is not nested or tuned")
     spec_oof, spec_groups = [s.oof.probs for s in specs], [s.group for s in specs]
     spec_weights = fit_specialists(oof.probs, spec_oof, spec_groups, y, fit_sw, spec_fit)
     kept, spec_check = specs, None
@@ -241,7 +245,7 @@ def run_ensemble(cfg: dict) -> dict:
 
     if ens.get("submit", True):
         from ..data.layout import data_root
-        from ..submit import write_submission
+        from ..submit import submission_classes, write_submission
 
         sidecar = {"step": "ensemble", "name": name, "members": decision["members"], "blend": decision["blend"],
                    "specialists": decision["specialists"],
@@ -252,7 +256,8 @@ def run_ensemble(cfg: dict) -> dict:
                    "oof_nested_blend": scores["oof_nested_blend"], "oof_nested_rule": scores["oof_nested"],
                    "shift_weights": decision["shift_weights"], "folds": folds,
                    "eval_macro_f1": scores["eval"][final_step]["macro_f1"] if "eval" in scores else None}
-        path = write_submission(data_root(cfg), test.ids, [classes[i] for i in test_pred], name, classes, sidecar,
+        path = write_submission(data_root(cfg), test.ids, [classes[i] for i in test_pred], name,
+                                submission_classes(cfg, classes, f"ensemble {name}"), sidecar,
                                 out_dir=resolve_path(ens.get("submit_dir") or "submissions"))
         report["submission"] = display_path(path)
         write_json(out / "report.json", report)
