@@ -1,8 +1,12 @@
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
+import pytest
 
 from wbc.data.sample import make_sample_dataset
-from wbc.folds import build_folds, make_folds
+from wbc.errors import WBCError
+from wbc.folds import build_folds, load_folds, make_folds
 
 
 def test_every_id_once_and_stratified(sample_root, make_cfg):
@@ -60,3 +64,47 @@ def test_class_list_is_the_sorted_codes_or_the_config(sample_root):
     codes = sorted(set(_pool_labels(sample_root)) | set(eval_labels))
     assert len(codes) > 3 and class_list({"data": {}}, sample_root) == codes
     assert class_list({"data": {"classes": ["Z", "A"]}}, sample_root) == ["Z", "A"]
+
+
+@pytest.mark.parametrize("k", [1, 0, -3, 2.5, "five"])
+def test_n_folds_below_two_or_not_whole_is_refused(sample_root, make_cfg, k):
+    with pytest.raises(WBCError, match=f"folds.n_folds must be a whole number of at least 2, got {k!r}"):
+        build_folds(make_cfg(sample_root, f"folds.n_folds={k}"))
+
+
+def test_splitter_errors_are_one_line(capsys, data_copy, tmp_path):
+    """Every class rarer than K: sklearn refuses, and the CLI says why in one line (no rare-class warning too)."""
+    from wbc.__main__ import main
+
+    k = int(_pool_labels(data_copy).value_counts().max()) + 1
+    code = main(["folds", "-c", "configs/tiny_cpu.yaml", f"data.root={data_copy}", f"folds.file={tmp_path / 'f.csv'}",
+                 f"folds.n_folds={k}"])
+    out = capsys.readouterr()
+    lines = (out.out + out.err).strip().splitlines()
+    assert code == 2 and len(lines) == 1 and f"error: cannot split the training pool into {k} folds" in lines[0]
+    assert not (tmp_path / "f.csv").exists()
+
+
+def _write_folds(cfg, rows):
+    Path(cfg["folds"]["file"]).write_text("ID,labels,fold\n" + "".join(f"{r}\n" for r in rows))
+
+
+def test_load_folds_reads_ids_labels_and_int_folds(sample_root, make_cfg):
+    cfg = make_cfg(sample_root)
+    _write_folds(cfg, ["a.jpg,NA,0", "b.jpg,LY,4"])
+    f = load_folds(cfg)
+    assert f["labels"].tolist() == ["NA", "LY"] and f["fold"].tolist() == [0, 4] and f["fold"].dtype.kind == "i"
+
+
+@pytest.mark.parametrize("rows, match", [
+    (["a.jpg,LY,0", "b.jpg,LY,1", "a.jpg ,LY,1"], "folds.csv:4: duplicate ID a.jpg"),
+    (["a.jpg,LY,0", "b.jpg,LY,-1"], "folds.csv:3: fold '-1' is not one of 0..4"),
+    (["a.jpg,LY,5"], "folds.csv:2: fold '5' is not one of 0..4"),
+    (["a.jpg,LY,1.5"], "folds.csv:2: fold '1.5' is not one of 0..4"),
+    (["a.jpg,LY,"], "folds.csv:2: fold '' is not one of 0..4"),
+])
+def test_load_folds_refuses_duplicates_and_bad_folds(sample_root, make_cfg, rows, match):
+    cfg = make_cfg(sample_root)
+    _write_folds(cfg, rows)
+    with pytest.raises(WBCError, match=match):
+        load_folds(cfg)

@@ -37,16 +37,27 @@ def read_image(path, csv=None, row=None) -> np.ndarray:
     img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
     if img is None:
         raise WBCError(f"{ctx}unreadable image: {path}")
-    if path.__str__().lower().endswith((".jpg", ".jpeg")) and not _jpeg_complete(buf):
+    if buf[:2].tobytes() == b"\xff\xd8" and not _jpeg_complete(buf):  # by content: a PNG named .jpg is whole
         raise WBCError(f"{ctx}truncated JPEG: {path}")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
 def _jpeg_complete(buf: np.ndarray) -> bool:
-    # OpenCV silently decodes truncated JPEGs (grey bottom rows); a complete file ends with EOI (FFD9),
-    # possibly followed by padding.
-    tail = buf[-64:].tobytes()
-    return b"\xff\xd9" in tail
+    """Whether the JPEG's marker walk reaches end-of-image (FFD9). OpenCV silently decodes a truncated JPEG (grey
+    bottom rows). Segments are skipped by their length (an EXIF thumbnail's own FFD9 lies inside one); what follows
+    the EOI (padding, a trailer) is never read."""
+    data, i = buf.tobytes(), 2
+    while (i := data.find(b"\xff", i)) >= 0 and i + 1 < len(data):
+        m = data[i + 1]
+        if m == 0xD9:
+            return True
+        if m == 0xFF:  # fill byte before a marker
+            i += 1
+        elif m in (0x00, 0x01) or 0xD0 <= m <= 0xD7:  # stuffed FF, TEM or restart marker: no length
+            i += 2
+        else:  # a segment: its 2-byte length counts itself
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return False
 
 
 def center_crop(img: np.ndarray, fraction: float) -> np.ndarray:

@@ -29,6 +29,7 @@ SPLITS = {
 LABELLED = ("phase1", "phase2_train", "phase2_eval")
 GROUP_COLUMNS = ("patient", "patient_hash", "original_image_id")
 OPTIONAL_COLUMNS = GROUP_COLUMNS + ("severity",)
+NA_LABELS = {"nan", "na", "n/a", "#n/a", "<na>", "none", "null"}  # what spreadsheets and pandas write for "missing"
 
 
 def data_root(cfg: dict) -> Path:
@@ -45,6 +46,17 @@ def dataset_name(cfg: dict) -> str:
     return cfg.get("data", {}).get("name") or data_root(cfg).name
 
 
+def read_table(csv) -> pd.DataFrame:
+    """A CSV as strings: an empty cell is '', and 'NA' or 'None' stay text (pandas would make them missing)."""
+    try:
+        df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise WBCError(f"{csv}: not a readable CSV ({why})") from None
+    df.columns = [c.strip() for c in df.columns]
+    return df
+
+
 def read_split(root, split: str, check_images: bool = True) -> pd.DataFrame:
     """One split as a DataFrame: ID, labels, split, path, plus optional columns. Labels '' when unknown."""
     if split not in SPLITS:
@@ -54,20 +66,15 @@ def read_split(root, split: str, check_images: bool = True) -> pd.DataFrame:
     csv = root / csv_name
     if not csv.exists():
         raise WBCError(f"{csv}: split file not found")
-    try:
-        df = pd.read_csv(csv, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise WBCError(f"{csv}: not a readable CSV ({why})") from None
-    df.columns = [c.strip() for c in df.columns]
+    df = read_table(csv)
     need = ["ID", "labels"]
     missing = [c for c in need if c not in df.columns]
     if missing:
         raise WBCError(f"{csv}:1: missing column(s) {', '.join(missing)} (found {', '.join(df.columns)})")
     if len(df) == 0:
         raise WBCError(f"{csv}: split '{split}' is empty")
-    df["ID"] = df["ID"].str.strip()
-    df["labels"] = df["labels"].str.strip()
+    for c in ["ID", "labels"] + [c for c in OPTIONAL_COLUMNS if c in df.columns]:
+        df[c] = df[c].str.strip()  # 'P0001 ' and 'P0001' are one patient, or it straddles folds
     blank = df["ID"] == ""
     if blank.any():
         raise WBCError(f"{where(csv, int(np.flatnonzero(blank)[0]) + 2)}: empty ID")
@@ -95,6 +102,8 @@ def read_split(root, split: str, check_images: bool = True) -> pd.DataFrame:
 def read_splits(root, splits, check_images: bool = True) -> pd.DataFrame:
     frames = [read_split(root, s, check_images) for s in splits]
     df = pd.concat(frames, ignore_index=True)
+    opt = [c for c in OPTIONAL_COLUMNS if c in df.columns]
+    df[opt] = df[opt].fillna("")  # a split without the column: unknown, as a blank cell
     dup = df["ID"].duplicated()
     if dup.any():
         r = df[dup].iloc[0]
@@ -103,19 +112,46 @@ def read_splits(root, splits, check_images: bool = True) -> pd.DataFrame:
 
 
 def class_list(cfg: dict, root=None) -> list[str]:
-    """Classes from the config, else the sorted label codes of the labelled splits."""
+    """Classes from the config, else the sorted label codes of the labelled splits (checked for typos: a label
+    found in the data is a class, so a misspelling would silently become one)."""
     classes = cfg.get("data", {}).get("classes")
     if classes:
         return [str(c) for c in classes]
     root = Path(root) if root is not None else data_root(cfg)
-    labels = set()
-    for s in LABELLED:
-        if (root / SPLITS[s][0]).exists():
-            labels |= set(read_split(root, s, check_images=False)["labels"])
-    labels.discard("")
-    if not labels:
+    frames = [read_split(root, s, check_images=False) for s in LABELLED if (root / SPLITS[s][0]).exists()]
+    if not frames:
         raise WBCError(f"{root}: no labelled images found")
-    return sorted(labels)
+    df = pd.concat(frames, ignore_index=True)
+    _check_label_spelling(df)
+    _check_learnable(df, cfg.get("data", {}).get("train_splits"))
+    return sorted(set(df["labels"]))
+
+
+def _check_label_spelling(df: pd.DataFrame) -> None:
+    na = df["labels"].str.lower().isin(NA_LABELS)
+    if na.any():
+        r = df[na].iloc[0]
+        raise WBCError(f"{where(r['csv'], r['row'])}: label '{r['labels']}' is a missing value, not a class")
+    canon = {}  # case-folded label -> its most common spelling
+    for lab in df["labels"].value_counts().index:
+        canon.setdefault(lab.casefold(), lab)
+    odd = df["labels"] != df["labels"].str.casefold().map(canon)
+    if odd.any():
+        r = df[odd].iloc[0]
+        raise WBCError(f"{where(r['csv'], r['row'])}: label '{r['labels']}' differs from "
+                       f"'{canon[r['labels'].casefold()]}' only by case (set data.classes if both are classes)")
+
+
+def _check_learnable(df: pd.DataFrame, train_splits) -> None:
+    """A class labelled only outside the training pool is one no model can learn."""
+    if not train_splits:
+        return
+    pool = df["split"].isin(train_splits)
+    unseen = ~pool & ~df["labels"].isin(set(df.loc[pool, "labels"]))
+    if unseen.any():
+        r = df[unseen].iloc[0]
+        raise WBCError(f"{where(r['csv'], r['row'])}: label '{r['labels']}' never appears in the training pool "
+                       f"({', '.join(train_splits)}), so no model can learn it")
 
 
 def check_labels(df: pd.DataFrame, classes: list[str]) -> None:
@@ -131,3 +167,11 @@ def group_column(df: pd.DataFrame) -> str | None:
         if c in df.columns and (df[c] != "").any():
             return c
     return None
+
+
+def row_groups(df: pd.DataFrame, col: str) -> np.ndarray:
+    """Group code of each row; a blank is an unknown group, not one shared by every blank row, so each is its own."""
+    codes = pd.factorize(df[col])[0]
+    blank = (df[col] == "").to_numpy()
+    codes[blank] = codes.max() + 1 + np.arange(blank.sum())
+    return codes
