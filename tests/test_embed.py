@@ -613,3 +613,18 @@ def test_run_encoder_loads_fold_checkpoint_without_its_classifier(tmp_path):
     assert enc.feat_dim == 96
     with pytest.raises(WBCError, match="fold0/best.pt"):
         build_encoder(cfg, fold=0)
+
+
+def test_labels_per_class_scores_only_labelled_eval_rows(tmp_path):
+    from wbc.embed import run as embed_run
+    from wbc.embed.run import save_embeddings
+
+    _fake_embed_run(tmp_path)
+    e = embed_run.with_defaults({"embed": {"classifiers": ["proto"]}})["embed"]
+    e["fewshot"] = {**e["fewshot"], "labels_per_class": 5, "repeats": 1, "classifier": "proto"}
+    args = (tmp_path, [0, 1], {"A": 0, "B": 1}, ["A", "B"], e)
+    labelled_only = embed_run.labels_per_class(*args, seed=0)["eval_macro_f1"]
+    for k in range(2):  # one more eval image, without a label: it must not count as a class of its own
+        save_embeddings(tmp_path / f"fold{k}" / "embeddings_eval.npz", ["e0", "e1", "e2"], [[1, 1], [2, 11], [3, 1]],
+                        ["A", "B", ""], ["", "", ""])
+    assert embed_run.labels_per_class(*args, seed=0)["eval_macro_f1"] == labelled_only

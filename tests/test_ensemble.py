@@ -365,6 +365,12 @@ def test_ensemble_command_end_to_end(tmp_path, runs):
     assert in_sample >= report["scores"]["oof"]["blend"]["macro_f1"]  # the plain argmax is a start point
     assert 0 < report["scores"]["oof_nested"] <= 1 and sorted(report["nested"]["fold_macro_f1"]) == ["0", "1", "2"]
     assert set(report["scores"]["oof"]) >= {"run_a", "run_b", "blend", "+bias"}
+    # the submitted step's held-out decisions, which score as its nested estimate
+    held = pd.read_csv(out / "oof_nested_pred.csv", dtype=str, keep_default_na=False)
+    assert held["ID"].tolist() == list(oof.ids)
+    nested_key = "oof_nested_blend" if final == "blend" else "oof_nested"
+    assert macro_f1(oof.label_index(), held["labels"].map(CLASSES.index), 5) == pytest.approx(
+        report["scores"][nested_key])
 
     sub = pd.read_csv(tmp_path / "subs" / "demo.csv", dtype=str, keep_default_na=False)
     test_pred = pd.read_csv(out / "test_pred.csv", dtype=str, keep_default_na=False)

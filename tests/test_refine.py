@@ -275,6 +275,9 @@ def test_refine_command_end_to_end(tmp_path):
     key = "before" if rep["method"] == "none" else rep["method"]
     assert side["method"] == rep["method"]
     assert side["cv_macro_f1"] == rep["scores"]["oof_nested"][key]["macro_f1"]  # the honest estimate
+    held = pd.read_csv(out / "oof_nested_pred.csv", dtype=str, keep_default_na=False)  # and its decisions
+    assert held["ID"].tolist() == list(oof.ids)
+    assert macro_f1(oof.label_index(), held["labels"].map(CLASSES.index), 3) == pytest.approx(side["cv_macro_f1"])
     assert side["eval_macro_f1"] == rep["scores"]["eval"][key]["macro_f1"]
 
 

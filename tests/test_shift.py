@@ -159,6 +159,11 @@ def test_run_predictions_prefer_a_runs_own_decisions(tmp_path):
     pd.DataFrame({"id": ["a"], "label": ["X"]}).to_csv(tmp_path / "oof_pred.csv", index=False)
     with pytest.raises(WBCError, match="expected columns ID,labels"):
         run_predictions(tmp_path, "oof")
+    # an ensemble's or refinement's OOF decisions were tuned on those rows: its nested held-out ones are scored
+    pd.DataFrame({"ID": ["a", "b"], "labels": ["Y", "Y"]}).to_csv(tmp_path / "oof_nested_pred.csv", index=False)
+    assert run_predictions(tmp_path, "oof").to_dict() == {"a": "Y", "b": "Y"}
+    pd.DataFrame({"ID": ["a", "b"], "labels": ["X", "X"]}).to_csv(tmp_path / "eval_pred.csv", index=False)
+    assert run_predictions(tmp_path, "eval").to_dict() == {"a": "X", "b": "X"}
 
 
 def test_feature_cache_is_reused_and_keyed_by_id_and_split(sample_root, make_cfg, tmp_path, monkeypatch):
@@ -233,3 +238,27 @@ def test_domain_weights_catch_a_shift_in_spread():
     true = np.exp(-1.5 * pool[:, 0] ** 2)
     assert np.corrcoef(sw.weights, true / true.mean())[0, 1] > 0.9
     assert sw.auc > 0.65
+
+
+def test_unlabelled_holdout_rows_are_not_scored(shifted_run, monkeypatch):
+    import wbc.shift.report as report
+    from wbc.io import load_probs
+
+    cfg, run, folds = shifted_run
+    real = report.read_splits
+    blanked = []
+
+    def read_splits(root, splits):  # three eval images lose their label
+        rows = real(root, splits)
+        idx = rows.index[rows["split"] == "phase2_eval"][:3]
+        blanked.extend(rows.loc[idx, "ID"])
+        rows.loc[idx, "labels"] = ""
+        return rows
+
+    monkeypatch.setattr(report, "read_splits", read_splits)
+    r = next(iter(report.shift_report(cfg, [run], bootstrap=5)["runs"].values()))
+    ev = load_probs(run / "eval.csv")
+    keep = ~np.isin(ev.ids, blanked)
+    classes = sorted(folds["labels"].unique())
+    y = np.array([classes.index(c) for c in ev.labels])
+    assert r["holdout"] == pytest.approx(macro_f1(y[keep], ev.probs[keep].argmax(1), len(classes)))

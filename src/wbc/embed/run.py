@@ -278,7 +278,7 @@ def labels_per_class(run: Path, folds: list[int], lut: dict, classes: list[str],
             idx = np.flatnonzero((tr["folds"] != k) & (y >= 0))
             pick = idx[subsample_per_class(y[idx], int(fs["labels_per_class"]), rng)]
             clf = build_classifier(fs["classifier"], n_cls, e, seed + r).fit(tr["embeddings"][pick], y[pick])
-            held = np.flatnonzero(tr["folds"] == k)
+            held = np.flatnonzero((tr["folds"] == k) & (y >= 0))
             yt_all.append(y[held])
             yp_all.append(clf.predict_proba(tr["embeddings"][held]).argmax(1))
             try:
@@ -289,7 +289,8 @@ def labels_per_class(run: Path, folds: list[int], lut: dict, classes: list[str],
         oof_f1.append(macro_f1(np.concatenate(yt_all), np.concatenate(yp_all), n_cls))
         if ev:
             ye = np.array([lut.get(c, -1) for c in ev[0][0]["labels"]])
-            eval_f1.append(macro_f1(ye, np.mean([p for _, p in ev], 0).argmax(1), n_cls))
+            lab = ye >= 0  # an unlabelled eval row would count as one more class
+            eval_f1.append(macro_f1(ye[lab], np.mean([p for _, p in ev], 0)[lab].argmax(1), n_cls))
     out = {"labels_per_class": int(fs["labels_per_class"]), "classifier": fs["classifier"],
            "repeats": int(fs["repeats"])}
     out["oof_macro_f1"], out["oof_macro_f1_ci95"] = mean_ci(oof_f1)

@@ -223,6 +223,9 @@ def run_ensemble(cfg: dict) -> dict:
 
     save_probs(out / "oof.csv", oof)
     write_csv(out / "oof_pred.csv", _pred_frame(oof.ids, oof_preds[final_step], classes))
+    if nested is not None:  # the same step fitted without each row's fold: what `make shift` scores as OOF
+        write_csv(out / "oof_nested_pred.csv",
+                  _pred_frame(oof.ids, nested["pred_blend" if final_step == "blend" else "pred"], classes))
     save_confusion_png(out / "confusion_oof.png", y, oof_preds[final_step], classes,
                        title=f"OOF, tuned rule (in-sample) macro-F1 {scores['oof'][final_step]['macro_f1']:.4f}")
     if ev is not None:

@@ -11,7 +11,7 @@ import pandas as pd
 from ..config import display_path, resolve_path
 from ..console import console, print_table
 from ..errors import WBCError
-from ..io import Probs, load_probs, save_probs, write_csv, write_json
+from ..io import Probs, load_probs, read_csv, save_probs, write_csv, write_json
 from ..metrics import macro_f1, save_confusion_png, summary
 from .gaussian import FeatureScaler
 from .morphology import FEATURES, SegParams, extract_features
@@ -258,6 +258,15 @@ def run_refine(cfg: dict) -> dict:
     report["method"] = method
     out_dir = resolve_path(cfg.get("output_dir", "outputs")) / "refine" / (rc.get("out_name") or pred_dir.name)
     changes = _write_outputs(out_dir, preds, pred, soft, method, classes, report)
+    if rc.get("nested", True):  # the chosen rule fitted without each row's fold: what `make shift` scores as OOF
+        if method != "none":
+            held = np.asarray(classes)[nest[method]]
+        elif (pred_dir / "oof_nested_pred.csv").exists():  # an ensemble's own held-out decisions
+            done = read_csv(pred_dir / "oof_nested_pred.csv", "decisions", dtype=str, keep_default_na=False)
+            held = done.set_index("ID")["labels"].reindex(oof.ids).to_numpy()
+        else:
+            held = np.asarray(classes)[base["oof"]]
+        write_csv(out_dir / "oof_nested_pred.csv", pd.DataFrame({"ID": oof.ids, "labels": held}))
     _print_changes(changes, classes)
 
     if rc.get("submit", True) and "test" in preds:

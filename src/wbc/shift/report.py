@@ -26,9 +26,11 @@ from .weights import domain_weights
 
 
 def run_predictions(run: Path, part: str) -> pd.Series:
-    """Predicted class code by ID for `part` (oof / eval) of a run: its decisions (`<part>_pred.csv`, written by
-    ensembles and refinements) when present, else the argmax of its probabilities (`<part>.csv`)."""
-    pred = run / f"{part}_pred.csv"
+    """Predicted class code by ID for `part` (oof / eval) of a run: its decisions when present, else the argmax of
+    its probabilities (`<part>.csv`). An ensemble's or refinement's OOF decisions are its nested held-out ones
+    (`oof_nested_pred.csv`): its `oof_pred.csv` was tuned on those very rows."""
+    nested = run / "oof_nested_pred.csv"
+    pred = nested if part == "oof" and nested.exists() else run / f"{part}_pred.csv"
     if pred.exists():
         df = pd.read_csv(pred, dtype=str, keep_default_na=False)
         if list(df.columns[:2]) != ["ID", "labels"]:
@@ -116,8 +118,9 @@ def shift_report(cfg: dict, runs: list, target: str | None = None, quantile: flo
     bin_of = np.digitize(score, edges)  # 0 light, 1 middle, 2 heavy (by the target's tertiles)
 
     ho = None
-    if holdout and holdout != target and (rows["split"] == holdout).any():
-        hmask = (rows["split"] == holdout).to_numpy()
+    # the hold-out's labelled rows only: an unlabelled one would be scored as one more class
+    hmask = ((rows["split"] == holdout) & (rows["labels"] != "")).to_numpy()
+    if holdout and holdout != target and hmask.any():
         ho = {"mask": hmask, "ids": rows["ID"].to_numpy()[hmask],
               "y": rows.loc[hmask, "labels"].map(lut).to_numpy(),
               "w": domain_weights(feats[hmask], feats[tgt], cap=cap, seed=seed)}
