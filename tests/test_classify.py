@@ -43,6 +43,21 @@ def test_classify_matches_the_test_split_predictions(sample_root, make_cfg, tmp_
     np.testing.assert_allclose(got, expected, atol=1e-6)
     assert (res["prediction"] == np.asarray(folds[0].classes)[expected.argmax(1)]).all()
 
+    # with test-time BatchNorm adaptation, the whole test split classified as make predict adapts to it
+    every = tmp_path / "every"
+    every.mkdir()
+    for path in test["path"]:
+        shutil.copy(path, every)
+    bn = {**cfg, "predict": {**cfg["predict"], "adapt_bn": 1.0}}
+    for fold in (0, 1):
+        predict_fold(bn, fold, data)
+    adapted = classify(bn, [every], out=tmp_path / "adapted.csv")
+    folds = [load_probs(run_dir(cfg) / f"fold{k}" / "test.csv").align(adapted["ID"].to_numpy()) for k in (0, 1)]
+    np.testing.assert_allclose(adapted[[f"prob_{c}" for c in folds[0].classes]].to_numpy(),
+                               (folds[0].probs + folds[1].probs) / 2, atol=1e-4)
+    plain = classify(cfg, [every], out=tmp_path / "plain.csv")
+    assert not np.allclose(plain.filter(like="prob_").to_numpy(), adapted.filter(like="prob_").to_numpy(), atol=1e-3)
+
     (imgs / "more" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     with pytest.raises(WBCError, match=r"unreadable image: .*more/broken.jpg"):
         classify(cfg, [imgs], out=tmp_path / "never.csv")

@@ -436,7 +436,9 @@ def test_ensemble_submits_the_blend_when_the_rule_loses_out_of_sample(tmp_path, 
 
     a, b = runs
     root = _data_root(tmp_path, list(load_probs(a / "test.csv").ids))
-    fake = {"macro_f1": 0.5, "blend_macro_f1": 0.6 if blend_wins else 0.4, "fold_macro_f1": {}, "fold_weights": {}}
+    n = len(load_probs(a / "oof.csv").ids)
+    fake = {"macro_f1": 0.5, "blend_macro_f1": 0.6 if blend_wins else 0.4, "fold_macro_f1": {}, "fold_weights": {},
+            "pred": np.zeros(n, int), "pred_blend": np.ones(n, int)}
     monkeypatch.setattr(run_mod, "nested_estimate", lambda *a, **k: fake)
     real_tune = run_mod.tune_rule
 
@@ -465,6 +467,8 @@ def test_ensemble_submits_the_blend_when_the_rule_loses_out_of_sample(tmp_path, 
     sidecar = json.loads((tmp_path / "subs" / "sel.json").read_text())
     assert sidecar["oof_nested_macro_f1"] == fake["blend_macro_f1" if final == "blend" else "macro_f1"]
     assert (sidecar["oof_nested_blend"], sidecar["oof_nested_rule"]) == (fake["blend_macro_f1"], fake["macro_f1"])
+    held = pd.read_csv(out / "oof_nested_pred.csv", dtype=str, keep_default_na=False)["labels"]
+    assert (held == CLASSES[1 if final == "blend" else 0]).all()  # the submitted step's held-out decisions
     # eval decisions and the sidecar's eval score are the submitted step's too
     ev = load_probs(out / "eval.csv")
     eval_pred = pd.read_csv(out / "eval_pred.csv", dtype=str, keep_default_na=False)["labels"].tolist()

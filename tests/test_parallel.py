@@ -79,18 +79,27 @@ def test_no_fold_starts_past_the_deadline(folds3):
     assert not (run / "fold0").exists()
 
 
-def test_an_interrupted_parent_stops_its_folds(folds3):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_parent_stops_its_folds(folds3, sig):
     p = wbc(folds3, "--fold", "0,1", "--gpus", "a,b", "train.epochs=50", wait=False)
     run = Path(folds3["output_dir"]) / "tiny_cpu"
     t0 = time.monotonic()
     while not all((run / f"fold{k}" / "metrics.jsonl").exists() for k in (0, 1)):  # both children training
         assert p.poll() is None and time.monotonic() - t0 < 120, p.stdout.read() if p.poll() is not None else ""
         time.sleep(0.5)
-    p.send_signal(signal.SIGINT)  # to the parent alone: it must pass the stop on
+    p.send_signal(sig)  # to the parent alone (Ctrl-C, or `kill` / `timeout`): it must pass the stop on
     p.wait(60)
     for k in (0, 1):
         assert "KeyboardInterrupt" in (run / "logs" / f"fold{k}.log").read_text()
         assert len((run / f"fold{k}" / "metrics.jsonl").read_text().splitlines()) < 50
+    assert [s["status"] for s in json.loads((run / "parallel_train.json").read_text())] == ["interrupted"] * 2
+
+
+def test_a_predict_only_config_is_refused_before_any_fold_starts(folds3):
+    for gpus in ([], ["--gpus", "a"]):
+        r = wbc(folds3, "--fold", "0", *gpus, "predict.checkpoints=outputs/other")
+        assert r.returncode == 2 and "predict.checkpoints is set" in r.stdout, r.stdout
+        assert not (Path(folds3["output_dir"]) / "tiny_cpu" / "logs").exists()
 
 
 def test_make_passes_gpus_to_train_all_and_train_bundle():

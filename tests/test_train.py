@@ -77,6 +77,27 @@ def test_resume_is_exact(cfg2):
     assert prior["stage1"]["total"] == pytest.approx(1.0) and prior["stage2"]["total"] == pytest.approx(1.0)  # balanced
 
 
+def test_a_fresh_start_replaces_the_folds_earlier_results(cfg2, monkeypatch):
+    """Killed before its first save, a fresh run must leave nothing of an older run to resume or to predict with."""
+    import wbc.train.loop as loop
+
+    cfg = cfg2("train.epochs=1")
+    out = run_dir(cfg) / "fold0"
+    out.mkdir(parents=True)
+    for name in loop.FOLD_RESULTS + ("unrelated.txt",):
+        (out / name).write_text("an older run's")
+
+    def killed(*a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_record_environment", killed)  # the first thing after the start: a kill there
+    with pytest.raises(KeyboardInterrupt):
+        train_fold(cfg, 0)
+    assert sorted(p.name for p in out.iterdir()) == ["unrelated.txt"]
+    with pytest.raises(KeyboardInterrupt):  # a resume with nothing to resume is a fresh start too
+        train_fold(cfg, 0, resume=True)
+
+
 def test_oof_covers_pool_and_merges(cfg2):
     cfg = cfg2("train.epochs=1", "predict.tta=8")
     data = load_fold_data(cfg)

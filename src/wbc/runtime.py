@@ -50,7 +50,8 @@ def rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
             "numpy_pos": int(np.random.get_state()[2]),
             "python": list(random.getstate()[1]),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            # this process's device only: a resume may see fewer GPUs (one per process under `GPUS=`)
+            "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else []}
 
 
 def set_rng_state(s: dict) -> None:
@@ -58,4 +59,4 @@ def set_rng_state(s: dict) -> None:
     np.random.set_state(("MT19937", s["numpy"].numpy().astype(np.uint32), s["numpy_pos"], 0, 0.0))
     random.setstate((3, tuple(int(v) for v in s["python"]), None))
     if torch.cuda.is_available() and len(s["cuda"]):
-        torch.cuda.set_rng_state_all(s["cuda"])
+        torch.cuda.set_rng_state(s["cuda"][0])  # states saved per visible GPU before: the first was this one

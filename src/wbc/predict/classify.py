@@ -1,7 +1,8 @@
 """`classify`: a trained run's fold models on image files outside the dataset layout (your own cells, a new test
 set). Each image is prepared as the cache prepares the training images (centre crop, resize, and the run's
-restoration and stain normalisation when its config has them), predicted with the run's TTA by every fold model,
-and the folds' probabilities are averaged, as `make predict` does for the test split.
+restoration and stain normalisation when its config has them), predicted with the run's TTA (and BatchNorm adapted to
+these images when `predict.adapt_bn` is set) by every fold model, and the folds' probabilities are averaged, as
+`make predict` does for the test split.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ..errors import WBCError
 from ..io import load_probs, write_csv
 from ..models.inference import predict_probs
 from ..runtime import pick_device
+from .adapt import adapt_batchnorm
 from .fold import checkpoint_run, fold_weights, load_fold_model
 from .merge import fold_dirs
 
@@ -63,9 +65,14 @@ def classify(cfg: dict, paths, out: Path | None = None) -> pd.DataFrame:
     if prep is not None:
         images = prep(images, "classify")
     device = pick_device(cfg)
+    alpha = float(cfg["predict"].get("adapt_bn") or 0)
     probs = np.zeros((len(df), len(classes)))
     for d in folds:
         model, kw = load_fold_model(cfg, d / weights, len(classes), device)
+        if alpha:  # as `make predict` adapts to each split: here, to these images
+            model = adapt_batchnorm(model, images, alpha, seed=int(cfg.get("seed", 0)), desc=f"{d.name}: adapt BN",
+                                    device=kw["device"], mean=kw["mean"], std=kw["std"], batch_size=kw["batch_size"],
+                                    amp=kw["amp"])
         probs += predict_probs(model, images, desc=f"classify {d.name}", **kw) / len(folds)
     res = pd.DataFrame({"ID": df["ID"], "prediction": np.asarray(classes)[probs.argmax(1)]})
     res = pd.concat([res, pd.DataFrame(probs, columns=[f"prob_{c}" for c in classes])], axis=1)

@@ -41,14 +41,10 @@ def train_folds(cfg: dict, folds: list[int], resume: bool, deadline) -> None:
     """Train and predict `folds` in turn in this process (one start-up, one image load) under `deadline`."""
     from ..config import run_dir
     from ..console import console
-    from ..errors import WBCError
     from ..predict.fold import predict_fold  # the command orchestrates; the library flows one way
     from .inputs import load_fold_data
     from .loop import train_fold
 
-    if cfg["predict"].get("checkpoints"):
-        raise WBCError(f"{cfg['name']}: predict.checkpoints is set, so this config only predicts "
-                       f"with another run's models; use `make predict`")
     data, last_fold_s = None, None
     for fold in folds:
         out = run_dir(cfg) / f"fold{fold}"
@@ -66,6 +62,11 @@ def train_folds(cfg: dict, folds: list[int], resume: bool, deadline) -> None:
 def run_folds(cfg: dict, config: str | None, overrides: list[str], folds: list[int], resume: bool, deadline,
               gpus: list[str] | None) -> None:
     """In this process, or with `gpus` a process per fold on each GPU slot (train/parallel.py)."""
+    from ..errors import WBCError
+
+    if cfg["predict"].get("checkpoints"):
+        raise WBCError(f"{cfg['name']}: predict.checkpoints is set, so this config only predicts "
+                       f"with another run's models; use `make predict`")
     if gpus:
         from .parallel import train_folds_parallel
 

@@ -38,6 +38,8 @@ from .mix import build_mixer
 from .prior_correction import report_prior_correction
 from .sampling import build_sampler
 
+FOLD_RESULTS = ("state.pt", "best.pt", "last.pt", "train_result.json", "oof.csv", "eval.csv", "test.csv",
+                "prediction.json", "confusion_oof.png")
 LOSS_SHOW_EVERY = 25  # steps between running-loss updates on the progress bar
 
 
@@ -222,8 +224,13 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
         start, best = int(st["epoch"]) + 1, float(st["best"])
         history = _read_metrics(out / "metrics.jsonl")[:start]
         console.print(f"resumed {out} at epoch {start}")
-    elif resume:
-        console.print(f"nothing to resume in {out}; starting fresh")
+    else:
+        if resume:
+            console.print(f"nothing to resume in {out}; starting fresh")
+        # A fresh start replaces the fold: killed before its first save, it must not leave an older run's state to
+        # resume or its models and predictions to count as this run's.
+        for name in FOLD_RESULTS:
+            (out / name).unlink(missing_ok=True)
     _record_environment(out / "env.json", start)
 
     eval_model = lambda: ema.module if ema is not None and stage == 1 else model  # noqa: E731

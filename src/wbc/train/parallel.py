@@ -32,7 +32,7 @@ class FoldJob:
     log: Path
     slot: str | None = None  # its CUDA_VISIBLE_DEVICES
     slot_i: int | None = field(default=None, repr=False)  # which slot (a GPU named twice is two slots)
-    status: str = "queued"  # queued | running | done | stopped (deadline) | failed | not started | skipped
+    status: str = "queued"  # queued, running, done, stopped (deadline), failed, interrupted, not started, skipped
     rc: int | None = None
     seconds: float | None = None
     proc: subprocess.Popen | None = field(default=None, repr=False)
@@ -69,7 +69,7 @@ def _stop(jobs: list[FoldJob]) -> None:
         except subprocess.TimeoutExpired:
             j.proc.kill()
             j.proc.wait()
-        j.status, j.rc, j.seconds = "failed", j.proc.returncode, time.monotonic() - j.t0
+        j.status, j.rc, j.seconds = "interrupted", j.proc.returncode, time.monotonic() - j.t0
 
 
 def train_folds_parallel(cfg: dict, config: str | None, overrides: list[str], folds: list[int], slots: list[str],
@@ -92,7 +92,7 @@ def train_folds_parallel(cfg: dict, config: str | None, overrides: list[str], fo
     total_epochs = cfg["train"]["epochs"] + stage2
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RESUME", None)  # the parent's choice travels as --resume
-    with progress(transient=False) as bar:
+    with progress(transient=False) as bar, _term_raises():
         tasks = {}
         try:
             while queue or any(j.status == "running" for j in jobs):
@@ -120,7 +120,7 @@ def train_folds_parallel(cfg: dict, config: str | None, overrides: list[str], fo
                         log.flush()
                         j.proc = subprocess.Popen(_command(config, overrides, j.fold, resume, deadline), env={
                             **env, "CUDA_VISIBLE_DEVICES": slot}, stdout=log, stderr=subprocess.STDOUT)
-                    j.slot, j.slot_i, j.status, j.t0 = slot, i, "running", time.monotonic()
+                        j.slot, j.slot_i, j.status, j.t0 = slot, i, "running", time.monotonic()
                     del free[i]
                     tasks[j.fold] = bar.add_task(f"fold {j.fold} [GPU {slot}]", total=total_epochs, info="")
                     console.print(f"fold {j.fold} on GPU {slot}: started (log {display_path(j.log)})")
@@ -129,20 +129,42 @@ def train_folds_parallel(cfg: dict, config: str | None, overrides: list[str], fo
                         n, f1 = _epochs_logged(out / f"fold{j.fold}")
                         bar.update(tasks[j.fold], completed=n, info="" if f1 is None else f"val F1 {f1:.3f}")
                 time.sleep(poll_s)
-        except BaseException:  # Ctrl-C, or train-bundle's backstop alarm: no fold left running unattended
+        except BaseException:  # Ctrl-C, SIGTERM or train-bundle's backstop alarm: no fold left running unattended
             _stop(jobs)
+            _save(out, jobs)
             raise
     _report(out, jobs)
     return jobs
+
+
+@contextlib.contextmanager
+def _term_raises():
+    """SIGTERM (`kill`, `timeout`, a notebook's stop) as an exception, so the folds are stopped rather than left."""
+    def raise_exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, raise_exit)
+    except ValueError:  # not the main thread: signals stay as they are
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _save(out: Path, jobs: list[FoldJob]) -> None:
+    write_json(out / "parallel_train.json", [{"fold": j.fold, "gpu": j.slot, "status": j.status, "exit": j.rc,
+                                              "seconds": j.seconds, "log": str(j.log) if j.slot else None}
+                                             for j in jobs])
 
 
 def _report(out: Path, jobs: list[FoldJob]) -> None:
     rows = [[j.fold, j.slot or "-", j.status, "-" if j.seconds is None else f"{j.seconds / 60:.1f}",
              display_path(j.log) if j.slot else "-"] for j in jobs]
     print_table(f"{out.name}: folds in parallel", ["fold", "GPU", "status", "minutes", "log"], rows)
-    write_json(out / "parallel_train.json", [{"fold": j.fold, "gpu": j.slot, "status": j.status, "exit": j.rc,
-                                              "seconds": j.seconds, "log": str(j.log) if j.slot else None}
-                                             for j in jobs])
+    _save(out, jobs)
     failed = [j for j in jobs if j.status == "failed"]
     for j in failed:
         console.print(f"[red]fold {j.fold}[/] ({display_path(j.log)}), last lines:")
