@@ -1,7 +1,8 @@
 """albumentations 2 pipelines: geometry, colour / stain jitter and competition-like damage.
 
 `augment.strength` scales every probability and magnitude (but the affine rotation's angle range, whose probability
-it scales), so one number dials the whole policy (and `tune-train` can search it). Normalisation happens on the device, not here: workers ship uint8.
+it scales), so one number dials the whole policy (and `tune-train` can search it). Normalisation happens on the
+device, not here: workers ship uint8.
 """
 from __future__ import annotations
 
