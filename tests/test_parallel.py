@@ -79,19 +79,21 @@ def test_no_fold_starts_past_the_deadline(folds3):
     assert not (run / "fold0").exists()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_an_interrupted_parent_stops_its_folds(folds3, sig):
+def test_a_terminated_parent_stops_its_folds(folds3):
     p = wbc(folds3, "--fold", "0,1", "--gpus", "a,b", "train.epochs=50", wait=False)
     run = Path(folds3["output_dir"]) / "tiny_cpu"
+    logs = [run / "logs" / f"fold{k}.log" for k in (0, 1)]
     t0 = time.monotonic()
-    while not all((run / f"fold{k}" / "metrics.jsonl").exists() for k in (0, 1)):  # both children training
+    while not all(f.exists() and "class-prior correction" in f.read_text() for f in logs):  # both about to train
         assert p.poll() is None and time.monotonic() - t0 < 120, p.stdout.read() if p.poll() is not None else ""
-        time.sleep(0.5)
-    p.send_signal(sig)  # to the parent alone (Ctrl-C, or `kill` / `timeout`): it must pass the stop on
+        time.sleep(0.2)
+    # to the parent alone (`kill`, `timeout`, a notebook's stop; Ctrl-C reaches every process of the terminal's
+    # group anyway, and the parent handles it the same way): it must pass the stop on
+    p.send_signal(signal.SIGTERM)
     p.wait(60)
     for k in (0, 1):
         assert "KeyboardInterrupt" in (run / "logs" / f"fold{k}.log").read_text()
-        assert len((run / f"fold{k}" / "metrics.jsonl").read_text().splitlines()) < 50
+        assert not (run / f"fold{k}" / "train_result.json").exists()  # stopped, not finished
     assert [s["status"] for s in json.loads((run / "parallel_train.json").read_text())] == ["interrupted"] * 2
 
 
