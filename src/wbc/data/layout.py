@@ -18,6 +18,7 @@ import pandas as pd
 
 from ..config import resolve_path
 from ..errors import WBCError, where
+from ..io import read_csv
 
 # split name -> (csv file, image folder)
 SPLITS = {
@@ -48,11 +49,7 @@ def dataset_name(cfg: dict) -> str:
 
 def read_table(csv) -> pd.DataFrame:
     """A CSV as strings: an empty cell is '', and 'NA' or 'None' stay text (pandas would make them missing)."""
-    try:
-        df = pd.read_csv(csv, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise WBCError(f"{csv}: not a readable CSV ({why})") from None
+    df = read_csv(csv, "CSV file", dtype=str, keep_default_na=False)
     df.columns = [c.strip() for c in df.columns]
     return df
 
