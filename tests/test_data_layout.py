@@ -140,3 +140,27 @@ def test_png_named_jpg_is_read(tmp_path):
     p = tmp_path / "png.jpg"
     p.write_bytes(cv2.imencode(".png", img)[1].tobytes())
     np.testing.assert_array_equal(read_image(p), img[..., ::-1])
+
+
+@pytest.mark.parametrize("bad", ["../phase1/x.jpg", "/etc/passwd"])
+def test_an_id_that_points_outside_its_folder_is_refused(capsys, small, tmp_path, bad):
+    set_cell(small / "phase2_train.csv", 2, "ID", bad)
+    line = folds_error(capsys, small, tmp_path)
+    assert "phase2_train.csv:4" in line and f"ID '{bad}' points outside the split's folder" in line
+
+
+def test_an_image_in_the_pool_and_the_test_split_is_refused(small, make_cfg):
+    import shutil
+
+    from wbc.errors import WBCError
+    from wbc.folds import folds_path
+    from wbc.io import write_csv
+    from wbc.train.inputs import load_fold_data
+
+    cfg = make_cfg(small, "data.image_size=32")
+    write_csv(folds_path(cfg), build_folds(cfg))
+    pool_id = pd.read_csv(small / "phase2_train.csv", dtype=str)["ID"][0]
+    shutil.copy(small / "phase2" / "train" / pool_id, small / "phase2" / "test" / pool_id)
+    edit_csv(small / "phase2_test.csv", lambda d: pd.concat([d, pd.DataFrame({"ID": [pool_id], "labels": [""]})]))
+    with pytest.raises(WBCError, match=f"phase2_test.csv:.*duplicate ID {pool_id} \\(also in another split\\)"):
+        load_fold_data(cfg)

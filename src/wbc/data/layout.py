@@ -79,6 +79,10 @@ def read_split(root, split: str, check_images: bool = True) -> pd.DataFrame:
     if dup.any():
         i = int(np.flatnonzero(dup)[0])
         raise WBCError(f"{where(csv, i + 2)}: duplicate ID {df['ID'].iloc[i]}")
+    escapes = np.array([Path(i).is_absolute() or ".." in Path(i).parts for i in df["ID"]])
+    if escapes.any():  # an ID names a file inside the split's folder
+        i = int(np.flatnonzero(escapes)[0])
+        raise WBCError(f"{where(csv, i + 2)}: ID {df['ID'].iloc[i]!r} points outside the split's folder")
     if split in LABELLED:
         unl = df["labels"] == ""
         if unl.any():
@@ -101,11 +105,16 @@ def read_splits(root, splits, check_images: bool = True) -> pd.DataFrame:
     df = pd.concat(frames, ignore_index=True)
     opt = [c for c in OPTIONAL_COLUMNS if c in df.columns]
     df[opt] = df[opt].fillna("")  # a split without the column: unknown, as a blank cell
+    check_disjoint(df)
+    return df
+
+
+def check_disjoint(df: pd.DataFrame) -> None:
+    """Rows of several splits (columns ID, csv, row): an image in two of them (the pool and the test, say) leaks."""
     dup = df["ID"].duplicated()
     if dup.any():
         r = df[dup].iloc[0]
         raise WBCError(f"{where(r['csv'], r['row'])}: duplicate ID {r['ID']} (also in another split)")
-    return df
 
 
 def class_list(cfg: dict, root=None) -> list[str]:

@@ -10,7 +10,7 @@ import pandas as pd
 from ..config import display_path, resolve_path
 from ..console import console
 from ..data.cache import load_images
-from ..data.layout import check_labels, class_list, data_root, read_splits
+from ..data.layout import check_disjoint, check_labels, class_list, data_root, read_splits
 from ..data.preprocess import build_preprocess
 from ..errors import WBCError, where
 from ..folds import load_folds
@@ -64,6 +64,7 @@ def load_fold_data(cfg: dict, with_test: bool = True) -> FoldData:
     holdout = read_splits(root, holdout_splits) if holdout_splits else merged.iloc[:0]
     check_labels(holdout, all_classes)
     test = read_splits(root, [d["test_split"]]) if with_test and d.get("test_split") else merged.iloc[:0]
+    check_disjoint(pd.concat([merged, holdout, test], ignore_index=True))  # no image both trained on and scored
 
     plain = {**cfg, "data": {**d, "stain_norm": False, "restore": False}}  # the stain reference sees raw images
     pre = build_preprocess(cfg, lambda: load_images(plain, merged[merged["split"] == merged["split"].iloc[0]]))
