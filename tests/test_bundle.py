@@ -69,3 +69,29 @@ def test_a_bundle_that_escapes_its_folder_or_holds_two_runs_is_refused(tmp_path)
     with pytest.raises(WBCError, match="not a readable bundle"):
         unbundle(tmp_path / "junk.tar.gz", tmp_path / "outputs")
     assert list((tmp_path / "outputs").iterdir()) == []  # nothing half-extracted left behind
+
+
+def test_an_unfinished_bundle_fold_never_replaces_a_local_one(tmp_path):
+    """A local fold stopped mid-training keeps its checkpoints (the bundle has none) for a resume."""
+    remote = tmp_path / "remote" / "convnext"
+    _fold(remote, 1, finished=False, stamp=2_000_000)
+    (remote / "fold1" / "oof.csv").write_text("stale predictions of an earlier finish")
+    (remote / "config.yaml").write_text("remote")
+    local = tmp_path / "outputs" / "convnext"
+    _fold(local, 1, finished=False, stamp=1_000_000)
+    res = unbundle(bundle_run(remote, tmp_path / "b"), tmp_path / "outputs")
+    assert res["kept"] == ["fold1"] and (local / "fold1" / "state.pt").read_text() == "state.pt 1000000"
+
+
+def test_links_in_a_bundle_and_folders_that_are_not_runs_are_refused(tmp_path):
+    path = tmp_path / "link.tar.gz"
+    with tarfile.open(path, "w:gz") as t:  # fold0 -> another run's fold0, harmless inside the temporary folder
+        info = tarfile.TarInfo("run/fold0")
+        info.type, info.linkname = tarfile.SYMTYPE, "../other/fold0"
+        t.addfile(info)
+    with pytest.raises(WBCError, match=r"refused \(run/fold0 is a link or a special file\)"):
+        unbundle(path, tmp_path / "outputs")
+    assert list((tmp_path / "outputs").iterdir()) == []
+    for not_a_run in (tmp_path / "outputs", tmp_path / "nope"):
+        with pytest.raises(WBCError, match="not a run folder"):
+            bundle_run(not_a_run, tmp_path / "b")

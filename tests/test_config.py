@@ -67,3 +67,27 @@ def test_inheritance_loop_is_refused(tmp_path):
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(WBCError, match=r"a\.yaml: config inherits from itself"):
         load_config(tmp_path / "a.yaml")
+
+
+def test_a_misspelt_section_is_refused(tmp_path):
+    with pytest.raises(WBCError, match=r"override 'trian\.epochs=3': unknown config key\(s\) trian"):
+        load_config(CONFIG_DIR / "tiny_cpu.yaml", ["trian.epochs=3"])
+    cfg_file = tmp_path / "sec.yaml"
+    cfg_file.write_text("base: " + str(CONFIG_DIR / "tiny_cpu.yaml") + "\nagument:\n  damage: {p: 0.9}\n")
+    with pytest.raises(WBCError, match=r"sec\.yaml: unknown config key\(s\) agument"):
+        load_config(cfg_file)
+
+
+def test_override_values_keep_their_meaning():
+    cfg = load_config(CONFIG_DIR / "tiny_cpu.yaml", [
+        "train.lr=1e-3", "model.drop_path_rate=2E-1", "train.epochs=3", "name=2024-01-01",
+        "data.root=/mnt/my data #2", "output_dir=~/runs", "data.classes=[A, B]", "model.pretrained_file=null"])
+    assert cfg["train"]["lr"] == 0.001 and cfg["model"]["drop_path_rate"] == 0.2  # YAML 1.1 would keep text
+    assert cfg["train"]["epochs"] == 3 and cfg["data"]["classes"] == ["A", "B"]
+    assert cfg["name"] == "2024-01-01" and cfg["data"]["root"] == "/mnt/my data #2"  # text keys stay text
+    assert cfg["output_dir"] == "~/runs" and cfg["model"]["pretrained_file"] is None
+    assert load_config(CONFIG_DIR / "tiny_cpu.yaml", ["data.restore_dir=null"])["data"]["restore_dir"] is None
+    with pytest.raises(WBCError, match=r"override 'name=': empty value"):
+        load_config(CONFIG_DIR / "tiny_cpu.yaml", ["name="])
+    with pytest.raises(WBCError, match=r"override 'train.lr=\[1': invalid YAML value"):
+        load_config(CONFIG_DIR / "tiny_cpu.yaml", ["train.lr=[1"])

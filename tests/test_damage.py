@@ -211,3 +211,10 @@ def test_color_noise_keeps_brightness_and_gain_goes_both_ways():
     assert np.abs(out - 128).max() > 20 and np.abs(out.mean(2) - 128).max() <= 0.5  # chroma only
     means = [D.apply(grey, "gain", 2, np.random.default_rng(s)).mean() for s in range(8)]
     assert min(means) < 110 and max(means) > 150  # darker or brighter by the drawn sign
+
+
+@pytest.mark.parametrize("severity", [0.5, 2.5, -1, D.MAX_SEVERITY + 1])
+def test_a_severity_that_is_not_a_level_is_refused(severity):
+    img = np.full((32, 32, 3), 128, np.uint8)
+    with pytest.raises(ValueError, match="severity must be a whole number"):
+        D.apply(img, "gaussian_noise", severity, np.random.default_rng(0))

@@ -25,15 +25,19 @@ def test_help_lists_every_phony_target():
 def test_bundle_packs_a_run_without_checkpoints(tmp_path):
     run = tmp_path / "outputs" / "myrun"
     (run / "fold0").mkdir(parents=True)
-    for name in ("fold0/best.pt", "fold0/state.pt", "fold0/oof.csv", "fold0/metrics.jsonl", "oof.csv", "report.json"):
+    for name in ("fold0/best.pt", "fold0/state.pt", "fold0/oof.csv", "fold0/metrics.jsonl", "oof.csv", "report.json",
+                 "config.yaml"):
         (run / name).write_text("x")
     r = make("bundle", f"RUN={run}", f"DEST={tmp_path / 'b'}")
     assert r.returncode == 0, r.stderr
     with tarfile.open(tmp_path / "b" / "myrun.tar.gz") as t:
         names = {m.name for m in t.getmembers() if m.isfile()}
-    assert names == {"myrun/fold0/oof.csv", "myrun/fold0/metrics.jsonl", "myrun/oof.csv", "myrun/report.json"}
+    assert names == {"myrun/fold0/oof.csv", "myrun/fold0/metrics.jsonl", "myrun/oof.csv", "myrun/report.json",
+                     "myrun/config.yaml"}
     r = make("bundle", f"RUN={tmp_path / 'nope'}", f"DEST={tmp_path / 'b'}")
-    assert r.returncode != 0 and "not a folder" in r.stdout
+    assert r.returncode != 0 and "not a run folder" in r.stdout
+    r = make("bundle", f"DEST={tmp_path / 'b'}")  # no RUN: not the whole repository
+    assert r.returncode == 2 and "give RUN=" in r.stderr
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["myrun.tar.gz"]  # no temporary file left
 
 
@@ -56,14 +60,14 @@ def test_benchmark_pbcbench_chains_members_ensembles_and_refinement():
                  "ensemble -c configs/ensemble/pbcbench_ensemble_specialist.yaml",
                  "morph -c configs/refine.yaml",
                  "refine -c configs/refine.yaml --pred outputs/ensemble/pbcbench_ensemble"]
-    steps = [line.split(" -m wbc ", 1)[1] for line in lines if "convert-effnet" not in line]
+    steps = [line.split(" -m wbc ", 1)[1].replace('"', "") for line in lines if "convert-effnet" not in line]
     assert len(steps) == len(expected)
     for step, want in zip(steps, expected):
         assert step.startswith(want) and "data.root=/bench" in step, (step, want)
     assert "refine.submission_name=pbcbench_ensemble_refined" in steps[-1]
     for path in re.findall(r"configs/\S+\.yaml", "\n".join(steps)):
         assert (ROOT / path).is_file(), path
-    cpu = make("-n", "benchmark-pbcbench", "DATA=/bench", "BENCH=cpu").stdout
+    cpu = make("-n", "benchmark-pbcbench", "DATA=/bench", "BENCH=cpu").stdout.replace('"', "")
     assert "train-fold -c configs/pbcbench_effnet_lite1_cpu_e16.yaml" in cpu
     assert "predict -c configs/pbcbench_effnet_lite0_cpu_e16_last.yaml" in cpu  # its members' last weights
     assert "train-fold -c configs/pbcbench_effnet_lite1_cpu_e16_seed2.yaml" in cpu  # a seed group's second run
@@ -100,3 +104,14 @@ def test_train_bundle_stops_at_the_time_limit_and_still_bundles(sample_root, mak
         assert "tiny_cpu/fold0/oof.csv" in {m.name for m in t.getmembers()}
     r = make("train-bundle", "CONFIGS=configs/tiny_cpu.yaml")
     assert r.returncode == 2 and "TIME_LIMIT=<seconds>" in r.stderr
+
+
+def test_paths_with_spaces_reach_the_commands_whole(sample_root, tmp_path):
+    import shutil
+
+    data = tmp_path / "my data"
+    shutil.copytree(sample_root, data)
+    folds = tmp_path / "my folds.csv"
+    r = make("folds", f"DATA={data}", f"ARGS=folds.file='{folds}'")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert folds.is_file() and "labels,fold" in folds.read_text().splitlines()[0]

@@ -187,3 +187,16 @@ def test_predict_weights_choose_the_checkpoint_and_changed_settings_redo_a_fold(
     stamp = (fold / "oof.csv").stat().st_mtime_ns
     assert main(cmd + ["predict.weights=last", "predict.tta=2"]) == 0
     assert (fold / "oof.csv").stat().st_mtime_ns > stamp  # another TTA: redone
+
+
+def test_an_unlabelled_eval_split_gets_no_score(tmp_path):
+    from wbc.metrics import summary
+
+    rng = np.random.default_rng(1)
+    _fold_files(tmp_path, rng, [["a", "b", "c"], ["d", "e", "f"]], ["t0", "t1"])
+    for k in (0, 1):  # eval predictions without labels (a hold-out whose labels are withheld)
+        save_probs(tmp_path / f"fold{k}" / "eval.csv", Probs(["e0", "e1"], _probs(rng, 2), CLASSES, labels=["", ""]))
+    rep = merge_run(tmp_path)
+    assert "eval" not in rep and (tmp_path / "eval.csv").exists() and not (tmp_path / "confusion_eval.png").exists()
+    empty = summary([], [], CLASSES)
+    assert empty["macro_f1"] == 0.0 and empty["per_class_f1"] == {c: 0.0 for c in CLASSES} and empty["n"] == 0

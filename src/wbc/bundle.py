@@ -2,7 +2,7 @@
 
 Folds trained on other machines (a lent GPU, a notebook) come back this way; unbundled into `outputs/`, `make
 predict` merges them and `make ensemble` blends them. Bundles of one run from several calls or sessions unbundle in
-any order: a finished fold is never replaced by an unfinished one, and of two finished ones the later stays.
+any order: a fold already there is never replaced by an unfinished one, and of two finished ones the later stays.
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ LEFT_OUT = ".pt"  # checkpoints: hundreds of MB, and the predictions already hol
 
 def bundle_run(run: Path, dest: Path) -> Path:
     """`dest/<run name>.tar.gz` holding `run/` (paths start with the run's name), checkpoints left out."""
-    run = Path(run)
-    if not run.is_dir():
-        raise WBCError(f"bundle: {run}: not a folder (give a run folder, outputs/<name>)")
+    run = Path(run).resolve()
+    if not run.is_dir() or not (run / "config.yaml").is_file():
+        raise WBCError(f"bundle: {run}: not a run folder (give outputs/<name>, which holds its config.yaml)")
     path = Path(dest) / f"{run.name}.tar.gz"
     with atomic_path(path, suffix=".gz") as tmp, tarfile.open(tmp, "w:gz") as tar:
         tar.add(run, arcname=run.name, filter=lambda m: None if m.name.endswith(LEFT_OUT) else m)
@@ -35,6 +35,15 @@ def _fold_rank(fold: Path) -> tuple:
     from .train.cli import finished
 
     return (finished(fold), (fold / "oof.csv").stat().st_mtime_ns if (fold / "oof.csv").exists() else 0)
+
+
+def _plain(path: Path, member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """tarfile's `data` filter (no absolute paths, nothing outside `dest`), and files and folders only: a link
+    checked against the temporary folder could point elsewhere once moved into `outputs/`."""
+    member = tarfile.data_filter(member, dest)
+    if not (member.isfile() or member.isdir()):
+        raise WBCError(f"{path}: refused ({member.name} is a link or a special file)")
+    return member
 
 
 def unbundle(path: Path, into: Path) -> dict:
@@ -53,7 +62,7 @@ def unbundle(path: Path, into: Path) -> dict:
         tmp = Path(tempfile.mkdtemp(dir=into, prefix=f".unbundle-{name}-"))
         try:
             try:
-                tar.extractall(tmp, filter="data")  # no absolute paths, no paths out of `tmp`, no devices
+                tar.extractall(tmp, filter=lambda m, dest: _plain(path, m, dest))
             except tarfile.TarError as e:
                 raise WBCError(f"{path}: refused ({e})") from None
             src, dst = tmp / name, into / name
@@ -62,7 +71,8 @@ def unbundle(path: Path, into: Path) -> dict:
             for item in sorted(src.iterdir()):
                 target = dst / item.name
                 if item.is_dir() and re.fullmatch(r"fold\d+", item.name):
-                    if target.exists() and _fold_rank(target) >= _fold_rank(item):
+                    # An unfinished copy only fills a gap: a local fold may hold the checkpoints to resume from.
+                    if target.exists() and (not _fold_rank(item)[0] or _fold_rank(target) >= _fold_rank(item)):
                         kept.append(item.name)
                         continue
                     shutil.rmtree(target, ignore_errors=True)

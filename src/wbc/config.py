@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 
 import yaml
@@ -53,11 +54,27 @@ def _chain(path: Path, seen: tuple = ()) -> dict:
     return deep_merge(base, data)
 
 
-def parse_override(text: str) -> tuple[list[str], object]:
+STEP_SECTIONS = ("ensemble", "embed", "morph", "refine", "restorer", "shift")  # each step checks its own keys
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 1e-3: YAML 1.1 wants 1.0e-3
+
+
+def parse_override(text: str, current=None) -> tuple[list[str], object]:
+    """`key=value`, the value read as YAML, except where the key holds text now (`name`, `data.root`,
+    `output_dir`, ...): there it stays the text given (`name=2024-01-01`, `data.root=/data #2`), or null."""
     if "=" not in text:
         raise WBCError(f"override '{text}' is not key=value")
     key, val = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(val) if val != "" else None
+    if isinstance(current, str):
+        if val == "":
+            raise WBCError(f"override '{text}': empty value")
+        return key.strip().split("."), None if val == "null" else val
+    try:
+        value = yaml.safe_load(val) if val != "" else None
+    except yaml.YAMLError as e:
+        raise WBCError(f"override '{text}': invalid YAML value ({str(e).splitlines()[0]})") from None
+    if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value):
+        value = float(value)
+    return key.strip().split("."), value
 
 
 def set_dotted(cfg: dict, keys: list[str], value) -> None:
@@ -81,13 +98,13 @@ def get_dotted(cfg: dict, dotted: str, default=None):
 def unknown_keys(cfg: dict, defaults: dict, prefix: str = "") -> list[str]:
     """Dotted keys of `cfg` that sit in a section `configs/base.yaml` defines but are not among its keys:
     typos such as `train.epoch`, which would otherwise be silently ignored. Free-form sections (empty in
-    the defaults, like `model.kwargs`) and top-level sections the defaults lack (`ensemble`, `embed`,
-    `refine`, ...: each step checks its own) are not checked here; a top-level key the defaults lack that is
-    not a section (`outptu_dir=x`) is unknown."""
+    the defaults, like `model.kwargs`) and the steps' own top-level sections (`STEP_SECTIONS`: each step checks
+    its keys) are not checked here; any other top-level key the defaults lack (`outptu_dir=x`, a `trian:`
+    section) is unknown."""
     out = []
     for k, v in cfg.items():
         if k not in defaults:
-            if prefix or not isinstance(v, dict):
+            if prefix or not isinstance(v, dict) or k not in STEP_SECTIONS:
                 out.append(prefix + str(k))
             continue
         d = defaults[k]
@@ -111,7 +128,7 @@ def load_config(path=None, overrides: list[str] | tuple = ()) -> dict:
     if not cfg.get("name"):
         cfg["name"] = path.stem
     for o in overrides:
-        keys, val = parse_override(o)
+        keys, val = parse_override(o, get_dotted(cfg, o.split("=", 1)[0].strip()))
         set_dotted(cfg, keys, val)
         _refuse_unknown(cfg, defaults, f"override '{o}'")
     # The data root: explicit override > WBC_DATA > config.

@@ -36,11 +36,13 @@ def per_class_f1(y_true, y_pred, n_classes: int) -> np.ndarray:
 def summary(y_true, y_pred, classes: list[str]) -> dict:
     n = len(classes)
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    if not len(y_true):  # sklearn refuses empty input; no images: zeros
+        y_true = y_pred = np.zeros(0, int)
     return {
         "macro_f1": macro_f1(y_true, y_pred, n),
         "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)) if len(y_true) else 0.0,
         "accuracy": float((y_true == y_pred).mean()) if len(y_true) else 0.0,
-        "per_class_f1": dict(zip(classes, map(float, per_class_f1(y_true, y_pred, n)))),
+        "per_class_f1": dict(zip(classes, map(float, per_class_f1(y_true, y_pred, n) if len(y_true) else np.zeros(n)))),
         "support": dict(zip(classes, map(int, np.bincount(y_true, minlength=n)))),
         # Predicted next to true counts: a class predicted far more often than it occurs is over-corrected.
         "predicted": dict(zip(classes, map(int, np.bincount(y_pred, minlength=n)))),
@@ -72,7 +74,9 @@ def save_confusion_png(path, y_true, y_pred, classes: list[str], title: str = ""
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title or f"macro-F1 {macro_f1(y_true, y_pred, n):.4f}")
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    try:
+        fig.tight_layout()
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)  # pyplot keeps every open figure alive

@@ -58,8 +58,8 @@ def _check(image: np.ndarray, severity: int) -> None:
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         got = f"{image.dtype} {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
         raise ValueError(f"damage needs a uint8 HxWx3 image, got {got}")
-    if not 0 <= int(severity) <= MAX_SEVERITY:
-        raise ValueError(f"severity must be in 0..{MAX_SEVERITY}, got {severity}")
+    if severity != int(severity) or not 0 <= int(severity) <= MAX_SEVERITY:  # 0.5 would index level 4
+        raise ValueError(f"severity must be a whole number in 0..{MAX_SEVERITY}, got {severity}")
 
 
 def _param(kind: str, severity: int, rng: np.random.Generator) -> float:

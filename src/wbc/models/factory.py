@@ -7,6 +7,7 @@ import timm
 import torch
 
 from ..config import resolve_path
+from ..console import console
 from ..errors import WBCError
 
 
@@ -60,23 +61,24 @@ def create_model(model_cfg: dict, num_classes: int) -> torch.nn.Module:
     for k in ("drop_rate", "drop_path_rate"):
         if model_cfg.get(k) is not None:
             kwargs[k] = model_cfg[k]
-    if "drop_path_rate" in kwargs and not _accepts_drop_path(model_cfg["arch"]):
-        kwargs.pop("drop_path_rate")
-    try:
-        model = timm.create_model(model_cfg["arch"], pretrained=bool(model_cfg.get("pretrained")),
-                                  num_classes=num_classes, **kwargs)
-    except RuntimeError as e:
-        if "Unknown model" in str(e):
-            raise WBCError(f"model.arch: unknown timm model '{model_cfg['arch']}'") from None
-        raise
+    while True:
+        try:
+            model = timm.create_model(model_cfg["arch"], pretrained=bool(model_cfg.get("pretrained")),
+                                      num_classes=num_classes, **kwargs)
+            break
+        except RuntimeError as e:
+            if "Unknown model" in str(e):
+                raise WBCError(f"model.arch: unknown timm model '{model_cfg['arch']}'") from None
+            raise
+        except TypeError as e:  # some families (VGG, DenseNet, Inception) take no drop_path_rate / drop_rate
+            dropped = next((k for k in ("drop_path_rate", "drop_rate") if k in kwargs and f"'{k}'" in str(e)), None)
+            if dropped is None:
+                raise
+            console.print(f"[yellow]warning:[/] {model_cfg['arch']} takes no {dropped}; built without it")
+            kwargs.pop(dropped)
     if model_cfg.get("pretrained_file"):
         load_pretrained_file(model, resolve_path(model_cfg["pretrained_file"]))
     return model
-
-
-def _accepts_drop_path(arch: str) -> bool:
-    # A few timm families (e.g. plain VGG) take no drop_path_rate keyword.
-    return not arch.startswith(("vgg", "alexnet"))
 
 
 def model_data_config(model: torch.nn.Module) -> dict:

@@ -95,7 +95,8 @@ def predict_fold(cfg: dict, fold: int, data: FoldData, device=None) -> dict:
                    labels=data.holdout["labels"])
         save_probs(out / "eval.csv", ev)
         ye = ev.label_index()
-        result["eval"] = summary(ye[ye >= 0], ev.probs[ye >= 0].argmax(1), classes)
+        if (ye >= 0).any():  # an unlabelled eval split has no score, not a score of 0
+            result["eval"] = summary(ye[ye >= 0], ev.probs[ye >= 0].argmax(1), classes)
     if data.test_images is not None:
         te = Probs(data.test["ID"], predict(data.test_images, "test"), classes,
                    labels=data.test["labels"])

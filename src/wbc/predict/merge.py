@@ -73,7 +73,7 @@ def merge_run(run: Path, expected_ids=None) -> dict:
     save_confusion_png(run / "confusion_oof.png", y, pred, classes, f"{run.name} OOF")
     for split, m in merged.items():
         save_probs(run / f"{split}.csv", m)
-        if split == "eval":
+        if split == "eval" and (m.label_index() >= 0).any():  # unlabelled: no score, not a score of 0
             ye = m.label_index()
             ye, pe = ye[ye >= 0], m.probs[ye >= 0].argmax(1)
             report["eval"] = summary(ye, pe, classes)

@@ -99,7 +99,7 @@ def train_bundle(configs: list[str], overrides: list[str], folds: list[int], res
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
         for cfg in cfgs:
-            if run_dir(cfg).is_dir():
+            if (run_dir(cfg) / "config.yaml").is_file():  # a run that got as far as starting a fold
                 console.print(f"bundle: {bundle_run(run_dir(cfg), dest)}")
 
 
