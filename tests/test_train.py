@@ -793,6 +793,7 @@ def test_train_bundle_interrupts_a_training_that_overruns_and_still_bundles(samp
     def stuck(cfg, folds, resume, deadline):
         out = run_dir(cfg) / "fold0"
         out.mkdir(parents=True)
+        (run_dir(cfg) / "config.yaml").write_text("name: x\n")  # as training writes it first
         (out / "metrics.jsonl").write_text("{}\n")
         (out / "state.pt").write_text("x")
         time.sleep(60)
@@ -804,7 +805,8 @@ def test_train_bundle_interrupts_a_training_that_overruns_and_still_bundles(samp
                                tmp_path / "b", kill_after_s=1)
     assert time.monotonic() - t0 < 10
     with tarfile.open(tmp_path / "b" / "tiny_cpu.tar.gz") as t:
-        assert {m.name for m in t.getmembers() if m.isfile()} == {"tiny_cpu/fold0/metrics.jsonl"}
+        names = {m.name for m in t.getmembers() if m.isfile()}
+    assert names == {"tiny_cpu/config.yaml", "tiny_cpu/fold0/metrics.jsonl"}
 
 
 def test_excluded_images_never_train_but_are_still_predicted(cfg2, tmp_path):
