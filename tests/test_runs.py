@@ -39,16 +39,27 @@ def test_runs_lists_folds_scores_and_ensembles(tmp_path, capsys):
                    "oof_nested_blend": 0.6, "eval": {"tuned": {"macro_f1": 0.7}}},
         "submission": "submissions/blend2.csv"}))
     (tmp_path / "bundles").mkdir()  # not a run: no config.yaml
+    (tmp_path / "restorer").mkdir()  # not a classifier run: no folds, no report
+    (tmp_path / "restorer" / "config.yaml").write_text(yaml.safe_dump({"restorer": {"epochs": 2}}))
+    emb = tmp_path / "embed_tiny"  # an embedding run counts its own epochs
+    (emb / "fold0").mkdir(parents=True)
+    (emb / "config.yaml").write_text(yaml.safe_dump({"train": {"epochs": 8}, "embed": {"epochs": 6}}))
+    (emb / "fold0" / "metrics.jsonl").write_text("{}\n" * 3)
+    trial = tmp_path / "study_t0001"  # a tune-train trial: trained and scored, checkpoints deleted
+    _finished_fold(trial / "fold0")
+    (trial / "fold0" / "oof.csv").unlink()
+    (trial / "config.yaml").write_text(yaml.safe_dump({"train": {"epochs": 4}}))
 
     rows = show_runs(tmp_path)
     out = capsys.readouterr().out
-    assert [r["name"] for r in rows] == ["convnext", "lite0", "blend2"]
-    conv, lite, blend = rows
+    assert [r["name"] for r in rows] == ["convnext", "embed_tiny", "lite0", "study_t0001", "blend2"]
+    conv, emb_row, lite, trial_row, blend = rows
+    assert emb_row["unfinished"] == {0: "3/6 epochs"} and trial_row["unfinished"] == {0: "trained, not predicted"}
     assert conv["folds_done"] == [0] and conv["unfinished"] == {1: "2/4 epochs"} and conv["arch"] == "convnext_tiny"
     assert conv["oof_macro_f1"] == 0.5 and conv["eval_macro_f1"] == 0.4 and conv["oof_complete"] is False
     assert lite["folds_done"] == [] and lite["oof_macro_f1"] == 0.7
     assert blend["kind"] == "ensemble (tuned)" and blend["oof_macro_f1"] == 0.8 and blend["nested_macro_f1"] == 0.75
     assert blend["eval_macro_f1"] == 0.7 and blend["folds_done"] == [0, 1] and blend["submission"].endswith(".csv")
-    assert "0 of 3; 1: 2/4 ep" in out and "0.5000 part" in out and "ensemble/blend2" in out
+    assert "1 of 3 (0); 1: 2/4 ep" in out and "0.5000 part" in out and "ensemble/blend2" in out
     assert out.index("ensemble/blend2") < out.index("convnext")  # best OOF first
     assert json.loads((tmp_path / "runs.json").read_text())[0]["name"] == "convnext"

@@ -1,13 +1,15 @@
 """Rich console, progress bars (quiet when not a terminal) and result tables."""
 from __future__ import annotations
 
+import os
 import sys
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-console = Console(soft_wrap=True)  # long lines stay whole in logs
+# Long lines stay whole in logs; a log or pipe gets 160 columns (rich's 80 would cut the tables' cells).
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", 160)))
 
 
 def progress(transient: bool = True) -> Progress:

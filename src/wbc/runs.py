@@ -1,6 +1,6 @@
 """`runs`: one table of every run and ensemble under the outputs folder: folds trained and predicted, how far an
 unfinished fold got, OOF / eval macro-F1, an ensemble's nested estimate, and the submission written from it.
-Read-only: it opens only the files the steps wrote (config.yaml, fold metrics, report.json)."""
+It reads only the files the steps wrote (config.yaml, fold metrics, report.json) and writes runs.json."""
 from __future__ import annotations
 
 import json
@@ -29,6 +29,8 @@ def _fold_state(fold: Path, epochs: int | None) -> str:
         return "done"
     if (fold / "oof.csv").exists() and not (fold / "metrics.jsonl").exists():
         return "predicted"
+    if (fold / "train_result.json").exists() and not (fold / "state.pt").exists():
+        return "trained, not predicted"  # a tune-train trial: scored per epoch, checkpoints deleted
     n = len((fold / "metrics.jsonl").read_text().splitlines()) if (fold / "metrics.jsonl").exists() else 0
     return f"{n}/{epochs if epochs is not None else '?'} epochs"
 
@@ -37,6 +39,8 @@ def run_row(run: Path) -> dict:
     cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
     t = cfg.get("train") or {}
     epochs = None if "epochs" not in t else int(t["epochs"]) + int((t.get("stage2") or {}).get("epochs") or 0)
+    if "embed" in cfg:  # an embedding run trains for its own epochs
+        epochs = (cfg["embed"] or {}).get("epochs", epochs)
     n_folds = (cfg.get("folds") or {}).get("n_folds")
     states = {int(f.name[4:]): _fold_state(f, epochs) for f in fold_dirs(run)}
     report = _json(run / "report.json") or {}
@@ -63,7 +67,9 @@ def ensemble_row(ens: Path) -> dict | None:
 
 
 def collect(root: Path) -> list[dict]:
-    rows = [run_row(p) for p in sorted(root.iterdir()) if p.is_dir() and (p / "config.yaml").exists()]
+    rows = [run_row(p) for p in sorted(root.iterdir())
+            if p.is_dir() and (p / "config.yaml").exists()
+            and (fold_dirs(p) or (p / "report.json").exists())]  # the restorer: neither
     if (root / "ensemble").is_dir():
         rows += [r for r in (ensemble_row(p) for p in sorted((root / "ensemble").iterdir()) if p.is_dir()) if r]
     return rows
@@ -80,8 +86,9 @@ def show_runs(root) -> list[dict]:
     table = []
     for r in sorted(rows, key=lambda r: -(r["oof_macro_f1"] or -1)):
         if r["kind"] == "run":
-            folds = ",".join(map(str, r["folds_done"])) or "-"
-            folds += f" of {r['n_folds']}" if r["n_folds"] else ""
+            done = r["folds_done"]
+            folds = f"{len(done)}" + (f" of {r['n_folds']}" if r["n_folds"] else "")
+            folds += f" ({','.join(map(str, done))})" if done else ""
             folds += "".join(f"; {k}: {s.replace(' epochs', ' ep')}" for k, s in r["unfinished"].items())
             name = r["name"]
         else:

@@ -56,7 +56,8 @@ def load_pretrained_file(model: torch.nn.Module, path) -> list[str]:
     return sorted(set(missing) | set(skipped))
 
 
-def create_model(model_cfg: dict, num_classes: int) -> torch.nn.Module:
+def create_model(model_cfg: dict, num_classes: int, image_size: int | None = None) -> torch.nn.Module:
+    """`image_size`: the input it will see, checked against models built for one size (ViT, Swin)."""
     kwargs = dict(model_cfg.get("kwargs") or {})
     for k in ("drop_rate", "drop_path_rate"):
         if model_cfg.get(k) is not None:
@@ -76,9 +77,26 @@ def create_model(model_cfg: dict, num_classes: int) -> torch.nn.Module:
                 raise
             console.print(f"[yellow]warning:[/] {model_cfg['arch']} takes no {dropped}; built without it")
             kwargs.pop(dropped)
+    if image_size is not None:
+        check_input_size(model, model_cfg["arch"], int(image_size))
     if model_cfg.get("pretrained_file"):
         load_pretrained_file(model, resolve_path(model_cfg["pretrained_file"]))
     return model
+
+
+def check_input_size(model: torch.nn.Module, arch: str, size: int) -> None:
+    """A patch-embedding model built for one input size fails at the first batch otherwise, deep inside timm."""
+    pe = getattr(model, "patch_embed", None)
+    fixed = getattr(pe, "img_size", None)
+    if fixed is not None and getattr(pe, "strict_img_size", False) and tuple(fixed) != (size, size):
+        raise WBCError(f"model.arch {arch} takes {fixed[0]} px inputs, data.image_size is {size}: add "
+                       f"model.kwargs.img_size={size} (Swin also needs a model.kwargs.window_size that divides "
+                       f"{size}/32, e.g. {_window(size)})")
+
+
+def _window(size: int) -> int:
+    last = max(size // 32, 1)  # Swin's last stage is size/32 wide; its window must divide every stage
+    return max(w for w in range(1, 8) if last % w == 0)
 
 
 def model_data_config(model: torch.nn.Module) -> dict:

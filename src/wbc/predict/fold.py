@@ -53,7 +53,8 @@ def predictions_current(cfg: dict, fold_dir) -> bool:
 def load_fold_model(cfg: dict, weights, n_classes: int, device, tta: int | None = None):
     """A fold checkpoint on `device`, and the `predict_probs` keywords that go with it (normalisation, TTA,
     batch size, AMP)."""
-    model = create_model({**cfg["model"], "pretrained": False, "pretrained_file": None}, n_classes)
+    model = create_model({**cfg["model"], "pretrained": False, "pretrained_file": None}, n_classes,
+                         cfg["data"]["image_size"])
     model.load_state_dict(torch_load(weights))
     prec = device_precision(cfg["train"], device)
     model.to(device)

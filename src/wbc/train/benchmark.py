@@ -41,7 +41,8 @@ def _sync(device):
 
 
 def _model(cfg, n_cls, device):
-    m = create_model({**cfg["model"], "pretrained": False, "pretrained_file": None}, n_cls).to(device)
+    m = create_model({**cfg["model"], "pretrained": False, "pretrained_file": None}, n_cls,
+                     cfg["data"]["image_size"]).to(device)
     if device_precision(cfg["train"], device)["channels_last"]:
         m = m.to(memory_format=torch.channels_last)
     return m

@@ -163,7 +163,7 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
     counts = np.bincount(y_tr, minlength=n_cls)
     prior = report_prior_correction(t, counts)
 
-    model = create_model(cfg["model"], n_cls).to(device)
+    model = create_model(cfg["model"], n_cls, cfg["data"]["image_size"]).to(device)
     norm = model_data_config(model)
     if t["channels_last"]:
         model = model.to(memory_format=torch.channels_last)

@@ -85,6 +85,10 @@ def train_folds_parallel(cfg: dict, config: str | None, overrides: list[str], fo
             console.print(f"{out / f'fold{j.fold}'}: trained and predicted already; nothing to resume")
     if all(j.status == "skipped" for j in jobs):
         return jobs
+    import torch
+
+    if not torch.cuda.is_available():  # CUDA_VISIBLE_DEVICES then picks nothing: every fold shares the CPU
+        console.print("[yellow]warning:[/] no CUDA GPU visible: the folds train side by side on the CPU")
     load_fold_data(cfg)  # builds the image caches once, before several processes would each build them
     queue = [j for j in jobs if j.status == "queued"]
     free = {i: None for i in range(len(slots))}  # idle slot -> seconds its last fold took (None: none yet)
