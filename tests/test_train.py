@@ -833,3 +833,21 @@ def test_excluded_images_never_train_but_are_still_predicted(cfg2, tmp_path):
     write_csv(tmp_path / "bad.csv", pd.DataFrame({"ID": [pool["ID"].iloc[0], "nope.jpg"]}))
     with pytest.raises(WBCError, match=r"bad.csv:3: ID nope.jpg is not in the training pool"):
         load_fold_data(cfg2(f"data.exclude_from_training={tmp_path / 'bad.csv'}"))
+
+
+def test_the_deadline_counts_every_prediction_the_fold_will_make(cfg2, monkeypatch):
+    """A specialist predicts the whole fold, not only its classes, and BatchNorm adaptation adds a pass per split:
+    both count in the time the fold still needs."""
+    import time
+
+    from wbc.train import deadline as dl
+
+    seen = []
+    real = dl.Deadline.must_stop
+    monkeypatch.setattr(dl.Deadline, "must_stop", lambda self, *a: seen.append(a[3]) or real(self, *a))
+    cfg = cfg2("train.epochs=1", "predict.tta=2", "predict.adapt_bn=0.5", "data.subset_classes=[LY, SNE, MY]")
+    data = load_fold_data(cfg)
+    train_fold(cfg, 0, data=data, deadline=dl.Deadline(at=time.time() + 3600))
+    n = int((data.pool["fold"] == 0).sum()) + len(data.holdout) + len(data.test)
+    fold_rows = data.pool[data.pool["fold"] == 0]
+    assert seen == [3 * n] and len(fold_rows) > int(data.in_classes(fold_rows).sum())  # beyond its classes

@@ -236,9 +236,11 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
     eval_model = lambda: ema.module if ema is not None and stage == 1 else model  # noqa: E731
     total_epochs = epochs1 + epochs2
     batches = None
-    # The fold's predictions: every held-out image under predict.tta views (the deadline's estimate).
-    n_predict_views = int(cfg["predict"]["tta"]) * (len(va_idx) + sum(
-        len(x) for x in (data.holdout_images, data.test_images) if x is not None))
+    # The fold's predictions (the deadline's estimate): every image of the fold (a specialist's other classes too),
+    # eval and test under predict.tta views, plus one pass over each for test-time BatchNorm adaptation.
+    n_predicted = int((data.pool["fold"].to_numpy() == fold).sum()) + sum(
+        len(x) for x in (data.holdout_images, data.test_images) if x is not None)
+    n_predict_views = n_predicted * (int(cfg["predict"]["tta"]) + (1 if cfg["predict"].get("adapt_bn") else 0))
     epoch_s = []
     every, saved_at, best_sd = float(t.get("checkpoint_every_s", 0) or 0), time.monotonic(), None
     for epoch in range(start, total_epochs):
