@@ -98,6 +98,13 @@ def read_csv(path, what: str = "file", **kwargs) -> pd.DataFrame:
     return df
 
 
+def require_columns(df: pd.DataFrame, path, columns) -> None:
+    """One error line naming the file's header when a column is missing (or renamed)."""
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise WBCError(f"{path}:1: missing column(s) {', '.join(missing)} (found {', '.join(map(str, df.columns))})")
+
+
 def write_csv(path, df: pd.DataFrame) -> None:
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
@@ -188,9 +195,7 @@ def load_probs(path, need=()) -> Probs:
     """A probability file; `need` names the optional columns (`fold`, `labels`) the caller requires."""
     path = Path(path)
     df = read_csv(path, "prediction file", dtype={"ID": str, "labels": str}, keep_default_na=False)
-    missing = [c for c in ("ID", *need) if c not in df.columns]
-    if missing:
-        raise WBCError(f"{path}:1: missing column(s) {', '.join(missing)} (found {', '.join(map(str, df.columns))})")
+    require_columns(df, path, ("ID", *need))
     pcols = [c for c in df.columns if c.startswith(PROB_PREFIX)]
     if not pcols:
         raise WBCError(f"{path}: no {PROB_PREFIX}<class> columns")

@@ -9,7 +9,7 @@ import pandas as pd
 
 from .config import display_path, resolve_path, run_dir
 from .errors import WBCError
-from .io import atomic_path, json_text, read_csv
+from .io import atomic_path, json_text, read_csv, require_columns
 
 
 def validate_submission(df: pd.DataFrame, test_ids, classes, source: str = "submission") -> None:
@@ -103,9 +103,7 @@ def submit_from_predictions(pred_dir, data_root, name: str, classes, extra: dict
     decided = pred_dir / "test_pred.csv"
     if decided.exists():
         df = read_csv(decided, "decisions", dtype=str, keep_default_na=False)
-        missing = [c for c in ("ID", "labels") if c not in df.columns]
-        if missing:
-            raise WBCError(f"{decided}:1: missing column(s) {', '.join(missing)} (found {', '.join(df.columns)})")
+        require_columns(df, decided, ("ID", "labels"))
         ids, labels, rule, source = df["ID"], df["labels"], "tuned decision rule (test_pred.csv)", decided
     else:
         source = pred_dir / "test.csv"

@@ -18,7 +18,7 @@ import pandas as pd
 
 from ..config import resolve_path
 from ..errors import WBCError, where
-from ..io import read_csv
+from ..io import read_csv, require_columns
 
 # split name -> (csv file, image folder)
 SPLITS = {
@@ -64,10 +64,7 @@ def read_split(root, split: str, check_images: bool = True) -> pd.DataFrame:
     if not csv.exists():
         raise WBCError(f"{csv}: split file not found")
     df = read_table(csv)
-    need = ["ID", "labels"]
-    missing = [c for c in need if c not in df.columns]
-    if missing:
-        raise WBCError(f"{csv}:1: missing column(s) {', '.join(missing)} (found {', '.join(df.columns)})")
+    require_columns(df, csv, ("ID", "labels"))
     if len(df) == 0:
         raise WBCError(f"{csv}: split '{split}' is empty")
     for c in ["ID", "labels"] + [c for c in OPTIONAL_COLUMNS if c in df.columns]:

@@ -119,7 +119,7 @@ def run_ensemble(cfg: dict) -> dict:
     if ens.get("submit", True):
         from ..submit import submission_classes
 
-        submission_classes(cfg, classes, f"ensemble {name}")  # before any output is written
+        sub_classes = submission_classes(cfg, classes, f"ensemble {name}")  # before any output is written
     y = oof.label_index()
     plain = {"oof": oof, "eval": ev}  # the blend before the specialists are composed in
     spec_fit, select = ens.get("specialist_fit", "macro_f1"), ens.get("specialist_select", "nested")
@@ -248,7 +248,7 @@ def run_ensemble(cfg: dict) -> dict:
 
     if ens.get("submit", True):
         from ..data.layout import data_root
-        from ..submit import submission_classes, write_submission
+        from ..submit import write_submission
 
         sidecar = {"step": "ensemble", "name": name, "members": decision["members"], "blend": decision["blend"],
                    "specialists": decision["specialists"],
@@ -259,8 +259,7 @@ def run_ensemble(cfg: dict) -> dict:
                    "oof_nested_blend": scores["oof_nested_blend"], "oof_nested_rule": scores["oof_nested"],
                    "shift_weights": decision["shift_weights"], "folds": folds,
                    "eval_macro_f1": scores["eval"][final_step]["macro_f1"] if "eval" in scores else None}
-        path = write_submission(data_root(cfg), test.ids, [classes[i] for i in test_pred], name,
-                                submission_classes(cfg, classes, f"ensemble {name}"), sidecar,
+        path = write_submission(data_root(cfg), test.ids, [classes[i] for i in test_pred], name, sub_classes, sidecar,
                                 out_dir=resolve_path(ens.get("submit_dir") or "submissions"))
         report["submission"] = display_path(path)
         write_json(out / "report.json", report)

@@ -207,10 +207,11 @@ def run_refine(cfg: dict) -> dict:
     preds = _load_preds(pred_dir)
     oof = preds["oof"]
     classes = oof.classes
-    if rc.get("submit", True) and "test" in preds:
+    submit = rc.get("submit", True) and "test" in preds
+    if submit:
         from ..submit import submission_classes
 
-        submission_classes(cfg, classes, pred_dir)  # before any output is written
+        sub_classes = submission_classes(cfg, classes, pred_dir)  # before any output is written
     y = oof.label_index()
     decide, base_name = base_decider(pred_dir, classes)
     columns = list(rc.get("features") or FEATURES)
@@ -269,8 +270,8 @@ def run_refine(cfg: dict) -> dict:
         write_csv(out_dir / "oof_nested_pred.csv", pd.DataFrame({"ID": oof.ids, "labels": held}))
     _print_changes(changes, classes)
 
-    if rc.get("submit", True) and "test" in preds:
-        from ..submit import submission_classes, write_submission
+    if submit:
+        from ..submit import write_submission
 
         key = "before" if method == "none" else method
         scores = report["scores"]
@@ -278,8 +279,7 @@ def run_refine(cfg: dict) -> dict:
                    "cv_macro_f1": scores.get("oof_nested", scores["oof"])[key]["macro_f1"],
                    "eval_macro_f1": scores.get("eval", {}).get(key, {}).get("macro_f1"), "report": report}
         path = write_submission(data_root(cfg), preds["test"].ids, np.asarray(classes)[pred["test"][key]],
-                                rc.get("submission_name") or f"{out_dir.name}_refined",
-                                submission_classes(cfg, classes, pred_dir), sidecar,
+                                rc.get("submission_name") or f"{out_dir.name}_refined", sub_classes, sidecar,
                                 out_dir=rc.get("submission_dir", "submissions"))
         console.print(f"wrote {path}")
     return {"report": report, "out_dir": out_dir, "pred": pred, "changes": changes}

@@ -129,7 +129,7 @@ def train_folds_parallel(cfg: dict, config: str | None, overrides: list[str], fo
                     tasks[j.fold] = bar.add_task(f"fold {j.fold} [GPU {slot}]", total=total_epochs, info="")
                     console.print(f"fold {j.fold} on GPU {slot}: started (log {display_path(j.log)})")
                 for j in jobs:
-                    if j.fold in tasks:
+                    if j.fold in tasks and j.status == "running":  # an ended fold's file no longer changes
                         n, f1 = _epochs_logged(out / f"fold{j.fold}")
                         bar.update(tasks[j.fold], completed=n, info="" if f1 is None else f"val F1 {f1:.3f}")
                 time.sleep(poll_s)
