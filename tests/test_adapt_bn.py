@@ -1,17 +1,17 @@
-"""Test-time BatchNorm adaptation (`wbc.predict.adapt`) and prediction-only runs (`predict.checkpoints`)."""
+"""Test-time BatchNorm adaptation (`wbc.optional.adapt_bn`) and prediction-only runs (`predict.checkpoints`)."""
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from helpers import write_folds
 from wbc.__main__ import main
-from wbc.config import run_dir
-from wbc.errors import WBCError
-from wbc.folds import build_folds
-from wbc.io import load_probs, write_csv
+from wbc.core.errors import WBCError
+from wbc.core.io import load_probs
+from wbc.core.run_folder import run_dir
 from wbc.models.inference import predict_probs
-from wbc.predict.adapt import adapt_batchnorm
-from wbc.train.loop import train_fold
+from wbc.optional.adapt_bn import adapt_batchnorm
+from wbc.s3_train.loop import train_fold
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 KW = dict(device=torch.device("cpu"), mean=MEAN, std=STD)
@@ -83,16 +83,17 @@ def test_refusals():
         adapt_batchnorm(_net(), _images(1), 1.0, **KW)
 
 
+@pytest.mark.slow
 def test_prediction_only_run_uses_the_source_checkpoints(sample_root, make_cfg, monkeypatch):
     """`predict.checkpoints` + `predict.adapt_bn`: a new run folder of adapted predictions from another run's
     fold models; alpha 0 reproduces the source run's predictions exactly. A killed prediction is redone."""
     cfg = make_cfg(sample_root, "folds.n_folds=2", "train.epochs=1", "predict.tta=1")
-    write_csv(cfg["folds"]["file"], build_folds(cfg))
+    write_folds(cfg)
     train_fold(cfg, 0)
     base = [f"data.root={cfg['data']['root']}", f"output_dir={cfg['output_dir']}",
             f"data.cache_dir={cfg['data']['cache_dir']}", f"folds.file={cfg['folds']['file']}", "folds.n_folds=2",
             "train.epochs=1", "predict.tta=1"]
-    cmd = ["predict", "-c", "configs/tiny_cpu.yaml", *base]
+    cmd = ["predict", "-c", "configs/recipes/tiny_cpu.yaml", *base]
     assert main(cmd) == 0
     src = run_dir(cfg)
     assert main(cmd + ["name=same", f"predict.checkpoints={src}"]) == 0
@@ -107,11 +108,11 @@ def test_prediction_only_run_uses_the_source_checkpoints(sample_root, make_cfg, 
         assert np.abs(adapted.probs - ref.probs).max() > 1e-3, split
     assert main(cmd + ["name=none", f"predict.checkpoints={out / 'missing'}"]) == 2  # no fold checkpoints
     assert not (out / "none").exists()
-    assert main(["train-fold", "--fold", "0", "-c", "configs/tiny_cpu.yaml", *base, "name=retrain",
+    assert main(["train-fold", "--fold", "0", "-c", "configs/recipes/tiny_cpu.yaml", *base, "name=retrain",
                  f"predict.checkpoints={src}"]) == 2  # a prediction-only config does not train
 
     # Killed while predicting the test split: no oof.csv (the mark of a finished fold), so a rerun redoes it.
-    import wbc.predict.fold as fold_mod
+    import wbc.s4_predict.fold as fold_mod
 
     real = fold_mod.predict_probs
 

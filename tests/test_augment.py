@@ -3,9 +3,9 @@ import albumentations as A
 import numpy as np
 import pytest
 
-from wbc.config import load_config
-from wbc.data.augment import build_transform
-from wbc.data.damage import DamageTransform
+from wbc.core.config import load_config
+from wbc.s1_data.augment import build_transform
+from wbc.s1_data.damage import DamageTransform
 
 
 def _ops(*overrides):

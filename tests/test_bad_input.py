@@ -2,6 +2,7 @@
 import pandas as pd
 import pytest
 
+from helpers import edit_csv
 from wbc.__main__ import main
 
 
@@ -12,13 +13,8 @@ def run_cli(capsys, *argv):
 
 
 def folds_cli(capsys, root, tmp_path, *extra):
-    return run_cli(capsys, "folds", "-c", "configs/tiny_cpu.yaml", f"data.root={root}",
+    return run_cli(capsys, "folds", "-c", "configs/recipes/tiny_cpu.yaml", f"data.root={root}",
                    f"folds.file={tmp_path / 'folds.csv'}", *extra)
-
-
-def edit_csv(path, fn):
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    fn(df).to_csv(path, index=False)
 
 
 def assert_one_error(code, text, *needles):
@@ -80,8 +76,8 @@ def test_empty_split(capsys, data_copy, tmp_path):
 
 
 def test_truncated_and_unreadable_jpeg(capsys, data_copy, tmp_path):
-    from wbc.data.cache import read_image
-    from wbc.errors import WBCError
+    from wbc.core.errors import WBCError
+    from wbc.s1_data.cache import read_image
 
     ids = pd.read_csv(data_copy / "phase1_label.csv", dtype=str)["ID"]
     p = data_copy / "phase1" / ids[7]
@@ -89,7 +85,7 @@ def test_truncated_and_unreadable_jpeg(capsys, data_copy, tmp_path):
     with pytest.raises(WBCError, match="(truncated JPEG|unreadable image)"):
         read_image(p)
     assert folds_cli(capsys, data_copy, tmp_path)[0] == 0  # folds need only the CSVs
-    code, text = run_cli(capsys, "train-fold", "-c", "configs/tiny_cpu.yaml", "--fold", "0",
+    code, text = run_cli(capsys, "train-fold", "-c", "configs/recipes/tiny_cpu.yaml", "--fold", "0",
                          f"data.root={data_copy}", f"folds.file={tmp_path / 'folds.csv'}",
                          f"output_dir={tmp_path / 'out'}", f"data.cache_dir={tmp_path / 'cache'}")
     assert_one_error(code, text, "phase1_label.csv:9", ids[7])
@@ -112,8 +108,8 @@ def test_truncated_jpeg_that_the_decoder_accepts(monkeypatch, data_copy):
     end-of-image marker still gives it away. Simulated here with a lenient decoder."""
     import numpy as np
 
-    import wbc.data.cache as cache
-    from wbc.errors import WBCError
+    import wbc.s1_data.cache as cache
+    from wbc.core.errors import WBCError
 
     ids = pd.read_csv(data_copy / "phase1_label.csv", dtype=str)["ID"]
     whole, cut = data_copy / "phase1" / ids[1], data_copy / "phase1" / ids[7]

@@ -5,16 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-import wbc.embed.train
-import wbc.restore.pix2pix
-from wbc.config import run_dir
-from wbc.errors import WBCError
-from wbc.folds import build_folds
-from wbc.io import load_probs, write_csv
-from wbc.predict.fold import predict_fold
-from wbc.runtime import device_precision
-from wbc.train.inputs import load_fold_data
-from wbc.train.loop import train_fold
+import wbc.optional.embed.train
+import wbc.optional.restore.pix2pix
+from helpers import write_folds
+from wbc.core.errors import WBCError
+from wbc.core.io import load_probs
+from wbc.core.run_folder import run_dir
+from wbc.core.runtime import device_precision
+from wbc.s3_train.inputs import load_fold_data
+from wbc.s3_train.loop import train_fold
+from wbc.s4_predict.fold import predict_fold
 
 
 @pytest.fixture
@@ -35,11 +35,12 @@ def seen_dtypes():
      "train.mix.cutmix_alpha=1.0", "train.mix.remix_kappa=3"],
     ["train.loss.type=balanced_softmax", "train.consistency.weight=2", "train.consistency.views=2"],
 ], ids=["logit_adjusted+ema+stage2", "focal+mix", "balanced_softmax+consistency"])
+@pytest.mark.slow
 def test_training_and_prediction_under_bf16(sample_root, make_cfg, seen_dtypes, recipe):
     # 32 px: bf16 is emulated, and about 80x slower than float32, on CPUs without AVX512-BF16 or AMX
     cfg = make_cfg(sample_root, "folds.n_folds=2", "train.epochs=1", "train.cpu.amp=bf16", "predict.tta=2",
                    "data.image_size=32", *recipe)
-    write_csv(cfg["folds"]["file"], build_folds(cfg))
+    write_folds(cfg)
     data = load_fold_data(cfg)
     res = train_fold(cfg, 0, data=data)
     assert (True, torch.bfloat16) in seen_dtypes  # the training steps ran under autocast, not only validation
@@ -55,9 +56,9 @@ def test_training_and_prediction_under_bf16(sample_root, make_cfg, seen_dtypes, 
 
 
 def test_embedding_losses_under_bf16(tmp_path, seen_dtypes):
-    from wbc.embed.encoders import EmbeddingHead, EmbeddingModel
-    from wbc.embed.losses import SigLIPLoss, SupConLoss
-    from wbc.embed.run import DEFAULTS
+    from wbc.optional.embed.encoders import EmbeddingHead, EmbeddingModel
+    from wbc.optional.embed.losses import SigLIPLoss, SupConLoss
+    from wbc.optional.embed.run import DEFAULTS
 
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(3), [30, 12, 6])
@@ -67,17 +68,18 @@ def test_embedding_losses_under_bf16(tmp_path, seen_dtypes):
     for loss in (SigLIPLoss(8, 3, class_embeddings=True), SupConLoss()):
         torch.manual_seed(0)
         model = EmbeddingModel(None, EmbeddingHead(16, 8, 16))
-        hist = wbc.embed.train.train_embedding(model, loss, feats, y, e, torch.device("cpu"), tmp_path, seed=0,
+        hist = wbc.optional.embed.train.train_embedding(model, loss, feats, y, e, torch.device("cpu"), tmp_path, seed=0,
                                                amp="bf16")
         assert all(np.isfinite(h["loss"]) for h in hist), type(loss).__name__
     assert (True, torch.bfloat16) in seen_dtypes
 
 
+@pytest.mark.slow
 def test_pix2pix_step_under_bf16(seen_dtypes, monkeypatch):
-    from wbc.restore.pix2pix import Pix2Pix
+    from wbc.optional.restore.pix2pix import Pix2Pix
 
     # the restorer autocasts on CUDA only; forced on here
-    monkeypatch.setattr(wbc.restore.pix2pix, "autocast", lambda device, amp="bf16": torch.autocast(
+    monkeypatch.setattr(wbc.optional.restore.pix2pix, "autocast", lambda device, amp="bf16": torch.autocast(
         "cpu", dtype=torch.bfloat16, enabled=amp == "bf16"))
     torch.manual_seed(0)
     x, y = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
@@ -89,6 +91,7 @@ def test_pix2pix_step_under_bf16(seen_dtypes, monkeypatch):
     assert (True, torch.bfloat16) in seen_dtypes
 
 
+@pytest.mark.slow
 def test_the_cpu_block_sets_precision_and_layout_off_cuda(sample_root, make_cfg, seen_dtypes):
     """`train.amp` / `channels_last` are CUDA's; the CPU runs in float32, contiguous, unless `train.cpu` says
     otherwise, so CPU figures measured before the block existed still repeat."""
@@ -103,7 +106,7 @@ def test_the_cpu_block_sets_precision_and_layout_off_cuda(sample_root, make_cfg,
 
     cfg = make_cfg(sample_root, "folds.n_folds=2", "train.epochs=1", "train.amp=bf16", "train.channels_last=true",
                    "train.stage2.epochs=0", "data.image_size=32")
-    write_csv(cfg["folds"]["file"], build_folds(cfg))
+    write_folds(cfg)
     train_fold(cfg, 0)
     assert {d for _, d in seen_dtypes} == {torch.float32}  # CUDA's bf16 does not leak onto the CPU
 

@@ -6,8 +6,8 @@ import tarfile
 
 import pytest
 
-from wbc.bundle import bundle_run, unbundle
-from wbc.errors import WBCError
+from wbc.core.errors import WBCError
+from wbc.ops.bundle import bundle_run, unbundle
 
 
 def _fold(run, fold, finished, stamp):

@@ -6,21 +6,22 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from wbc.config import run_dir
-from wbc.data.layout import read_split
-from wbc.errors import WBCError
-from wbc.folds import build_folds
-from wbc.io import load_probs, write_csv
-from wbc.predict.classify import classify, list_images
-from wbc.predict.fold import predict_fold
-from wbc.train.inputs import load_fold_data
-from wbc.train.loop import train_fold
+from helpers import write_folds
+from wbc.core.errors import WBCError
+from wbc.core.io import load_probs
+from wbc.core.run_folder import run_dir
+from wbc.s1_data.layout import read_split
+from wbc.s3_train.inputs import load_fold_data
+from wbc.s3_train.loop import train_fold
+from wbc.s4_predict.classify import classify, list_images
+from wbc.s4_predict.fold import predict_fold
 
 
+@pytest.mark.slow
 def test_classify_matches_the_test_split_predictions(sample_root, make_cfg, tmp_path):
     cfg = make_cfg(sample_root, "folds.n_folds=2", "data.image_size=32", "train.epochs=1", "predict.tta=2",
                    "data.center_crop=0.8")
-    write_csv(cfg["folds"]["file"], build_folds(cfg))
+    write_folds(cfg)
     data = load_fold_data(cfg)
     for fold in (0, 1):
         train_fold(cfg, fold, data=data)

@@ -4,14 +4,13 @@ import pytest
 import torch
 from scipy.spatial.distance import jensenshannon
 
-from wbc.config import CONFIG_DIR, load_config
-from wbc.data.augment import DamageViews, build_transform
-from wbc.data.dataset import CellDataset
-from wbc.errors import WBCError
-from wbc.folds import build_folds
-from wbc.io import write_csv
-from wbc.train.loop import train_fold
-from wbc.train.losses import js_consistency
+from helpers import write_folds
+from wbc.core.config import CONFIG_DIR, load_config
+from wbc.core.errors import WBCError
+from wbc.optional.consistency import DamageViews, js_consistency
+from wbc.s1_data.augment import build_transform
+from wbc.s1_data.dataset import CellDataset
+from wbc.s3_train.loop import train_fold
 
 
 def test_js_consistency_is_the_jensen_shannon_divergence():
@@ -32,8 +31,9 @@ def test_js_consistency_is_the_jensen_shannon_divergence():
 def _views_cfg(*overrides):
     # Always-on flips, nothing else random but the damage: view 0 (damage at a negligible chance) is the
     # flipped image itself, so the other views' difference from it is their damage alone.
-    return load_config(CONFIG_DIR / "tiny_cpu.yaml", ["augment.flip=1.0", "augment.rot90=0", "augment.affine.p=0",
-                                                      "augment.color.p=0", "augment.damage.p=1.0e-9", *overrides])
+    return load_config(CONFIG_DIR / "recipes/tiny_cpu.yaml", [
+        "augment.flip=1.0", "augment.rot90=0", "augment.affine.p=0", "augment.color.p=0", "augment.damage.p=1.0e-9",
+        *overrides])
 
 
 def test_damage_views_share_geometry_and_draw_fresh_damage():
@@ -58,13 +58,14 @@ def test_damage_views_share_geometry_and_draw_fresh_damage():
 
 
 def test_training_step_adds_the_js_term_to_the_view_zero_loss():
-    """`_train_epoch` on a (B, V, C, H, W) batch: the recipe's loss on view 0 + weight x JS over the views,
+    """`train_epoch` on a (B, V, C, H, W) batch: the recipe's loss on view 0 + weight x JS over the views,
     with every view in one forward pass (lr 0, so the returned loss is the batch's)."""
     from torch import nn
     from torch.nn import functional as F
 
-    from wbc.data.dataset import normalize
-    from wbc.train.loop import _train_epoch
+    from wbc.models.inference import normalize
+    from wbc.optional.consistency import ConsistencyRule
+    from wbc.s3_train.step import StepContext, train_epoch
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
@@ -78,9 +79,9 @@ def test_training_step_adds_the_js_term_to_the_view_zero_loss():
     ce = lambda logits, target: F.cross_entropy(logits, target)  # noqa: E731
 
     def step(batch, weight):
-        t = {"amp": "none", "consistency": {"weight": weight, "views": 3}}
-        ep = _train_epoch(model, model, None, [(batch, y)], 1, opt, sched, scaler, ce, torch.device("cpu"), norm, t, 1,
-                          "test")
+        ctx = StepContext(model, model, None, opt, sched, scaler, ce, torch.device("cpu"), norm, "none", False, 0.0, 1,
+                          ConsistencyRule(weight))
+        ep = train_epoch(ctx, [(batch, y)], 1, "test")
         return ep["loss"], ep["n"]
 
     model.train()
@@ -95,11 +96,12 @@ def test_training_step_adds_the_js_term_to_the_view_zero_loss():
                                   rel=1e-5)
 
 
+@pytest.mark.slow
 def test_consistency_run_trains_and_resumes_exactly(sample_root, make_cfg):
     """A consistency run end to end (2 views): finite losses, and a resumed run repeats the uninterrupted one."""
     cfg = make_cfg(sample_root, "folds.n_folds=2", "train.epochs=2", "train.consistency.weight=6.0",
                    "train.consistency.views=2")
-    write_csv(cfg["folds"]["file"], build_folds(cfg))
+    write_folds(cfg)
     full = [h["train_loss"] for h in train_fold(cfg, 0)["history"]]
     assert len(full) == 2 and all(np.isfinite(full))
     plain = make_cfg(sample_root, "name=plain", "folds.n_folds=2", "train.epochs=2")

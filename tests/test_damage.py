@@ -1,11 +1,10 @@
 """Damage simulator: shape/dtype, identity at severity 0, determinism, strictly ordered severities, Compose use."""
-import time
 
 import cv2
 import numpy as np
 import pytest
 
-from wbc.data import damage as D
+from wbc.s1_data import damage as D
 
 
 def smear(size: int, seed: int) -> np.ndarray:
@@ -124,15 +123,6 @@ def test_transform_in_compose_is_reproducible():
         D.DamageTransform(max_severity=9)
 
 
-def test_fast_enough():
-    img = smear(224, 2)
-    t = time.perf_counter()
-    for i, kind in enumerate(D.KINDS * 3):
-        D.apply(img, kind, 3, np.random.default_rng(i))
-    per_op = (time.perf_counter() - t) / (3 * len(D.KINDS))
-    assert per_op < 0.015  # ~1.5 ms on a free core; loose for a shared CI machine
-
-
 GREY = np.full((48, 48, 3), 128, np.uint8)
 
 
@@ -182,8 +172,8 @@ def test_bad_mix_is_refused(kwargs, match):
 
 
 def test_config_mix_reaches_the_training_transform():
-    from wbc.config import load_config
-    from wbc.data.augment import build_transform
+    from wbc.core.config import load_config
+    from wbc.s1_data.augment import build_transform
 
     cfg = load_config(None, ["augment.damage.p=1.0", "augment.damage.max_severity=2",
                              "augment.damage.severity_weights=[0,1]", "augment.damage.group_p={noise: 0.0}"])

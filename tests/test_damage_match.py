@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import yaml
 
-from wbc.data.damage import GROUPS
-from wbc.errors import WBCError
-from wbc.shift.match import MATCH_GROUPS, MixModel, energy_distance, fit_mix
+from wbc.core.errors import WBCError
+from wbc.optional.shift.match import MATCH_GROUPS, MixModel, energy_distance, fit_mix
+from wbc.s1_data.damage import GROUPS
 
 PLANTED = {"p": 0.8, "max_severity": 4, "severity_weights": [0.1, 0.1, 0.2, 0.6],
            "group_p": {"blur": 0.2, "lighting": 0.9, "noise": 0.6},
@@ -51,6 +51,7 @@ def test_uniform_mix_weights_the_proposals_equally():
     assert ess == pytest.approx(50)
 
 
+@pytest.mark.slow
 def test_fit_recovers_a_planted_mix():
     draw = _world()
     clean, prop, sev, kind = draw(1200, None, proposal=True)
@@ -69,12 +70,13 @@ def test_fit_recovers_a_planted_mix():
     assert 0 < stats["proposal_ess"] <= len(prop)
 
 
+@pytest.mark.slow
 def test_damage_match_on_the_sample_data(sample_root, make_cfg, tmp_path, monkeypatch):
-    from wbc.config import CONFIG_DIR, load_config
-    from wbc.data.augment import build_transform
-    from wbc.data.damage import DamageTransform
-    from wbc.shift import match
-    from wbc.shift.match import damage_match
+    from wbc.core.config import CONFIG_DIR, load_config
+    from wbc.optional.shift import match
+    from wbc.optional.shift.match import damage_match
+    from wbc.s1_data.augment import build_transform
+    from wbc.s1_data.damage import DamageTransform
 
     loaded = {}
     real = match._load
@@ -96,7 +98,7 @@ def test_damage_match_on_the_sample_data(sample_root, make_cfg, tmp_path, monkey
     # policy.yaml is a config block: a config built on it trains with the fitted mix.
     block = yaml.safe_load((out / "policy.yaml").read_text())
     exp = tmp_path / "matched.yaml"
-    exp.write_text(yaml.safe_dump({"base": str(CONFIG_DIR / "tiny_cpu.yaml"), **block}))
+    exp.write_text(yaml.safe_dump({"base": str(CONFIG_DIR / "recipes/tiny_cpu.yaml"), **block}))
     t = [op for op in build_transform(load_config(exp, ["augment.strength=0.5"]), True).transforms
          if isinstance(op, DamageTransform)][0]
     assert t.p == pytest.approx(min(1.0, rep["fitted_mix"]["p"]), abs=0.002)  # strength multiplies p back
@@ -117,8 +119,8 @@ def test_fit_keeps_the_best_of_several_starts():
 
 
 def test_apply_mix_uses_the_mixs_severity_weights():
-    from wbc.restore.pix2pix import psnr
-    from wbc.shift.match import apply_mix
+    from wbc.optional.restore.pix2pix import psnr
+    from wbc.optional.shift.match import apply_mix
 
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:64, :64]
@@ -135,7 +137,7 @@ def test_apply_mix_uses_the_mixs_severity_weights():
 
 
 def test_proposal_covers_every_severity_and_group_choice():
-    from wbc.shift.match import propose
+    from wbc.optional.shift.match import propose
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (24, 24, 3), dtype=np.uint8) for _ in range(10)]

@@ -4,10 +4,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from helpers import edit_csv, write_folds
 from wbc.__main__ import main
-from wbc.data.layout import read_splits
-from wbc.data.sample import make_sample_dataset
-from wbc.folds import build_folds
+from wbc.s1_data.layout import read_splits
+from wbc.s1_data.sample import make_sample_dataset
+from wbc.s2_folds.folds import build_folds
 
 POOL = ["phase1", "phase2_train"]
 
@@ -17,11 +18,6 @@ def small(tmp_path):
     """A small sample dataset with a patient column, private to the test."""
     return make_sample_dataset(tmp_path / "small", n_phase1=36, n_train=36, n_eval=12, n_test=18, image_size=32,
                                seed=1, with_groups=True)
-
-
-def edit_csv(path, fn):
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    fn(df).to_csv(path, index=False)
 
 
 def set_cell(path, i, col, value):
@@ -34,8 +30,8 @@ def set_cell(path, i, col, value):
 
 def folds_error(capsys, root, tmp_path, *extra):
     """The one error line of `wbc folds`, which must exit 2 and write nothing."""
-    code = main(["folds", "-c", "configs/tiny_cpu.yaml", f"data.root={root}", f"folds.file={tmp_path / 'f.csv'}",
-                 *extra])
+    code = main(["folds", "-c", "configs/recipes/tiny_cpu.yaml", f"data.root={root}",
+                 f"folds.file={tmp_path / 'f.csv'}", *extra])
     out = capsys.readouterr()
     lines = (out.out + out.err).strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), lines
@@ -107,7 +103,7 @@ def _jpeg(size=48):
 
 
 def test_complete_jpeg_with_padding_or_trailer_is_accepted(tmp_path):
-    from wbc.data.cache import read_image
+    from wbc.s1_data.cache import read_image
 
     p = tmp_path / "a.jpg"
     for tail in (b"\0" * 200, np.random.default_rng(1).bytes(5000)):
@@ -117,8 +113,8 @@ def test_complete_jpeg_with_padding_or_trailer_is_accepted(tmp_path):
 
 def test_truncated_jpeg_with_a_thumbnail_is_still_refused(monkeypatch, tmp_path):
     """An EXIF thumbnail carries its own end-of-image marker: that one must not pass for the image's."""
-    import wbc.data.cache as cache
-    from wbc.errors import WBCError
+    import wbc.s1_data.cache as cache
+    from wbc.core.errors import WBCError
 
     thumb = _jpeg(8)
     app1 = b"\xff\xe1" + (len(thumb) + 8).to_bytes(2, "big") + b"Exif\0\0" + thumb
@@ -134,7 +130,7 @@ def test_truncated_jpeg_with_a_thumbnail_is_still_refused(monkeypatch, tmp_path)
 
 
 def test_png_named_jpg_is_read(tmp_path):
-    from wbc.data.cache import read_image
+    from wbc.s1_data.cache import read_image
 
     img = np.random.default_rng(0).integers(0, 255, (20, 30, 3), np.uint8)
     p = tmp_path / "png.jpg"
@@ -152,13 +148,11 @@ def test_an_id_that_points_outside_its_folder_is_refused(capsys, small, tmp_path
 def test_an_image_in_the_pool_and_the_test_split_is_refused(small, make_cfg):
     import shutil
 
-    from wbc.errors import WBCError
-    from wbc.folds import folds_path
-    from wbc.io import write_csv
-    from wbc.train.inputs import load_fold_data
+    from wbc.core.errors import WBCError
+    from wbc.s3_train.inputs import load_fold_data
 
     cfg = make_cfg(small, "data.image_size=32")
-    write_csv(folds_path(cfg), build_folds(cfg))
+    write_folds(cfg)
     pool_id = pd.read_csv(small / "phase2_train.csv", dtype=str)["ID"][0]
     shutil.copy(small / "phase2" / "train" / pool_id, small / "phase2" / "test" / pool_id)
     edit_csv(small / "phase2_test.csv", lambda d: pd.concat([d, pd.DataFrame({"ID": [pool_id], "labels": [""]})]))

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from skimage import data
 
-from wbc.errors import WBCError
-from wbc.io import torch_load
+from wbc.core.errors import WBCError
+from wbc.core.io import torch_load
 from wbc.models import cli, effnet_lite
 from wbc.models.factory import create_model
 

@@ -10,11 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wbc.embed.classifiers import KNNClassifier, PrototypeClassifier, SklearnClassifier
-from wbc.embed.fewshot import mean_ci, run_episodes, sample_episode, subsample_per_class
-from wbc.embed.losses import SigLIPLoss, SupConLoss
-from wbc.embed.sampler import ClassBalancedBatchSampler
-from wbc.errors import WBCError
+from helpers import write_folds
+from wbc.core.errors import WBCError
+from wbc.optional.embed.classifiers import KNNClassifier, PrototypeClassifier, SklearnClassifier
+from wbc.optional.embed.fewshot import mean_ci, run_episodes, sample_episode, subsample_per_class
+from wbc.optional.embed.losses import SigLIPLoss, SupConLoss
+from wbc.optional.embed.sampler import ClassBalancedBatchSampler
 
 
 def _log_sigmoid(x):
@@ -93,7 +94,7 @@ def test_supcon_hand_computation_and_no_positive():
 
 
 def test_siglip_class_term_keeps_its_own_temperature_and_bias():
-    from wbc.embed.losses import sigmoid_class_loss, sigmoid_pair_loss
+    from wbc.optional.embed.losses import sigmoid_class_loss, sigmoid_pair_loss
 
     torch.manual_seed(0)
     loss = SigLIPLoss(dim=4, n_classes=3, pairwise=True, class_embeddings=True)
@@ -107,7 +108,7 @@ def test_siglip_class_term_keeps_its_own_temperature_and_bias():
 
 
 def test_build_loss_takes_its_settings_from_the_config():
-    from wbc.embed.losses import build_loss
+    from wbc.optional.embed.losses import build_loss
 
     s = build_loss({"loss": "siglip", "siglip": {"pairwise": True, "class_embeddings": True, "t_init": 1.0,
                                                   "b_init": -3.0}}, 4, 3)
@@ -237,9 +238,9 @@ def tiny_siglip_dir(tmp_path_factory):
 
 
 def test_medsiglip_loader_builds_embeds_and_normalises(tiny_siglip_dir):
-    from wbc.data.dataset import normalize
-    from wbc.embed.encoders import EmbeddingHead, EmbeddingModel, load_medsiglip
-    from wbc.embed.train import embed_array
+    from wbc.models.inference import normalize
+    from wbc.optional.embed.encoders import EmbeddingHead, EmbeddingModel, load_medsiglip
+    from wbc.optional.embed.train import embed_array
 
     d, reference = tiny_siglip_dir
     enc = load_medsiglip(d)
@@ -262,7 +263,7 @@ def test_medsiglip_loader_builds_embeds_and_normalises(tiny_siglip_dir):
 
 
 def test_medsiglip_loader_rejects_a_folder_without_weights(tmp_path, tiny_siglip_dir):
-    from wbc.embed.encoders import load_medsiglip
+    from wbc.optional.embed.encoders import load_medsiglip
 
     with pytest.raises(WBCError, match="config.json"):
         load_medsiglip(tmp_path)
@@ -278,7 +279,7 @@ def test_medsiglip_loader_takes_the_processors_normalisation_and_refuses_partial
 
     from safetensors.torch import load_file, save_file
 
-    from wbc.embed.encoders import load_medsiglip
+    from wbc.optional.embed.encoders import load_medsiglip
 
     d, _ = tiny_siglip_dir
     for f in d.iterdir():
@@ -333,10 +334,10 @@ def test_run_episodes_and_intervals():
 # ---- head training ------------------------------------------------------------------------------------
 
 def test_head_training_on_frozen_features_clusters_classes(tmp_path):
-    from wbc.embed.encoders import EmbeddingHead, EmbeddingModel
-    from wbc.embed.run import DEFAULTS
-    from wbc.embed.train import embed_array, train_embedding
-    from wbc.io import torch_load
+    from wbc.core.io import torch_load
+    from wbc.optional.embed.encoders import EmbeddingHead, EmbeddingModel
+    from wbc.optional.embed.run import DEFAULTS
+    from wbc.optional.embed.train import embed_array, train_embedding
 
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(4), [60, 30, 10, 4])
@@ -362,9 +363,9 @@ def test_head_training_on_frozen_features_clusters_classes(tmp_path):
 
 
 def test_joint_classification_trains_the_linear_head(tmp_path):
-    from wbc.embed.encoders import EmbeddingHead, EmbeddingModel
-    from wbc.embed.run import DEFAULTS
-    from wbc.embed.train import train_embedding
+    from wbc.optional.embed.encoders import EmbeddingHead, EmbeddingModel
+    from wbc.optional.embed.run import DEFAULTS
+    from wbc.optional.embed.train import train_embedding
 
     x, y = blobs((30, 30, 30, 30), dim=12, noise=0.5)
     e = {**DEFAULTS, "epochs": 4, "classes_per_batch": 4, "samples_per_class": 6, "steps_per_epoch": 10, "lr": 1e-2,
@@ -378,9 +379,8 @@ def test_joint_classification_trains_the_linear_head(tmp_path):
 
 
 def test_export_averages_dihedral_views_and_renormalises():
-    from wbc.data.dataset import normalize
-    from wbc.embed.train import embed_array
-    from wbc.models.inference import view
+    from wbc.models.inference import normalize, view
+    from wbc.optional.embed.train import embed_array
 
     class Corner(torch.nn.Module):  # position-dependent: each dihedral view gives another embedding
         def forward(self, x):
@@ -397,7 +397,7 @@ def test_export_averages_dihedral_views_and_renormalises():
 
 def _fake_embed_run(run, n=40, folds=2):
     """Per-fold embedding files: each row's vector is unique (its index), so a fit can be traced to its rows."""
-    from wbc.embed.run import save_embeddings
+    from wbc.optional.embed.run import save_embeddings
 
     ids = np.array([f"{i:04d}" for i in range(n)])
     y = np.arange(n) % 2
@@ -411,7 +411,7 @@ def _fake_embed_run(run, n=40, folds=2):
 
 
 def test_fewshot_draws_fold_k_only_from_images_encoder_k_never_trained_on(tmp_path):
-    from wbc.embed.run import fewshot_spaces
+    from wbc.optional.embed.run import fewshot_spaces
 
     ids, fold = _fake_embed_run(tmp_path)
     spaces, shared = fewshot_spaces(tmp_path, [0, 1], {"A": 0, "B": 1})
@@ -423,7 +423,7 @@ def test_fewshot_draws_fold_k_only_from_images_encoder_k_never_trained_on(tmp_pa
 
 
 def test_labels_per_class_fits_on_the_folds_training_part(tmp_path, monkeypatch):
-    from wbc.embed import run as embed_run
+    from wbc.optional.embed import run as embed_run
 
     ids, fold = _fake_embed_run(tmp_path)
     fitted = []
@@ -447,20 +447,21 @@ def test_labels_per_class_fits_on_the_folds_training_part(tmp_path, monkeypatch)
 
 # ---- end to end ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_embed_resumes_exactly_after_a_kill(sample_root, make_cfg, monkeypatch):
     """Killed while saving fold 0's epoch-1 state, `embed --resume` goes on from epoch 0's state (optimizer,
     schedule, the sampler's draws, RNG) and ends with the weights and embeddings of an uninterrupted run."""
-    from wbc.embed import run as embed_run
-    from wbc.embed import train as embed_train
-    from wbc.folds import build_folds, folds_path
-    from wbc.io import torch_load, write_csv
+    from wbc.core import checkpoint
+    from wbc.core.io import torch_load
+    from wbc.optional.embed import run as embed_run
 
     over = ["folds.n_folds=2", "embed.epochs=3", "embed.steps_per_epoch=2", "embed.classifiers=[proto]",
             "data.image_size=32", "model.drop_path_rate=0.2"]
-    full, part = (make_cfg(sample_root, *over, f"name={n}", config="embed_tiny_cpu.yaml") for n in ("full", "part"))
-    write_csv(folds_path(full), build_folds(full))
+    full, part = (make_cfg(sample_root, *over, f"name={n}", config="steps/embed_tiny_cpu.yaml")
+                  for n in ("full", "part"))
+    write_folds(full)
     embed_run.run_embed(full)
-    real_save, saves = embed_train.torch_save, []
+    real_save, saves = checkpoint.torch_save, []
 
     def killed(path, obj):
         if path.name == "embed_state.pt":
@@ -469,10 +470,10 @@ def test_embed_resumes_exactly_after_a_kill(sample_root, make_cfg, monkeypatch):
                 raise KeyboardInterrupt
         real_save(path, obj)
 
-    monkeypatch.setattr(embed_train, "torch_save", killed)
+    monkeypatch.setattr(checkpoint, "torch_save", killed)
     with pytest.raises(KeyboardInterrupt):
         embed_run.run_embed(part)
-    monkeypatch.setattr(embed_train, "torch_save", real_save)
+    monkeypatch.setattr(checkpoint, "torch_save", real_save)
     assert torch_load(embed_run.run_dir(part) / "fold0" / "embed_state.pt")["epoch"] == 0
     embed_run.run_embed(part, resume=True)
     for k in (0, 1):
@@ -486,15 +487,16 @@ def test_embed_resumes_exactly_after_a_kill(sample_root, make_cfg, monkeypatch):
     assert len(losses[0]) == 3 and losses[0] == losses[1]
 
 
+@pytest.mark.slow
 def test_embed_end_to_end_writes_fold_safe_members(sample_root, make_cfg, monkeypatch):
-    from wbc.embed import run as embed_run
-    from wbc.folds import build_folds, folds_path
-    from wbc.io import load_probs, write_csv
+    from wbc.core.io import load_probs
+    from wbc.optional.embed import run as embed_run
+    from wbc.s2_folds.folds import folds_path
 
     cfg = make_cfg(sample_root, "folds.n_folds=2", "embed.epochs=1", "embed.steps_per_epoch=2",
                    "embed.classifiers=[proto,knn,logreg]", "name=emb", "data.image_size=32",
-                   config="embed_tiny_cpu.yaml")
-    write_csv(folds_path(cfg), build_folds(cfg))
+                   config="steps/embed_tiny_cpu.yaml")
+    write_folds(cfg)
     fits = []
     real = embed_run.build_classifier
 
@@ -534,7 +536,7 @@ def test_embed_end_to_end_writes_fold_safe_members(sample_root, make_cfg, monkey
         assert 0.0 <= report["classifiers"][clf]["oof_macro_f1"] <= 1.0
 
     cfg_fs = make_cfg(sample_root, "folds.n_folds=2", "name=emb", "data.image_size=32", "embed.fewshot.episodes=20",
-                      "embed.fewshot.ks=[1,5]", "embed.fewshot.repeats=2", config="embed_tiny_cpu.yaml")
+                      "embed.fewshot.ks=[1,5]", "embed.fewshot.repeats=2", config="steps/embed_tiny_cpu.yaml")
     fs = embed_run.run_fewshot(cfg_fs)
     assert [r["k_shot"] for r in fs["episodes"]] == [1, 5]
     assert all(r["episodes"] == 20 and r["n_way"] >= 2 for r in fs["episodes"])
@@ -542,18 +544,18 @@ def test_embed_end_to_end_writes_fold_safe_members(sample_root, make_cfg, monkey
     assert (out / "fewshot.json").is_file()
 
 
+@pytest.mark.slow
 def test_frozen_medsiglip_features_once_head_per_fold_then_raw_shared(sample_root, make_cfg, tiny_siglip_dir,
                                                                     monkeypatch):
-    from wbc.embed import encoders
-    from wbc.embed import run as embed_run
-    from wbc.folds import build_folds, folds_path
-    from wbc.io import load_probs, write_csv
+    from wbc.core.io import load_probs
+    from wbc.optional.embed import encoders
+    from wbc.optional.embed import run as embed_run
 
     d, _ = tiny_siglip_dir
     over = ["folds.n_folds=2", "embed.encoder=medsiglip", f"embed.medsiglip_dir={d}", "embed.classifiers=[proto]",
             "embed.steps_per_epoch=3", "name=msl", "data.image_size=32"]
-    cfg = make_cfg(sample_root, *over, "embed.epochs=1", config="embed_tiny_cpu.yaml")
-    write_csv(folds_path(cfg), build_folds(cfg))
+    cfg = make_cfg(sample_root, *over, "embed.epochs=1", config="steps/embed_tiny_cpu.yaml")
+    write_folds(cfg)
     calls = []
     real = encoders.build_encoder
     monkeypatch.setattr(encoders, "build_encoder", lambda c, fold=None: (calls.append(fold), real(c, fold))[1])
@@ -564,7 +566,7 @@ def test_frozen_medsiglip_features_once_head_per_fold_then_raw_shared(sample_roo
     assert z0.shape == (120, 32) and not np.allclose(z0, z1)  # a head per fold on the shared features
     assert not (out / "embeddings_test.npz").exists()
 
-    embed_run.run_embed(make_cfg(sample_root, *over, "embed.epochs=0", config="embed_tiny_cpu.yaml"))
+    embed_run.run_embed(make_cfg(sample_root, *over, "embed.epochs=0", config="steps/embed_tiny_cpu.yaml"))
     assert (out / "embeddings_train.npz").is_file() and not (out / "fold0" / "embeddings_train.npz").exists()
     tr = embed_run.load_embeddings(out, "train", 1)  # the shared file, for any fold
     assert tr["embeddings"].shape == (480, 32)  # the tower's pooled features, L2-normalised
@@ -574,9 +576,9 @@ def test_frozen_medsiglip_features_once_head_per_fold_then_raw_shared(sample_roo
 
 
 def test_timm_encoder_loads_a_local_checkpoint(tmp_path):
-    from wbc.embed.encoders import build_encoder
-    from wbc.io import torch_save
+    from wbc.core.io import torch_save
     from wbc.models.factory import create_model
+    from wbc.optional.embed.encoders import build_encoder
 
     model_cfg = {"arch": "test_resnet", "pretrained": False, "drop_path_rate": 0.0}
     torch.manual_seed(1)
@@ -593,18 +595,18 @@ def test_timm_encoder_loads_a_local_checkpoint(tmp_path):
 def test_run_encoder_loads_fold_checkpoint_without_its_classifier(tmp_path):
     import yaml
 
-    from wbc.embed.encoders import build_encoder
-    from wbc.io import torch_save
+    from wbc.core.io import torch_save
     from wbc.models.factory import create_model
+    from wbc.optional.embed.encoders import build_encoder
 
     model_cfg = {"arch": "test_resnet", "pretrained": False, "drop_path_rate": 0.0}
     torch.manual_seed(0)
     fold_model = create_model(model_cfg, num_classes=7).eval()
-    run = tmp_path / "outputs" / "foldrun"
+    run = tmp_path / "outputs" / "lab_foldrun"  # a recipe's run on dataset `lab`
     torch_save(run / "fold1" / "best.pt", fold_model.state_dict())
     (run / "config.yaml").write_text(yaml.safe_dump({"model": model_cfg}))
-    cfg = {"output_dir": str(tmp_path / "outputs"), "model": {"arch": "resnet18"},
-           "embed": {"encoder": "run", "init_from_run": "foldrun"}}
+    cfg = {"output_dir": str(tmp_path / "outputs"), "model": {"arch": "resnet18"}, "data": {"name": "lab"},
+           "embed": {"encoder": "run", "init_from_run": "foldrun"}}  # the recipe's stem names the run
     enc = build_encoder(cfg, fold=1).eval()  # arch comes from the run's config.yaml
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -616,8 +618,8 @@ def test_run_encoder_loads_fold_checkpoint_without_its_classifier(tmp_path):
 
 
 def test_labels_per_class_scores_only_labelled_eval_rows(tmp_path):
-    from wbc.embed import run as embed_run
-    from wbc.embed.run import save_embeddings
+    from wbc.optional.embed import run as embed_run
+    from wbc.optional.embed.run import save_embeddings
 
     _fake_embed_run(tmp_path)
     e = embed_run.with_defaults({"embed": {"classifiers": ["proto"]}})["embed"]

@@ -12,15 +12,15 @@ import yaml
 from scipy.special import softmax
 
 from wbc.__main__ import main
-from wbc.config import load_config
-from wbc.ensemble import apply_rule, load_rule
-from wbc.ensemble.blend import check_members, combine, fit_weights, load_member, resolve_weights
-from wbc.ensemble.decision import class_prior, make_rule
-from wbc.ensemble.run import rule_steps, run_ensemble
-from wbc.ensemble.tune import RuleSpace, make_storage, n_finished, nested_estimate, tune_rule
-from wbc.errors import WBCError
-from wbc.io import Probs, load_probs, save_probs
-from wbc.metrics import macro_f1
+from wbc.core.config import load_config
+from wbc.core.errors import WBCError
+from wbc.core.io import Probs, load_probs, save_probs
+from wbc.core.metrics import macro_f1
+from wbc.s5_ensemble import apply_rule, load_rule
+from wbc.s5_ensemble.blend import check_members, combine, fit_weights, load_member, resolve_weights
+from wbc.s5_ensemble.decision import class_prior, make_rule
+from wbc.s5_ensemble.run import rule_steps, run_ensemble
+from wbc.s5_ensemble.tune import RuleSpace, make_storage, n_finished, nested_estimate, tune_rule
 
 CLASSES = ["BA", "EO", "LY", "MO", "NE"]
 COUNTS = [12, 24, 60, 40, 120]  # long tail
@@ -164,6 +164,7 @@ def test_nested_estimate_is_not_above_in_sample_on_noise():
     assert sorted(nested["fold_macro_f1"]) == [0, 1, 2] and (nested["pred"] >= 0).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
 def test_resumed_study_continues_its_trials(tmp_path, kind):
     rng = np.random.default_rng(2)
@@ -325,7 +326,7 @@ def test_ensemble_command_end_to_end(tmp_path, runs):
     test_ids = list(load_probs(a / "test.csv").ids)
     root = _data_root(tmp_path, test_ids)
     cfg_file = tmp_path / "demo.yaml"
-    cfg_file.write_text(yaml.safe_dump({"ensemble": {
+    cfg_file.write_text(yaml.safe_dump({"name": "demo", "ensemble": {
         "members": [str(a), str(b)], "blend": {"space": "prob", "weights": "fit"},
         "tuning": {"n_trials": 8, "seed": 0, "thresholds_k": 1, "quota": True, "nested": True,
                    "storage": f"journal:{tmp_path / 'ens.journal'}"},
@@ -392,7 +393,7 @@ def test_ensemble_command_blends_a_seed_group_as_one_member(tmp_path, runs):
     a2 = _make_run(a.parent, "run_a_seed2", 7, 2.0)
     root = _data_root(tmp_path, list(load_probs(a / "test.csv").ids))
     cfg_file = tmp_path / "seeds.yaml"
-    cfg_file.write_text(yaml.safe_dump({"ensemble": {
+    cfg_file.write_text(yaml.safe_dump({"name": "seeds", "ensemble": {
         "members": [[str(a), str(a2)], str(b)], "blend": {"space": "logit", "weights": "fit"},
         "tuning": {"n_trials": 4, "seed": 0, "nested": False, "storage": f"journal:{tmp_path / 'ens.journal'}"},
         "submit": False}}))
@@ -411,19 +412,21 @@ def test_ensemble_command_reports_bad_members(tmp_path, runs, capsys):
     a, b = runs
     _edit_oof(b, lambda df: df.drop(index=0, inplace=True))
     cfg_file = tmp_path / "bad.yaml"
-    cfg_file.write_text(yaml.safe_dump({"ensemble": {"members": [str(a), str(b)], "submit": False}}))
+    cfg_file.write_text(yaml.safe_dump({"name": "bad", "ensemble": {"members": [str(a), str(b)], "submit": False}}))
     assert main(["ensemble", "--config", str(cfg_file), f"output_dir={tmp_path / 'out'}"]) == 2
     assert "run_b/oof.csv: IDs differ" in capsys.readouterr().out
     assert not (tmp_path / "out" / "ensemble" / "bad").exists()  # nothing half-written
-    cfg_file.write_text(yaml.safe_dump({"ensemble": {"members": [str(a)], "tuning": {"n_trails": 5}}}))
+    cfg_file.write_text(yaml.safe_dump({"name": "bad", "ensemble": {"members": [str(a)], "tuning": {"n_trails": 5}}}))
     assert main(["ensemble", "--config", str(cfg_file)]) == 2
     assert "unknown key(s) n_trails" in capsys.readouterr().out
     root = _data_root(tmp_path, list(load_probs(a / "test.csv").ids))
-    cfg_file.write_text(yaml.safe_dump({"data": {"classes": [*CLASSES, "ZZ"]}, "ensemble": {"members": [str(a)]}}))
+    cfg_file.write_text(yaml.safe_dump({"name": "bad", "data": {"classes": [*CLASSES, "ZZ"]},
+                                        "ensemble": {"members": [str(a)]}}))
     assert main(["ensemble", "--config", str(cfg_file), f"output_dir={tmp_path / 'out'}", f"data.root={root}"]) == 2
     assert f"predicts classes {','.join(CLASSES)}, but the dataset's are" in capsys.readouterr().out
     assert not (tmp_path / "out" / "ensemble" / "bad").exists()  # refused before anything is written
-    cfg_file.write_text(yaml.safe_dump({"ensemble": {"members": [str(a)], "tuning": {"select": "nestd"}}}))
+    cfg_file.write_text(yaml.safe_dump({"name": "bad",
+                                        "ensemble": {"members": [str(a)], "tuning": {"select": "nestd"}}}))
     assert main(["ensemble", "--config", str(cfg_file)]) == 2
     assert "ensemble.tuning.select: 'nestd' is not nested or tuned" in capsys.readouterr().out
 
@@ -432,7 +435,7 @@ def test_ensemble_command_reports_bad_members(tmp_path, runs, capsys):
                                                       ("tuned", True, "tuned")])
 def test_ensemble_submits_the_blend_when_the_rule_loses_out_of_sample(tmp_path, runs, monkeypatch, select,
                                                                       blend_wins, final):
-    import wbc.ensemble.run as run_mod
+    import wbc.s5_ensemble.run as run_mod
 
     a, b = runs
     root = _data_root(tmp_path, list(load_probs(a / "test.csv").ids))
@@ -448,7 +451,7 @@ def test_ensemble_submits_the_blend_when_the_rule_loses_out_of_sample(tmp_path, 
 
     monkeypatch.setattr(run_mod, "tune_rule", planted_tune)
     cfg_file = tmp_path / "sel.yaml"
-    cfg_file.write_text(yaml.safe_dump({"ensemble": {
+    cfg_file.write_text(yaml.safe_dump({"name": "sel", "ensemble": {
         "members": [str(a), str(b)],
         "tuning": {"n_trials": 4, "seed": 0, "select": select, "storage": f"journal:{tmp_path / 'j.journal'}"},
         "submit_dir": str(tmp_path / "subs")}}))
@@ -499,7 +502,7 @@ def test_ensemble_with_shift_weights(tmp_path, runs):
     wfile = tmp_path / "weights.csv"
     pd.DataFrame({"ID": oof.ids, "weight": np.where(oof.labels == "NE", 3.0, 0.5)}).to_csv(wfile, index=False)
     cfg_file = tmp_path / "shifted.yaml"
-    cfg_file.write_text(yaml.safe_dump({"ensemble": {
+    cfg_file.write_text(yaml.safe_dump({"name": "shifted", "ensemble": {
         "members": [str(a), str(b)], "shift_weights": str(wfile), "submit": False,
         "tuning": {"n_trials": 6, "nested_trials": 4, "seed": 0, "storage": f"journal:{tmp_path / 'ens.journal'}"}}}))
     argv = [f"output_dir={tmp_path / 'out'}", f"data.root={root}"]
@@ -645,7 +648,7 @@ def test_members_that_finished_other_folds_blend_on_the_common_ones(tmp_path, ru
 
     root = _data_root(tmp_path, list(load_probs(a / "test.csv").ids))
     cfg_file = tmp_path / "partial.yaml"
-    cfg_file.write_text(yaml.safe_dump({"ensemble": {
+    cfg_file.write_text(yaml.safe_dump({"name": "partial", "ensemble": {
         "members": [str(a), str(b)], "folds": [0, 1],
         "tuning": {"n_trials": 4, "seed": 0, "nested": True, "storage": f"journal:{tmp_path / 'p.journal'}"},
         "submit_dir": str(tmp_path / "subs")}}))

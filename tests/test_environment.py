@@ -7,12 +7,11 @@ import sys
 
 import pytest
 
-from wbc import environment
-from wbc.config import run_dir
-from wbc.folds import build_folds
-from wbc.io import write_csv
-from wbc.train import loop
-from wbc.train.loop import StopTraining, train_fold
+from helpers import write_folds
+from wbc.core import environment
+from wbc.core.run_folder import run_dir
+from wbc.s3_train import loop
+from wbc.s3_train.loop import StopTraining, train_fold
 
 
 def test_describe_records_versions_cpu_and_kernel_settings():
@@ -22,9 +21,10 @@ def test_describe_records_versions_cpu_and_kernel_settings():
     json.dumps(env)  # JSON-ready
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="ATen's AVX2 kernels exist on x86_64 only")
 def test_capped_instruction_set_is_recorded():
-    code = "import json; from wbc.environment import describe; d = describe(); " \
+    code = "import json; from wbc.core.environment import describe; d = describe(); " \
            "print(json.dumps([d['cpu_capability'], d['kernel_env']]))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"})
@@ -44,9 +44,10 @@ def test_differences_name_each_changed_setting():
     assert environment.differences(old, old) == []
 
 
+@pytest.mark.slow
 def test_fold_records_each_start_and_warns_when_resumed_elsewhere(sample_root, make_cfg, monkeypatch):
     cfg = make_cfg(sample_root, "folds.n_folds=2", "train.epochs=2")
-    write_csv(cfg["folds"]["file"], build_folds(cfg))
+    write_folds(cfg)
 
     def kill(epoch, rec):
         raise StopTraining
@@ -73,13 +74,14 @@ def test_fold_records_each_start_and_warns_when_resumed_elsewhere(sample_root, m
     assert [s["start_epoch"] for s in json.loads(path.read_text())] == [0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_deterministic_switch_holds_during_training_only(sample_root, make_cfg, deterministic):
     import torch
 
     cfg = make_cfg(sample_root, "folds.n_folds=2", "train.epochs=1",
                    f"train.deterministic={str(deterministic).lower()}")
-    write_csv(cfg["folds"]["file"], build_folds(cfg))
+    write_folds(cfg)
     before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
     seen = []
     train_fold(cfg, 0, on_epoch=lambda e, r: seen.append((torch.are_deterministic_algorithms_enabled(),

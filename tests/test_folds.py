@@ -4,9 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from wbc.data.sample import make_sample_dataset
-from wbc.errors import WBCError
-from wbc.folds import build_folds, load_folds, make_folds
+from wbc.core.errors import WBCError
+from wbc.s1_data.sample import make_sample_dataset
+from wbc.s2_folds.folds import build_folds, load_folds, make_folds
 
 
 def test_every_id_once_and_stratified(sample_root, make_cfg):
@@ -58,7 +58,7 @@ def test_classes_rarer_than_k_are_warned_about_and_spread(sample_root, make_cfg,
 
 
 def test_class_list_is_the_sorted_codes_or_the_config(sample_root):
-    from wbc.data.layout import class_list
+    from wbc.s1_data.layout import class_list
 
     eval_labels = pd.read_csv(sample_root / "phase2_eval.csv", dtype=str)["labels"]
     codes = sorted(set(_pool_labels(sample_root)) | set(eval_labels))
@@ -77,8 +77,8 @@ def test_splitter_errors_are_one_line(capsys, data_copy, tmp_path):
     from wbc.__main__ import main
 
     k = int(_pool_labels(data_copy).value_counts().max()) + 1
-    code = main(["folds", "-c", "configs/tiny_cpu.yaml", f"data.root={data_copy}", f"folds.file={tmp_path / 'f.csv'}",
-                 f"folds.n_folds={k}"])
+    code = main(["folds", "-c", "configs/recipes/tiny_cpu.yaml", f"data.root={data_copy}",
+                 f"folds.file={tmp_path / 'f.csv'}", f"folds.n_folds={k}"])
     out = capsys.readouterr()
     lines = (out.out + out.err).strip().splitlines()
     assert code == 2 and len(lines) == 1 and f"error: cannot split the training pool into {k} folds" in lines[0]

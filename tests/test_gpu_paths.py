@@ -11,7 +11,9 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-from wbc.data import dataset
+from helpers import write_folds
+from wbc.models import inference
+from wbc.s1_data import dataset
 
 CUDA = torch.device("cuda")
 
@@ -47,12 +49,12 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *a, **k: self)  # NYI for fake tensors
     monkeypatch.setattr(torch.nn.Module, "to", _module_to)  # fake parameters cannot be swapped in place
     monkeypatch.setattr(torch.Tensor, "numpy", host_numpy)  # fake tensors have no data to hand over
-    dataset._stats.cache_clear()  # fake constants must not outlive the fake mode
+    inference._stats.cache_clear()  # fake constants must not outlive the fake mode
     try:
         with FakeTensorMode(allow_non_fake_inputs=True, shape_env=ShapeEnv()):  # sizes from masks: symbolic
             yield
     finally:
-        dataset._stats.cache_clear()
+        inference._stats.cache_clear()
 
 
 def test_predict_probs_with_tta_bf16_and_channels_last(fake_cuda):
@@ -72,17 +74,19 @@ def test_predict_probs_with_tta_bf16_and_channels_last(fake_cuda):
 def test_an_embedding_epoch_and_export_stay_on_the_device(fake_cuda, monkeypatch, tmp_path, loss):
     """`train_embedding` for one step and `embed_array`, on the model and loss `run_embed` builds (timm backbone,
     projection head with a CE classifier, SigLIP's learnable t', b and class embeddings)."""
-    from wbc.config import CONFIG_DIR, load_config
-    from wbc.embed.encoders import EmbeddingHead, EmbeddingModel, timm_encoder
-    from wbc.embed.losses import build_loss
-    from wbc.embed.run import with_defaults
-    from wbc.embed.train import embed_array, train_embedding
+    from wbc.core.config import CONFIG_DIR, load_config
+    from wbc.optional.embed.encoders import EmbeddingHead, EmbeddingModel, timm_encoder
+    from wbc.optional.embed.losses import build_loss
+    from wbc.optional.embed.run import with_defaults
+    from wbc.optional.embed.train import embed_array, train_embedding
 
     monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: None)  # autograd needs a CUDA runtime
     monkeypatch.setattr(torch.Tensor, "__float__", lambda self: 0.0)  # no value to read: the logged loss, t' and b
     monkeypatch.setattr(torch.Tensor, "__bool__", lambda self: True)  # SupCon's `if not has.any()`: balanced batches
-    monkeypatch.setattr("wbc.embed.train.torch_save", lambda *a, **k: None)  # nor any to save
-    cfg = with_defaults(load_config(CONFIG_DIR / "embed_tiny_cpu.yaml", [f"embed.loss={loss}", "embed.ce_weight=0.5"]))
+    monkeypatch.setattr("wbc.optional.embed.train.torch_save", lambda *a, **k: None)  # nor any to save
+    monkeypatch.setattr("wbc.core.checkpoint.torch_save", lambda *a, **k: None)
+    cfg = with_defaults(load_config(CONFIG_DIR / "steps/embed_tiny_cpu.yaml",
+                                    [f"embed.loss={loss}", "embed.ce_weight=0.5"]))
     e = {**cfg["embed"], "epochs": 1, "steps_per_epoch": 1, "classes_per_batch": 2, "samples_per_class": 2}
     enc = timm_encoder(cfg["model"])
     model = EmbeddingModel(enc, EmbeddingHead(enc.feat_dim, int(e["proj_dim"]), int(e["hidden_dim"]), 3))
@@ -93,20 +97,22 @@ def test_an_embedding_epoch_and_export_stay_on_the_device(fake_cuda, monkeypatch
     assert embed_array(model, images, CUDA, norm, batch_size=4, amp="bf16", tta=2).shape == (6, int(e["proj_dim"]))
 
 
+@pytest.mark.slow
 def test_a_restorer_step_and_restoration_stay_on_the_device(fake_cuda, monkeypatch, tmp_path):
     """`Pix2Pix.step` (generator and discriminator losses, both optimisers) at `test_restore.py`'s tiny settings,
     and `data.restore` as the image cache runs it: `build_preprocess` loads the restorer onto the config's device
     (gate on the host, padded generator batches, bf16)."""
     import yaml
 
-    from wbc.data import preprocess
-    from wbc.restore import pix2pix
-    from wbc.restore.pairs import to_tensor
-    from wbc.restore.score import Gate
+    from wbc.optional.restore import pix2pix
+    from wbc.optional.restore import preprocess as restore_step
+    from wbc.optional.restore.pairs import to_tensor
+    from wbc.optional.restore.score import Gate
+    from wbc.s1_data import preprocess
 
     monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: None)  # autograd needs a CUDA runtime
     monkeypatch.setattr(pix2pix, "resolve_device", lambda device: torch.device(device))  # its check wants a ...
-    monkeypatch.setattr(preprocess, "pick_device", lambda cfg: CUDA)  # ... CUDA runtime, as does `device: auto`
+    monkeypatch.setattr(restore_step, "pick_device", lambda cfg: CUDA)  # ... CUDA runtime, as does `device: auto`
     rcfg = {"encoder": "tu-mobilenetv3_small_050", "decoder_channels": [32, 16, 16, 8, 8], "ndf": 8, "epochs": 2,
             "lr": 1e-3, "lambda_l1": 100, "gan_mode": "vanilla", "amp": "bf16", "batch_size": 2, "image_size": 64}
     model = pix2pix.Pix2Pix(rcfg, CUDA)
@@ -127,9 +133,7 @@ def test_a_restorer_step_and_restoration_stay_on_the_device(fake_cuda, monkeypat
 def test_throughput_benchmark_stays_on_the_device(sample_root, make_cfg, fake_cuda, monkeypatch):
     """`benchmark` on CUDA: the trainer's epoch (`_train_epoch`, gradient clipping and the device-side loss sum
     included), the loader alone, and the plain loop over images resident on the device."""
-    import wbc.train.benchmark as bench
-    from wbc.folds import build_folds
-    from wbc.io import write_csv
+    import wbc.ops.benchmark as bench
 
     monkeypatch.setattr(bench, "pick_device", lambda cfg: CUDA)  # fake mode has no CUDA runtime: ...
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)  # ... no queue to wait for, ...
@@ -139,46 +143,46 @@ def test_throughput_benchmark_stays_on_the_device(sample_root, make_cfg, fake_cu
     monkeypatch.setattr(torch.Tensor, "__float__", lambda self: 1.0)  # the epoch's loss: no value to read
     cfg = make_cfg(sample_root, "train.batch_size=4", "train.amp=bf16", "train.channels_last=true",
                    "train.ema=false", "train.grad_clip=1.0")
-    write_csv(cfg["folds"]["file"], build_folds(cfg))
+    write_folds(cfg)
     res = bench.benchmark(cfg, steps=2, warmup=1)
     assert res["device"] == "cuda" and res["pipeline_syncs_per_step"] == 0
 
 
+@pytest.mark.slow
 def test_a_two_stage_fold_stays_on_the_device(sample_root, make_cfg, fake_cuda, monkeypatch):
     """`train_fold` for one epoch of each stage: the model's move, the optimizer step, validation and, in stage 2,
     the new classifier of `reset_classifier`. timm's EMA makes a CUDA generator, which needs a CUDA runtime: off."""
-    from wbc.folds import build_folds
-    from wbc.io import write_csv
-    from wbc.train import loop
+    from wbc.s3_train import loop
 
     monkeypatch.setattr(loop, "pick_device", lambda cfg: CUDA)  # fake mode has no CUDA runtime, ...
     monkeypatch.setattr(torch.Tensor, "backward", lambda self, *a, **k: None)  # ... no autograd, ...
     monkeypatch.setattr(torch.Tensor, "__float__", lambda self: 1.0)  # ... no loss value to read, ...
     monkeypatch.setattr(loop, "torch_save", lambda *a, **k: None)  # ... nor weights to save
+    monkeypatch.setattr("wbc.core.checkpoint.torch_save", lambda *a, **k: None)
     monkeypatch.setattr(loop, "check_finite", lambda *a, **k: None)  # every read value is 1.0, a "non-finite" count too
     draw = dataset.EpochTagged.__iter__
     monkeypatch.setattr(dataset.EpochTagged, "__iter__", lambda self: unset(draw, self))  # host-side draws: real
     cfg = make_cfg(sample_root, "train.epochs=1", "train.stage2.epochs=1", "train.sampler.type=none",
                    "train.stage2.sampler=none", "train.batch_size=32", "train.amp=bf16",
                    "train.channels_last=true", "train.grad_clip=1.0")
-    write_csv(cfg["folds"]["file"], build_folds(cfg))
+    write_folds(cfg)
     res = loop.train_fold(cfg, 0)
     assert [r["stage"] for r in res["history"]] == [1, 2]
 
 
+@pytest.mark.slow
 def test_fold_predictions_with_adapted_batchnorm_stay_on_the_device(sample_root, make_cfg, fake_cuda, monkeypatch):
     """`predict_fold` as `train-fold` runs it after training: a checkpoint loaded from disk and moved, BatchNorm
     statistics adapted to each split, TTA and bf16."""
-    from wbc.config import run_dir
-    from wbc.folds import build_folds
-    from wbc.io import torch_save, write_csv
+    from wbc.core.io import torch_save
+    from wbc.core.run_folder import run_dir
     from wbc.models.factory import create_model
-    from wbc.predict.fold import predict_fold
-    from wbc.train.inputs import load_fold_data
+    from wbc.s3_train.inputs import load_fold_data
+    from wbc.s4_predict.fold import predict_fold
 
     monkeypatch.setattr(torch.Tensor, "__float__", lambda self: 1.0)  # BatchNorm's 1 / float(num_batches_tracked)
     cfg = make_cfg(sample_root, "predict.adapt_bn=0.5", "train.amp=bf16")
-    write_csv(cfg["folds"]["file"], build_folds(cfg))
+    write_folds(cfg)
     data = load_fold_data(cfg)
     weights = unset(lambda: create_model(cfg["model"], len(data.classes)).state_dict())  # as trained: real
     torch_save(run_dir(cfg) / "fold0" / "best.pt", weights)

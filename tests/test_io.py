@@ -1,10 +1,10 @@
-"""The probability-file contract (`wbc.io.Probs`): alignment by ID, labels, folds, and the CSV round trip."""
+"""The probability-file contract (`wbc.core.io.Probs`): alignment by ID, labels, folds, and the CSV round trip."""
 import numpy as np
 import pandas as pd
 import pytest
 
-from wbc.errors import WBCError
-from wbc.io import Probs, load_probs, save_probs
+from wbc.core.errors import WBCError
+from wbc.core.io import Probs, load_probs, save_probs
 
 CLASSES = ["BA", "EO", "LY"]
 

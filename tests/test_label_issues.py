@@ -7,24 +7,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from wbc.data.layout import read_splits
-from wbc.errors import WBCError
-from wbc.io import Probs, save_probs
-from wbc.label_issues import confident_joint, find_issues, label_issues
+from helpers import peaked
+from wbc.core.errors import WBCError
+from wbc.core.io import Probs, save_probs
+from wbc.optional.label_issues import confident_joint, find_issues, label_issues
+from wbc.s1_data.layout import read_splits
 
 CLASSES = ["H", "M", "R"]
-
-
-def _peaked(rng, y, n_cls, peak):
-    p = rng.dirichlet(np.ones(n_cls), len(y)) * (1 - peak)
-    p[np.arange(len(y)), y] += peak
-    return p
 
 
 def test_planted_flips_are_found_and_an_uncertain_rare_class_is_not_flagged():
     rng = np.random.default_rng(0)
     truth = np.repeat([0, 1, 2], [300, 100, 20])
-    probs = _peaked(rng, truth, 3, 0.85)
+    probs = peaked(rng, truth, 3, 0.85)
     # the rare class R: the models hesitate between R and H on every R image (p_R ~ 0.45, p_H ~ 0.5)
     r = truth == 2
     probs[r] = np.column_stack([rng.uniform(0.45, 0.55, r.sum()), np.full(r.sum(), 0.02), np.zeros(r.sum())])
@@ -32,7 +27,7 @@ def test_planted_flips_are_found_and_an_uncertain_rare_class_is_not_flagged():
     given = truth.copy()
     flipped = rng.choice(np.flatnonzero(truth < 2), 12, replace=False)
     given[flipped] = 1 - truth[flipped]  # H <-> M, which the models are sure of (an error above the usual confidence)
-    probs[flipped] = _peaked(rng, truth[flipped], 3, 0.97)
+    probs[flipped] = peaked(rng, truth[flipped], 3, 0.97)
     ids = [f"img{i}" for i in range(len(truth))]
 
     issues, c, t = find_issues(ids, probs, np.array(CLASSES)[given], CLASSES, folds=np.arange(len(truth)) % 5)
@@ -64,10 +59,10 @@ def test_label_issues_writes_the_review_files_and_sheet(sample_root, make_cfg, t
     classes = sorted(pool["labels"].unique())
     y = pool["labels"].map({c: i for i, c in enumerate(classes)}).to_numpy()
     rng = np.random.default_rng(1)
-    probs = _peaked(rng, y, len(classes), 0.8)
+    probs = peaked(rng, y, len(classes), 0.8)
     given = y.copy()
     given[:3] = (y[:3] + 1) % len(classes)
-    probs[:3] = _peaked(rng, y[:3], len(classes), 0.97)
+    probs[:3] = peaked(rng, y[:3], len(classes), 0.97)
     run = tmp_path / "outputs" / "myrun"
     save_probs(run / "oof.csv", Probs(pool["ID"], probs, classes, np.arange(len(y)) % 2,
                                       np.array(classes)[given]))

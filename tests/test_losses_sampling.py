@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from wbc.errors import WBCError
-from wbc.train.losses import build_loss, class_weights, log_prior
-from wbc.train.sampling import build_sampler, class_sampling_weights
+from wbc.core.errors import WBCError
+from wbc.s3_train.losses import build_loss, class_weights, log_prior
+from wbc.s3_train.sampling import build_sampler, class_sampling_weights
 
 LOGITS = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [-0.5, 1.5, 0.0]])
 TARGET = torch.tensor([0, 2, 1])
@@ -153,7 +153,7 @@ LT_COUNTS = np.array([1000, 300, 100, 30, 10])
 def test_prior_correction_exponent_is_what_the_loss_optimum_learns(train, exponent):
     """The population optimum of the recipe's loss (its sampler's class mix as a soft target) has
     softmax(logits) ~ prior^(1 - a): the reported exponent a is the one training really applies."""
-    from wbc.train.prior_correction import prior_correction
+    from wbc.s3_train.prior_correction import prior_correction
 
     got = prior_correction(train, LT_COUNTS)
     assert got["total"] == pytest.approx(exponent, abs=1e-6)
@@ -179,7 +179,7 @@ def test_prior_correction_exponent_is_what_the_loss_optimum_learns(train, expone
 
 
 def test_prior_correction_stage2_and_effective_law():
-    from wbc.train.prior_correction import prior_correction, report_prior_correction
+    from wbc.s3_train.prior_correction import prior_correction, report_prior_correction
 
     cfg = {"sampler": {"type": "sqrt"}, "loss": {"type": "logit_adjusted", "tau": 0.5},
            "stage2": {"epochs": 2, "sampler": "balanced"}}
@@ -191,7 +191,7 @@ def test_prior_correction_stage2_and_effective_law():
 
 
 def test_prior_correction_stage2_sampler_and_over_correction_warning(capsys):
-    from wbc.train.prior_correction import prior_correction, report_prior_correction
+    from wbc.s3_train.prior_correction import prior_correction, report_prior_correction
 
     assert prior_correction({"stage2": {"sampler": "sqrt"}}, LT_COUNTS, stage=2)["total"] == pytest.approx(0.5)
     over = {"sampler": {"type": "balanced"}, "loss": {"type": "balanced_softmax"}}

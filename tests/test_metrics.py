@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from wbc.metrics import macro_f1, per_class_f1, summary
+from wbc.core.metrics import macro_f1, per_class_f1, summary
 
 
 @pytest.mark.parametrize("y_true, y_pred, expected", [

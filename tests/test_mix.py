@@ -4,12 +4,12 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from wbc.errors import WBCError
-from wbc.folds import build_folds
-from wbc.io import write_csv
-from wbc.train import loop
-from wbc.train.loop import train_fold
-from wbc.train.mix import Mixer, build_mixer, cutmix_box, label_weights, mix_images, mix_targets
+from helpers import write_folds
+from wbc.core import hooks
+from wbc.core.errors import WBCError
+from wbc.optional.mix import Mixer, build_mixer, cutmix_box, label_weights, mix_images, mix_targets
+from wbc.s3_train import optim
+from wbc.s3_train.loop import train_fold
 
 COUNTS = np.array([100, 10, 30])  # class 0 frequent, 1 rare, 2 in between (ratio 0/2 = 3.33, 2/1 = 3)
 
@@ -89,19 +89,20 @@ def test_build_mixer_off_switches_and_errors():
     assert build_mixer({"epochs": 5}, COUNTS, 0, 0) is None
     assert isinstance(build_mixer(t, COUNTS, 0, 2), Mixer)
     assert build_mixer(t, COUNTS, 0, 3) is None and build_mixer(t, COUNTS, 0, 4) is None
-    with pytest.raises(WBCError, match="consistency"):
-        build_mixer({**t, "consistency": {"weight": 1.0}}, COUNTS, 0, 0)
+    with pytest.raises(WBCError, match="train.mix and train.consistency cannot be combined"):
+        hooks.single("train_batch", {"train": {**t, "consistency": {"weight": 1.0}}})
     with pytest.raises(WBCError, match="remix_kappa"):
         build_mixer({"epochs": 5, "mix": {"cutmix_alpha": 1.0, "remix_kappa": 0.5}}, COUNTS, 0, 0)
     with pytest.raises(WBCError, match="unknown train.mix"):
         build_mixer({"epochs": 5, "mix": {"mixup": 0.2}}, COUNTS, 0, 0)
 
 
+@pytest.mark.slow
 def test_training_feeds_mixed_soft_targets_to_the_loss_and_resumes_exactly(sample_root, make_cfg, monkeypatch):
     """A fold run with Mixup + CutMix + Remix: the loss sees (B, C) targets that are real mixtures in the mixed
     epochs and class indices in the unmixed last one; a killed run resumes to the same weights."""
     seen = []
-    real = loop.stage_loss
+    real = optim.stage_loss
 
     def recording(t, counts, stage, device):
         fn = real(t, counts, stage, device)
@@ -111,11 +112,11 @@ def test_training_feeds_mixed_soft_targets_to_the_loss_and_resumes_exactly(sampl
             return fn(logits, target)
         return call
 
-    monkeypatch.setattr(loop, "stage_loss", recording)
+    monkeypatch.setattr(optim, "stage_loss", recording)
     over = ["folds.n_folds=2", "train.epochs=3", "train.mix.mixup_alpha=0.4", "train.mix.cutmix_alpha=1.0",
             "train.mix.remix_kappa=3", "train.mix.off_epochs=1"]
     cfg = make_cfg(sample_root, *over)
-    write_csv(cfg["folds"]["file"], build_folds(cfg))
+    write_folds(cfg)
     res = train_fold(cfg, 0)
     steps = len(seen) // 3
     mixed, last = [t for _, t in seen[: 2 * steps]], [t for _, t in seen[2 * steps:]]

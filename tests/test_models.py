@@ -15,8 +15,9 @@ def test_families_without_drop_path_are_built_without_it(capsys):
         create_model({"arch": "test_resnet", "kwargs": {"not_a_kwarg": 1}}, 3)
 
 
+@pytest.mark.slow
 def test_a_model_built_for_one_input_size_is_checked_against_the_data():
-    from wbc.errors import WBCError
+    from wbc.core.errors import WBCError
     from wbc.models.factory import create_model
 
     swin = {"arch": "swin_tiny_patch4_window7_224"}

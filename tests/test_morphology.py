@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from wbc.refine import morphology as M
-from wbc.refine.qa import qa_sheet, separation_table
+from wbc.s6_refine import morphology as M
+from wbc.s6_refine.qa import qa_sheet, separation_table
 
 PLASMA, CYTO, NUC, RBC = (240, 222, 205), (205, 185, 222), (95, 55, 150), (226, 168, 168)
 C = (112, 112)
@@ -179,6 +179,7 @@ def test_a_cell_cut_off_by_the_image_edge_is_a_failure():
     assert M.segment(inside).ok
 
 
+@pytest.mark.slow
 def test_batch_extraction_with_workers_and_bad_files(tmp_path):
     paths = []
     for i, r in enumerate((40, 50)):
@@ -207,7 +208,7 @@ def test_separation_table_ranks_the_separating_feature():
 
 
 def test_qa_samples_are_half_clean_half_damaged():
-    from wbc.refine.qa import pick_samples
+    from wbc.s6_refine.qa import pick_samples
 
     df = pd.DataFrame({"ID": [f"{i}" for i in range(30)], "labels": ["A"] * 20 + ["B"] * 10,
                        "split": (["phase1"] * 10 + ["phase2_train"] * 10) + (["phase1"] * 8 + ["phase2_test"] * 2)})
@@ -251,12 +252,13 @@ def make_dataset(root, n_per_class=3):
 
 
 def test_morph_command_writes_features_qa_and_separation(tmp_path, monkeypatch):
-    from wbc.config import load_config
-    from wbc.refine import run as R
+    from wbc.core.config import load_config
+    from wbc.s6_refine import run as R
 
     make_dataset(tmp_path / "tiny")
-    cfg = load_config("configs/refine.yaml", [f"data.root={tmp_path / 'tiny'}", f"morph.out_dir={tmp_path / 'morph'}",
-                                              "morph.workers=1", "morph.qa_per_class=2"])
+    cfg = load_config("configs/steps/refine.yaml", [f"data.root={tmp_path / 'tiny'}",
+                                                    f"morph.out_dir={tmp_path / 'morph'}", "morph.workers=1",
+                                                    "morph.qa_per_class=2"])
     out = R.run_morph(cfg)
     paths = out["paths"]
     feats = pd.read_csv(paths["features"], dtype={"ID": str})

@@ -3,9 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from wbc.errors import WBCError
-from wbc.io import Probs, load_probs, save_probs, write_text
-from wbc.predict.merge import merge_run
+from helpers import write_folds
+from wbc.core.errors import WBCError
+from wbc.core.io import Probs, load_probs, save_probs, write_text
+from wbc.s4_predict.merge import merge_run
 
 CLASSES = ["A", "B", "C"]
 
@@ -101,8 +102,7 @@ def test_probability_files_refuse_duplicate_ids(tmp_path):
 
 
 def test_tta_averages_the_softmax_of_the_dihedral_views():
-    from wbc.data.dataset import normalize
-    from wbc.models.inference import predict_probs, view
+    from wbc.models.inference import normalize, predict_probs, view
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
@@ -119,7 +119,7 @@ def test_tta_averages_the_softmax_of_the_dihedral_views():
 
 
 def test_normalize_maps_uint8_to_the_models_per_channel_scale():
-    from wbc.data.dataset import normalize
+    from wbc.models.inference import normalize
 
     x = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 1, 1, 3).expand(1, 3, 2, 3).contiguous()
     x[:, 1] = 128  # channel-distinct values, so an RGB / BGR mix-up shows
@@ -130,39 +130,39 @@ def test_normalize_maps_uint8_to_the_models_per_channel_scale():
 
 
 def test_fold_model_predicts_with_the_configured_tta(tmp_path):
-    from wbc.config import CONFIG_DIR, load_config
-    from wbc.io import torch_save
+    from wbc.core.config import CONFIG_DIR, load_config
+    from wbc.core.io import torch_save
     from wbc.models.factory import create_model
-    from wbc.predict.fold import load_fold_model
+    from wbc.s4_predict.fold import load_fold_model
 
-    cfg = load_config(CONFIG_DIR / "tiny_cpu.yaml", ["predict.tta=4", "predict.batch_size=16"])
+    cfg = load_config(CONFIG_DIR / "recipes/tiny_cpu.yaml", ["predict.tta=4", "predict.batch_size=16"])
     torch_save(tmp_path / "best.pt", create_model({**cfg["model"], "pretrained": False}, 3).state_dict())
     model, kw = load_fold_model(cfg, tmp_path / "best.pt", 3, "cpu")
     assert kw["tta"] == 4 and kw["batch_size"] == 16 and kw["device"] == "cpu"
     assert load_fold_model(cfg, tmp_path / "best.pt", 3, "cpu", tta=2)[1]["tta"] == 2  # an explicit count wins
 
 
+@pytest.mark.slow
 def test_predict_weights_choose_the_checkpoint_and_changed_settings_redo_a_fold(sample_root, make_cfg):
     """`predict.weights=last` predicts with last.pt; a fold predicted with other weights or TTA is redone, one
     predicted with the same settings is kept, and folds predicted before settings were recorded count as best.pt."""
     from wbc.__main__ import main
-    from wbc.config import run_dir
-    from wbc.folds import build_folds
-    from wbc.io import torch_load, torch_save, write_csv
+    from wbc.core.io import torch_load, torch_save
+    from wbc.core.run_folder import run_dir
     from wbc.models.inference import predict_probs
-    from wbc.predict.fold import load_fold_model
-    from wbc.train.inputs import Rows, load_fold_data
-    from wbc.train.loop import train_fold
+    from wbc.s3_train.inputs import Rows, load_fold_data
+    from wbc.s3_train.loop import train_fold
+    from wbc.s4_predict.fold import load_fold_model
 
     cfg = make_cfg(sample_root, "folds.n_folds=2", "train.epochs=1", "predict.tta=1")
-    write_csv(cfg["folds"]["file"], build_folds(cfg))
+    write_folds(cfg)
     train_fold(cfg, 0)
     fold = run_dir(cfg) / "fold0"
     sd = torch_load(fold / "best.pt")
     bias = [k for k in sd if k.endswith("bias")][-1]  # the classifier's: last.pt now favours class 0
     sd[bias][0] += 5.0
     torch_save(fold / "last.pt", sd)
-    cmd = ["predict", "-c", "configs/tiny_cpu.yaml", f"data.root={cfg['data']['root']}",
+    cmd = ["predict", "-c", "configs/recipes/tiny_cpu.yaml", f"data.root={cfg['data']['root']}",
            f"output_dir={cfg['output_dir']}", f"data.cache_dir={cfg['data']['cache_dir']}",
            f"folds.file={cfg['folds']['file']}", "folds.n_folds=2", "train.epochs=1", "predict.tta=1"]
 
@@ -190,7 +190,7 @@ def test_predict_weights_choose_the_checkpoint_and_changed_settings_redo_a_fold(
 
 
 def test_an_unlabelled_eval_split_gets_no_score(tmp_path):
-    from wbc.metrics import summary
+    from wbc.core.metrics import summary
 
     rng = np.random.default_rng(1)
     _fold_files(tmp_path, rng, [["a", "b", "c"], ["d", "e", "f"]], ["t0", "t1"])

@@ -1,17 +1,18 @@
-"""Pseudo-labels: selection (`wbc.pseudo.select`), the training file's checks and its use by `train_fold`."""
+"""Pseudo-labels: selection (`wbc.optional.pseudo.select`), the training file's checks and its use by `train_fold`."""
 import json
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from wbc.data.layout import read_split
-from wbc.errors import WBCError
-from wbc.folds import build_folds
-from wbc.io import Probs, load_probs, save_probs, write_csv
-from wbc.pseudo.select import pseudo_label, select
-from wbc.train import loop
-from wbc.train.inputs import load_fold_data
+from helpers import write_folds
+from wbc.core.errors import WBCError
+from wbc.core.io import Probs, load_probs, save_probs, write_csv
+from wbc.core.run_folder import run_dir
+from wbc.optional.pseudo.select import pseudo_label, select
+from wbc.s1_data.layout import read_split
+from wbc.s3_train import loop
+from wbc.s3_train.inputs import load_fold_data
 
 CLASSES = ["A", "B", "C"]
 
@@ -91,7 +92,7 @@ def _fold_cfg(sample_root, make_cfg, tmp_path, rows, *extra):
     path = tmp_path / "pseudo.csv"
     pd.DataFrame(rows, columns=["ID", "labels"]).to_csv(path, index=False)
     cfg = make_cfg(sample_root, "folds.n_folds=2", "train.epochs=1", f"data.pseudo_labels={path}", *extra)
-    write_csv(cfg["folds"]["file"], build_folds(cfg))
+    write_folds(cfg)
     return cfg, path
 
 
@@ -110,6 +111,7 @@ def test_bad_pseudo_file_is_one_line_naming_file_and_row(sample_root, make_cfg, 
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.slow
 def test_train_fold_trains_on_pseudo_rows_and_never_validates_on_them(sample_root, make_cfg, tmp_path, monkeypatch):
     test = read_split(sample_root, "phase2_test", check_images=False)
     ev = read_split(sample_root, "phase2_eval", check_images=False)
@@ -138,15 +140,15 @@ def test_train_fold_trains_on_pseudo_rows_and_never_validates_on_them(sample_roo
     got = sorted((img.tobytes(), int(t)) for img, t in zip(images, tail))
     assert got == sorted((img.tobytes(), t) for img, t in expect.values())
     assert seen["targets"][:len(tr)].tolist() == data.pool["labels"].map(lut).to_numpy()[tr].tolist()
-    assert json.loads((loop.fold_dir(cfg, 0) / "train_result.json").read_text())["pseudo_labelled"] == 8
+    assert json.loads((run_dir(cfg) / "fold0" / "train_result.json").read_text())["extra_rows"] == 8
 
 
 def test_without_pseudo_labels_the_training_set_is_the_pool(sample_root, make_cfg, tmp_path):
     cfg = make_cfg(sample_root, "folds.n_folds=2")
-    write_csv(cfg["folds"]["file"], build_folds(cfg))
+    write_folds(cfg)
     data = load_fold_data(cfg)
-    images, labels = data.pseudo_rows()
-    assert data.pseudo is None and len(images) == 0 and len(labels) == 0
+    extra = data.extra_rows()
+    assert data.extra is None and len(extra.images) == 0 and len(extra.labels) == 0
     cfg["data"]["pseudo_labels"] = str(tmp_path / "missing.csv")
     with pytest.raises(WBCError, match=r"missing.csv: not found \(data.pseudo_labels\)"):
         load_fold_data(cfg)

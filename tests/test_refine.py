@@ -10,12 +10,12 @@ from scipy.special import softmax
 from scipy.stats import multivariate_normal
 from sklearn.covariance import LedoitWolf
 
-from wbc.errors import WBCError
-from wbc.io import Probs, save_probs
-from wbc.metrics import macro_f1
-from wbc.refine.gaussian import ClassGaussians, FeatureScaler, crossfit
-from wbc.refine.morphology import FEATURES
-from wbc.refine.rule import Evidence, Settings, apply_hard, fit_hard, fit_soft, nested, soft_probs
+from wbc.core.errors import WBCError
+from wbc.core.io import Probs, save_probs
+from wbc.core.metrics import macro_f1
+from wbc.s6_refine.gaussian import ClassGaussians, FeatureScaler, crossfit
+from wbc.s6_refine.morphology import FEATURES
+from wbc.s6_refine.rule import Evidence, Settings, apply_hard, fit_hard, fit_soft, nested, soft_probs
 
 CLASSES = ["A", "B", "R"]  # R is the rare class
 SEARCH = {"ratio": [0.01, 1.0], "maha_quantile": [0.5, 1.0], "shape_quantile": [0.0, 0.2],
@@ -23,7 +23,8 @@ SEARCH = {"ratio": [0.01, 1.0], "maha_quantile": [0.5, 1.0], "shape_quantile": [
 
 
 def test_mahalanobis_equals_hand_computation():
-    g = ClassGaussians.from_params([[1.0, 2.0], [0.0, 0.0]], [[[4.0, 0.0], [0.0, 1.0]], [[2.0, 1.0], [1.0, 2.0]]])
+    means, covs = np.array([[1.0, 2.0], [0.0, 0.0]]), np.array([[[4.0, 0.0], [0.0, 1.0]], [[2.0, 1.0], [1.0, 2.0]]])
+    g = ClassGaussians()._set(means, covs, ["full", "full"], np.zeros(2, int))  # fixed parameters, by hand
     x = np.array([[3.0, 3.0], [1.0, 0.0]])
     d = g.mahalanobis(x)
     assert d[0, 0] == pytest.approx(np.sqrt(2 ** 2 / 4 + 1 ** 2 / 1))       # diagonal: sum of z^2
@@ -151,7 +152,7 @@ def test_fit_hard_starts_from_closed_gates():
 
 
 def test_shape_gate_picks_the_discriminating_feature():
-    from wbc.refine.rule import discriminating_shapes
+    from wbc.s6_refine.rule import discriminating_shapes
 
     x, y, folds, probs, shape = evidence()
     noise = np.random.default_rng(5).normal(size=(len(y), 2))
@@ -232,17 +233,17 @@ def write_case(root, seed=0):
 
 
 def refine_cfg(root, *extra):
-    from wbc.config import load_config
+    from wbc.core.config import load_config
 
-    return load_config("configs/refine.yaml", [
+    return load_config("configs/steps/refine.yaml", [
         f"data.root={root / 'data' / 'toy'}", f"output_dir={root / 'out'}", f"morph.out_dir={root / 'morph'}",
         f"refine.predictions={root / 'preds'}", f"refine.submission_dir={root / 'subs'}", "refine.n_trials=15",
         "refine.features=[nc_ratio, nuc_offset, nuc_lobes]", "refine.shape_features=[nuc_lobes]", *extra])
 
 
 def test_refine_command_end_to_end(tmp_path):
-    from wbc.io import load_probs, write_json
-    from wbc.refine.run import run_refine
+    from wbc.core.io import load_probs, write_json
+    from wbc.s6_refine.run import run_refine
 
     pred = write_case(tmp_path)
     bias = {"A": 0.0, "B": 0.0, "R": 0.7}  # a tuned rule (biased argmax): refine must start from it
@@ -282,7 +283,7 @@ def test_refine_command_end_to_end(tmp_path):
 
 
 def test_refine_submission_follows_the_chosen_method(tmp_path):
-    from wbc.refine.run import run_refine
+    from wbc.s6_refine.run import run_refine
 
     write_case(tmp_path)
     res = run_refine(refine_cfg(tmp_path, "refine.method=hard", "refine.nested=false"))
@@ -294,7 +295,7 @@ def test_refine_submission_follows_the_chosen_method(tmp_path):
 
 
 def test_auto_method_is_chosen_by_nested_oof_and_can_keep_the_base():
-    from wbc.refine.run import _choose
+    from wbc.s6_refine.run import _choose
 
     def sc(before, hard, soft):
         return {"before": {"macro_f1": before}, "hard": {"macro_f1": hard}, "soft": {"macro_f1": soft}}
@@ -309,7 +310,7 @@ def test_auto_method_is_chosen_by_nested_oof_and_can_keep_the_base():
 
 
 def test_refine_rejects_missing_features(tmp_path):
-    from wbc.refine.run import run_refine
+    from wbc.s6_refine.run import run_refine
 
     write_case(tmp_path)
     with pytest.raises(WBCError, match="unknown class"):

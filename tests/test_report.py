@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from wbc.ensemble import report as R
-from wbc.metrics import macro_f1
+from wbc.core.metrics import macro_f1
+from wbc.s5_ensemble import report as R
 
 
 def test_step_scores_per_class_f1_belong_to_their_class():

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from wbc.__main__ import main
-from wbc.data.damage import damage
-from wbc.errors import WBCError
-from wbc.restore.pairs import PairDataset, simulate, to_tensor
-from wbc.restore.pix2pix import Pix2Pix, Restorer, build_generator, psnr, train_pix2pix
-from wbc.restore.score import Gate, damage_score, fit_gate
+from wbc.core.errors import WBCError
+from wbc.optional.restore.pairs import PairDataset, simulate, to_tensor
+from wbc.optional.restore.pix2pix import Pix2Pix, Restorer, build_generator, psnr, train_pix2pix
+from wbc.optional.restore.score import Gate, damage_score, fit_gate
+from wbc.s1_data.damage import damage
 
 TINY = {"encoder": "tu-mobilenetv3_small_050", "decoder_channels": [32, 16, 16, 8, 8], "ndf": 8, "epochs": 2,
         "batch_size": 4, "lr": 1e-3, "lambda_l1": 100, "gan_mode": "vanilla", "num_workers": 0}
@@ -117,7 +117,7 @@ def test_generator_loss_is_adversarial_plus_lambda_l1_and_adam_uses_beta1():
 
 
 def test_learning_rate_decays_linearly_and_resumes_mid_schedule(tmp_path, monkeypatch):
-    from wbc.restore import pix2pix
+    from wbc.optional.restore import pix2pix
 
     imgs = cells(4, size=64, seed=13)
     rc = {**TINY, "epochs": 4, "steps_per_epoch": 1}
@@ -147,7 +147,7 @@ def test_simulated_pairs_are_the_same_faults_made_stronger():
 
 
 def test_pairs_draw_every_severity_up_to_the_maximum(monkeypatch):
-    from wbc.restore import pairs
+    from wbc.optional.restore import pairs
 
     seen = []
     monkeypatch.setattr(pairs, "damage", lambda im, sev, rng, kinds=None: (seen.append(sev), im)[1])
@@ -204,6 +204,7 @@ def _layout(root, n1=24, n_test=6):
     return splits["phase2_test"]
 
 
+@pytest.mark.slow
 def test_train_restorer_and_restore_commands(tmp_path):
     data = tmp_path / "data"
     _layout(data)
@@ -234,10 +235,10 @@ def test_train_restorer_and_restore_commands(tmp_path):
         assert (out / i).read_bytes() == (data / "phase2" / "test" / i).read_bytes()
     assert 0 < res["restored"].sum() < len(res)
     # On-the-fly restoration at cache time (data.restore=true): gated phase2 images change, phase1 does not.
-    from wbc.config import load_config
-    from wbc.data.cache import load_images
-    from wbc.data.layout import read_splits
-    from wbc.data.preprocess import build_preprocess
+    from wbc.core.config import load_config
+    from wbc.s1_data.cache import load_images
+    from wbc.s1_data.layout import read_splits
+    from wbc.s1_data.preprocess import build_preprocess
 
     sd = torch.load(run / "generator.pt", weights_only=True)  # perturb: a 2-step generator is near identity
     g = torch.Generator().manual_seed(0)
@@ -264,7 +265,7 @@ def test_train_restorer_and_restore_commands(tmp_path):
 
 
 def test_damage_features_are_measured_at_224_px_on_the_background():
-    from wbc.restore.score import damage_features
+    from wbc.optional.restore.score import damage_features
 
     img = cells(1, size=224, seed=0)[0]
     big = cv2.resize(img, (448, 448), interpolation=cv2.INTER_CUBIC)
@@ -278,7 +279,7 @@ def test_damage_features_are_measured_at_224_px_on_the_background():
 
 
 def test_score_is_rms_of_robust_z_and_gate_file_checks_features(tmp_path):
-    from wbc.restore.score import fit_reference, score_features
+    from wbc.optional.restore.score import fit_reference, score_features
 
     ref = {"center": [0.0] * 5, "scale": [1.0, 2.0, 1.0, 1.0, 1.0]}
     assert score_features(np.array([3.0, 8.0, 0, 0, 0]), ref)[0] == pytest.approx(np.sqrt((9 + 16) / 5))

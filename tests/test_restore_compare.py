@@ -7,20 +7,21 @@ import pytest
 import torch
 import yaml
 
+from helpers import write_folds
 from wbc.__main__ import main
-from wbc.config import CONFIG_DIR, run_dir
-from wbc.data.cache import load_images
-from wbc.data.layout import read_splits
-from wbc.errors import WBCError
-from wbc.folds import build_folds
-from wbc.io import load_probs, write_csv
-from wbc.metrics import macro_f1
-from wbc.predict.fold import predict_fold
-from wbc.predict.restoration import compare_restore
-from wbc.restore.pix2pix import Restorer, build_generator
-from wbc.restore.score import Gate
-from wbc.train.inputs import load_fold_data
-from wbc.train.loop import train_fold
+from wbc.core.config import CONFIG_DIR
+from wbc.core.errors import WBCError
+from wbc.core.io import load_probs
+from wbc.core.metrics import macro_f1
+from wbc.core.run_folder import run_dir
+from wbc.optional.restore.compare import compare_restore
+from wbc.optional.restore.pix2pix import Restorer, build_generator
+from wbc.optional.restore.score import Gate
+from wbc.s1_data.cache import load_images
+from wbc.s1_data.layout import read_splits
+from wbc.s3_train.inputs import load_fold_data
+from wbc.s3_train.loop import train_fold
+from wbc.s4_predict.fold import predict_fold
 
 TINY = {"encoder": "tu-mobilenetv3_small_050", "decoder_channels": [32, 16, 16, 8, 8], "ndf": 8, "batch_size": 8}
 
@@ -40,10 +41,11 @@ def _restorer(path, eval_images, clean_images, scale: float):
     (path / "config.yaml").write_text(yaml.safe_dump({"restorer": {**TINY, "image_size": 64}}))
 
 
+@pytest.mark.slow
 def test_compare_restore_scores_the_runs_models_on_raw_and_restored_inputs(sample_root, make_cfg, tmp_path):
     cfg = make_cfg(sample_root, "folds.n_folds=2", "train.epochs=2", f"data.restore_dir={tmp_path / 'restorer'}",
                    "predict.tta=2")
-    write_csv(cfg["folds"]["file"], build_folds(cfg))
+    write_folds(cfg)
     train_fold(cfg, 0)
     predict_fold(cfg, 0, load_fold_data(cfg))
     ev = read_splits(sample_root, ["phase2_eval"])
@@ -91,6 +93,7 @@ def test_compare_restore_scores_the_runs_models_on_raw_and_restored_inputs(sampl
 
 def _overrides(cfg):
     d = cfg["data"]
-    return ["-c", str(CONFIG_DIR / "tiny_cpu.yaml"), f"data.root={d['root']}", f"output_dir={cfg['output_dir']}",
+    return ["-c", str(CONFIG_DIR / "recipes/tiny_cpu.yaml"), f"data.root={d['root']}",
+            f"output_dir={cfg['output_dir']}",
             f"data.cache_dir={d['cache_dir']}", f"folds.file={cfg['folds']['file']}", "folds.n_folds=2",
             "train.epochs=2", f"data.restore_dir={d['restore_dir']}", "predict.tta=2"]

@@ -4,7 +4,7 @@ import os
 
 import yaml
 
-from wbc.runs import show_runs
+from wbc.ops.runs import show_runs
 
 
 def _finished_fold(d, stamp=1_000_000):

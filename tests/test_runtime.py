@@ -1,11 +1,11 @@
-"""Random-state snapshots for resumes (wbc.runtime)."""
+"""Random-state snapshots for resumes (wbc.core.runtime)."""
 import torch
 
 
 def test_cuda_random_state_is_this_devices_only(monkeypatch):
     """A fold saved with 4 GPUs visible resumes in a process that sees one (`GPUS=`): only the current device's
     generator is saved and restored, and a state saved per GPU by older versions restores its first entry."""
-    from wbc import runtime
+    from wbc.core import runtime
 
     restored = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 
 from wbc.__main__ import COMMAND_MODULES
-from wbc.data import cli
-from wbc.data import sample as S
-from wbc.data.layout import read_split
-from wbc.errors import WBCError
+from wbc.core.errors import WBCError
+from wbc.s1_data import cli
+from wbc.s1_data import sample as S
+from wbc.s1_data.layout import read_split
 
 SMALL = dict(n_phase1=40, n_train=40, n_eval=16, n_test=16, image_size=48)
 TINY = dict(n_phase1=24, n_train=16, n_eval=8, n_test=8, image_size=32)
@@ -160,7 +160,7 @@ def test_atomic_write_and_replace(tmp_path, monkeypatch):
 
 
 def test_cli(tmp_path, capsys):
-    assert "wbc.data.cli" in COMMAND_MODULES
+    assert "wbc.s1_data.cli" in COMMAND_MODULES
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers())  # only this command: the full CLI imports every step
     out = tmp_path / "cli"

@@ -7,9 +7,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from wbc.errors import WBCError
-from wbc.metrics import macro_f1
-from wbc.shift.weights import cap_weights, domain_weights
+from wbc.core.errors import WBCError
+from wbc.core.metrics import macro_f1
+from wbc.optional.shift.weights import cap_weights, domain_weights
 
 
 def test_cap_weights_scale_to_mean_one_and_hold_the_cap():
@@ -56,12 +56,12 @@ def test_weighted_macro_f1_counts_an_image_w_times():
 @pytest.fixture(scope="module")
 def feature_cache(sample_root, tmp_path_factory):
     """The sample data's damage-feature cache, computed once for the module: each test copies it in."""
-    from wbc.config import CONFIG_DIR, load_config
-    from wbc.data.layout import read_splits
-    from wbc.shift.features import damage_feature_table, features_path
+    from wbc.core.config import CONFIG_DIR, load_config
+    from wbc.optional.shift.features import damage_feature_table, features_path
+    from wbc.s1_data.layout import read_splits
 
     out = tmp_path_factory.mktemp("shift_features")
-    cfg = load_config(CONFIG_DIR / "tiny_cpu.yaml", [f"data.root={sample_root}", f"shift.out_dir={out}"])
+    cfg = load_config(CONFIG_DIR / "recipes/tiny_cpu.yaml", [f"data.root={sample_root}", f"shift.out_dir={out}"])
     damage_feature_table(cfg, read_splits(sample_root, ["phase1", "phase2_train", "phase2_eval", "phase2_test"]))
     return features_path(cfg)
 
@@ -72,11 +72,11 @@ def shifted_run(sample_root, make_cfg, tmp_path, feature_cache):
     ones, so its score falls with the damage mix it is measured on."""
     import shutil
 
-    from wbc.data.layout import read_splits
-    from wbc.folds import build_folds, folds_path
-    from wbc.io import Probs, save_probs, write_csv
-    from wbc.restore.score import FEATURES, fit_reference, score_features
-    from wbc.shift.features import damage_feature_table, features_path
+    from wbc.core.io import Probs, save_probs, write_csv
+    from wbc.optional.restore.score import FEATURES, fit_reference, score_features
+    from wbc.optional.shift.features import damage_feature_table, features_path
+    from wbc.s1_data.layout import read_splits
+    from wbc.s2_folds.folds import build_folds, folds_path
 
     cfg = make_cfg(sample_root, f"shift.out_dir={tmp_path / 'shift'}")
     features_path(cfg).parent.mkdir(parents=True, exist_ok=True)
@@ -106,7 +106,7 @@ def shifted_run(sample_root, make_cfg, tmp_path, feature_cache):
 
 
 def test_report_reweights_towards_the_damaged_target(shifted_run, tmp_path):
-    from wbc.shift.report import shift_report
+    from wbc.optional.shift.report import shift_report
 
     cfg, run, folds = shifted_run
     rep = shift_report(cfg, [run], bootstrap=20)  # target: phase2_test, more damaged than the pool
@@ -124,7 +124,7 @@ def test_report_reweights_towards_the_damaged_target(shifted_run, tmp_path):
 
 
 def test_estimate_tracks_the_actual_score_on_a_labelled_damaged_target(shifted_run):
-    from wbc.shift.report import shift_report
+    from wbc.optional.shift.report import shift_report
 
     cfg, run, _ = shifted_run
     rep = shift_report(cfg, [run], target="phase2_eval", quantile=0.5, bootstrap=20)
@@ -138,7 +138,7 @@ def test_estimate_tracks_the_actual_score_on_a_labelled_damaged_target(shifted_r
 
 
 def test_bad_targets_and_runs_are_refused(shifted_run, tmp_path):
-    from wbc.shift.report import shift_report
+    from wbc.optional.shift.report import shift_report
 
     cfg, run, _ = shifted_run
     with pytest.raises(WBCError, match="part of the training pool"):
@@ -149,8 +149,8 @@ def test_bad_targets_and_runs_are_refused(shifted_run, tmp_path):
 
 def test_run_predictions_prefer_a_runs_own_decisions(tmp_path):
     """Ensembles and refinements decide with a tuned rule: `<part>_pred.csv` is what they submit, not the argmax."""
-    from wbc.io import Probs, save_probs
-    from wbc.shift.report import run_predictions
+    from wbc.core.io import Probs, save_probs
+    from wbc.optional.shift.report import run_predictions
 
     save_probs(tmp_path / "oof.csv", Probs(np.array(["a", "b"]), np.array([[0.9, 0.1], [0.8, 0.2]]), ["X", "Y"]))
     assert run_predictions(tmp_path, "oof").to_dict() == {"a": "X", "b": "X"}
@@ -167,8 +167,8 @@ def test_run_predictions_prefer_a_runs_own_decisions(tmp_path):
 
 
 def test_feature_cache_is_reused_and_keyed_by_id_and_split(sample_root, make_cfg, tmp_path, monkeypatch):
-    from wbc.data.layout import read_splits
-    from wbc.shift import features
+    from wbc.optional.shift import features
+    from wbc.s1_data.layout import read_splits
 
     cfg = make_cfg(sample_root, f"shift.out_dir={tmp_path / 'shift'}")
     rows = read_splits(sample_root, ["phase1"]).iloc[:6].reset_index(drop=True)
@@ -193,12 +193,12 @@ def test_feature_cache_is_reused_and_keyed_by_id_and_split(sample_root, make_cfg
 def test_single_fold_check_bins_and_target_quantile(shifted_run, tmp_path):
     """The like-for-like check averages the single fold models; the target quantile keeps the most damaged
     half; bins are the target's tertiles; a folds file not covering the pool is refused."""
-    from wbc.data.layout import data_root, read_splits
-    from wbc.folds import folds_path
-    from wbc.io import Probs, load_probs, save_probs, write_csv
-    from wbc.restore.score import FEATURES, fit_reference, score_features
-    from wbc.shift.features import damage_feature_table
-    from wbc.shift.report import shift_report
+    from wbc.core.io import Probs, load_probs, save_probs, write_csv
+    from wbc.optional.restore.score import FEATURES, fit_reference, score_features
+    from wbc.optional.shift.features import damage_feature_table
+    from wbc.optional.shift.report import shift_report
+    from wbc.s1_data.layout import data_root, read_splits
+    from wbc.s2_folds.folds import folds_path
 
     cfg, run, folds = shifted_run
     ev = load_probs(run / "eval.csv")
@@ -241,8 +241,8 @@ def test_domain_weights_catch_a_shift_in_spread():
 
 
 def test_unlabelled_holdout_rows_are_not_scored(shifted_run, monkeypatch):
-    import wbc.shift.report as report
-    from wbc.io import load_probs
+    import wbc.optional.shift.report as report
+    from wbc.core.io import load_probs
 
     cfg, run, folds = shifted_run
     real = report.read_splits

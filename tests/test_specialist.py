@@ -1,5 +1,5 @@
 """Specialists: a fold run on a class subset (`data.subset_classes`) trains and validates on those classes only but
-predicts every image; `ensemble.specialists` composes it with the full-class blend (`wbc.ensemble.specialist`)."""
+predicts every image; `ensemble.specialists` composes it with the full-class blend (`wbc.s5_ensemble.specialist`)."""
 from __future__ import annotations
 
 import json
@@ -10,26 +10,27 @@ import pytest
 import yaml
 from scipy.special import softmax
 
+from helpers import write_folds
 from wbc.__main__ import main
-from wbc.config import CONFIG_DIR, load_config
-from wbc.ensemble.blend import check_members, load_member
-from wbc.ensemble.run import run_ensemble
-from wbc.ensemble.specialist import apply_specialists, compose, fit_specialists, fit_weight, load_specialist
-from wbc.errors import WBCError
-from wbc.folds import build_folds
-from wbc.io import Probs, load_probs, save_probs, write_csv
-from wbc.predict.fold import predict_fold
-from wbc.predict.merge import merge_run
-from wbc.submit import submit_from_predictions
-from wbc.train import loop
-from wbc.train.inputs import load_fold_data
+from wbc.core.config import CONFIG_DIR, load_config
+from wbc.core.errors import WBCError
+from wbc.core.io import Probs, load_probs, save_probs
+from wbc.s3_train import loop
+from wbc.s3_train.inputs import load_fold_data
+from wbc.s4_predict.fold import predict_fold
+from wbc.s4_predict.merge import merge_run
+from wbc.s5_ensemble.blend import check_members, load_member
+from wbc.s5_ensemble.run import run_ensemble
+from wbc.s5_ensemble.specialist import apply_specialists, compose, fit_specialists, fit_weight, load_specialist
+from wbc.s7_submit.submit import submit_from_predictions
 
 GROUP = ["BNE", "MY", "SNE"]
 
 
+@pytest.mark.slow
 def test_fold_run_trains_on_its_classes_and_predicts_every_image(sample_root, make_cfg, monkeypatch):
     cfg = make_cfg(sample_root, "folds.n_folds=2", "train.epochs=1", "data.subset_classes=[SNE,BNE,MY]")
-    write_csv(cfg["folds"]["file"], build_folds(cfg))
+    write_folds(cfg)
     data = load_fold_data(cfg)
     assert data.classes == GROUP  # the data's order, not the config's
     seen = {}
@@ -66,7 +67,7 @@ def test_fold_run_trains_on_its_classes_and_predicts_every_image(sample_root, ma
 @pytest.mark.parametrize("subset, match", [("[SNE,XX]", "unknown class.*XX"), ("[SNE,SNE]", "at least two")])
 def test_bad_subsets_are_refused(sample_root, make_cfg, subset, match):
     cfg = make_cfg(sample_root, f"data.subset_classes={subset}")
-    write_csv(cfg["folds"]["file"], build_folds(cfg))
+    write_folds(cfg)
     with pytest.raises(WBCError, match=match):
         load_fold_data(cfg)
 
@@ -161,7 +162,7 @@ def test_ensemble_composes_a_specialist_and_reports_it(tmp_path):
     data.mkdir()
     pd.DataFrame({"ID": test_ids, "labels": ""}).to_csv(data / "phase2_test.csv", index=False)
     cfg_file = tmp_path / "spec_ens.yaml"
-    cfg_file.write_text(yaml.safe_dump({"data": {"classes": classes}, "ensemble": {
+    cfg_file.write_text(yaml.safe_dump({"name": "spec_ens", "data": {"classes": classes}, "ensemble": {
         "members": [str(member)], "specialists": [str(spec)],
         "tuning": {"n_trials": 5, "seed": 0, "storage": f"journal:{tmp_path / 'j.journal'}"},
         "submit_dir": str(tmp_path / "subs")}}))
@@ -245,16 +246,15 @@ def test_a_seed_group_of_specialists_is_their_equal_weight_mean(tmp_path):
 
 
 def test_a_specialist_keeps_only_its_classes_pseudo_labels(sample_root, make_cfg, tmp_path):
-    from wbc.data.layout import read_split
+    from wbc.s1_data.layout import read_split
 
     test_ids = read_split(sample_root, "phase2_test", check_images=False)["ID"].iloc[:6]
     labels = ["SNE", "LY", "MY", "EO", "BNE", "LY"]
     path = tmp_path / "pseudo.csv"
     pd.DataFrame({"ID": test_ids, "labels": labels}).to_csv(path, index=False)
     cfg = make_cfg(sample_root, "folds.n_folds=2", "data.subset_classes=[SNE,BNE,MY]", f"data.pseudo_labels={path}")
-    write_csv(cfg["folds"]["file"], build_folds(cfg))
+    write_folds(cfg)
     data = load_fold_data(cfg, with_test=False)  # the test images still load for its pseudo rows
-    assert list(data.pseudo["ID"]) == list(test_ids.iloc[[0, 2, 4]])
-    assert list(data.pseudo["labels"]) == ["SNE", "MY", "BNE"]
-    images, y = data.pseudo_rows()
-    assert len(images) == 3 and list(y) == ["SNE", "MY", "BNE"]
+    extra = data.extra_rows()
+    assert list(extra.ids) == list(test_ids.iloc[[0, 2, 4]])
+    assert len(extra.images) == 3 and list(extra.labels) == ["SNE", "MY", "BNE"]

@@ -4,9 +4,11 @@ import json
 import numpy as np
 import pytest
 
-from wbc.data.damage import apply
-from wbc.data.stain import MacenkoNormalizer, optical_density, stain_vectors
-from wbc.errors import WBCError
+from wbc.core.errors import WBCError
+from wbc.optional.stain import MacenkoNormalizer, optical_density, stain_vectors
+from wbc.s1_data.cache import cache_dir
+from wbc.s1_data.damage import apply
+from wbc.s3_train.inputs import load_fold_data
 
 
 def _unit(*rows):
@@ -136,3 +138,17 @@ def test_damage_barely_moves_the_stain_estimate(ref_images, kind, max_angle):
     smoothing), JPEG 3.9 (8.4 with min / max), salt-and-pepper 1.1 (11 when black-clipped pixels count)."""
     damaged = [apply(im, kind, 3, np.random.default_rng(i)) for i, im in enumerate(ref_images)]
     assert _angle_to_ref(MacenkoNormalizer().fit(damaged).stain_matrix) < max_angle
+
+
+def test_stain_normalised_cache(cfg2):
+    cfg = cfg2("data.stain_norm=true")
+    plain = load_fold_data(cfg2())
+    normed = load_fold_data(cfg)
+    ref = cache_dir(cfg) / "stain_reference.json"
+    assert ref.exists() and "_stain-" in cache_dir(cfg).name
+    for split in ("phase1", "phase2_train"):  # every split went through the normaliser
+        rows = (normed.pool["split"] == split).to_numpy()
+        assert np.abs(normed.pool_images[rows].astype(int) - plain.pool_images[rows].astype(int)).mean() > 1.0
+    stamp = ref.stat().st_mtime_ns
+    again = load_fold_data(cfg)  # the cache is reused: no refit
+    assert ref.stat().st_mtime_ns == stamp and np.array_equal(again.pool_images, normed.pool_images)

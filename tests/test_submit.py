@@ -4,8 +4,8 @@ import re
 import pandas as pd
 import pytest
 
-from wbc.errors import WBCError
-from wbc.submit import validate_submission, write_submission
+from wbc.core.errors import WBCError
+from wbc.s1_data.submission import validate_submission, write_submission
 
 CLASSES = ["A", "B", "C"]
 
@@ -44,7 +44,7 @@ def test_write_in_test_order_with_sidecar(tmp_path):
 
 
 def test_check_file_validates_an_existing_submission(tmp_path):
-    from wbc.submit import check_file
+    from wbc.s1_data.submission import check_file
 
     (tmp_path / "phase2_test.csv").write_text("ID,labels\n3,\n1,\n2,\n")
     good, short = tmp_path / "good.csv", tmp_path / "short.csv"
@@ -58,7 +58,7 @@ def test_check_file_validates_an_existing_submission(tmp_path):
 
 
 def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
-    from wbc.io import atomic_path, write_text
+    from wbc.core.io import atomic_path, write_text
 
     p = tmp_path / "subs" / "x.csv"
     write_text(p, "ID,labels\n1,A\n")
@@ -76,7 +76,7 @@ def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
     (None, ": submission is not a regular file"),  # a folder
 ])
 def test_check_file_refuses_unreadable_files(tmp_path, content, msg):
-    from wbc.submit import check_file
+    from wbc.s1_data.submission import check_file
 
     (tmp_path / "phase2_test.csv").write_text("ID,labels\n1,\n2,\n3,\n")
     sub = tmp_path / "sub.csv"
@@ -91,7 +91,7 @@ def test_check_file_refuses_unreadable_files(tmp_path, content, msg):
 def test_check_submission_cli_refuses_a_folder(capsys, sample_root, tmp_path):
     from wbc.__main__ import main
 
-    code = main(["check-submission", "-c", "configs/tiny_cpu.yaml", f"data.root={sample_root}",
+    code = main(["check-submission", "-c", "configs/recipes/tiny_cpu.yaml", f"data.root={sample_root}",
                  "--file", str(tmp_path)])
     out = capsys.readouterr()
     lines = (out.out + out.err).strip().splitlines()
@@ -115,7 +115,7 @@ def _pred_dir(tmp_path):
     ("report.json", "[1]", "report.json: not a JSON object"),
 ])
 def test_submit_from_predictions_names_the_bad_file(tmp_path, file, content, msg):
-    from wbc.submit import submit_from_predictions
+    from wbc.s7_submit.submit import submit_from_predictions
 
     pred = _pred_dir(tmp_path)
     if file == "report.json":
@@ -127,7 +127,7 @@ def test_submit_from_predictions_names_the_bad_file(tmp_path, file, content, msg
 
 
 def test_sidecar_writes_nan_as_null(tmp_path):
-    from wbc.submit import submit_from_predictions
+    from wbc.s7_submit.submit import submit_from_predictions
 
     pred = _pred_dir(tmp_path)
     (pred / "test_pred.csv").write_text("ID,labels\n1,A\n2,B\n3,C\n")

@@ -7,26 +7,17 @@ import pandas as pd
 import pytest
 import torch
 
-from wbc.config import run_dir
-from wbc.errors import WBCError
-from wbc.folds import build_folds
-from wbc.io import load_probs, torch_load, write_csv
-from wbc.predict.fold import predict_fold
-from wbc.predict.merge import merge_run
-from wbc.train.inputs import load_fold_data
-from wbc.train.loop import StopTraining, train_fold
+from helpers import write_folds
+from wbc.core.errors import WBCError
+from wbc.core.io import load_probs, torch_load, write_csv
+from wbc.core.run_folder import FOLD_RESULTS, run_dir
+from wbc.s3_train.inputs import load_fold_data
+from wbc.s3_train.loop import StopTraining, train_fold
+from wbc.s4_predict.fold import predict_fold
+from wbc.s4_predict.merge import merge_run
 
 
-@pytest.fixture
-def cfg2(sample_root, make_cfg):
-    """Two folds, so a test can cover the whole pool quickly; 32 px unless a test asks for more."""
-    def make(*overrides):
-        cfg = make_cfg(sample_root, "folds.n_folds=2", "data.image_size=32", *overrides)
-        write_csv(cfg["folds"]["file"], build_folds(cfg))
-        return cfg
-    return make
-
-
+@pytest.mark.slow
 def test_learns_above_chance(cfg2):
     cfg = cfg2("train.epochs=6")
     res = train_fold(cfg, 0)
@@ -63,6 +54,7 @@ def _full_and_resumed(cfg2, over, kill_at):
     return full, part, res
 
 
+@pytest.mark.slow
 def test_resume_is_exact(cfg2):
     # EMA, a stage-2 classifier re-training, augmentation and drop-path (the global RNG) all have state that must
     # survive a kill.
@@ -79,12 +71,12 @@ def test_resume_is_exact(cfg2):
 
 def test_a_fresh_start_replaces_the_folds_earlier_results(cfg2, monkeypatch):
     """Killed before its first save, a fresh run must leave nothing of an older run to resume or to predict with."""
-    import wbc.train.loop as loop
+    import wbc.s3_train.loop as loop
 
     cfg = cfg2("train.epochs=1")
     out = run_dir(cfg) / "fold0"
     out.mkdir(parents=True)
-    for name in loop.FOLD_RESULTS + ("unrelated.txt",):
+    for name in FOLD_RESULTS + ("unrelated.txt",):
         (out / name).write_text("an older run's")
 
     def killed(*a):
@@ -98,6 +90,7 @@ def test_a_fresh_start_replaces_the_folds_earlier_results(cfg2, monkeypatch):
         train_fold(cfg, 0, resume=True)
 
 
+@pytest.mark.slow
 def test_oof_covers_pool_and_merges(cfg2):
     cfg = cfg2("train.epochs=1", "predict.tta=8")
     data = load_fold_data(cfg)
@@ -125,7 +118,7 @@ def test_oof_covers_pool_and_merges(cfg2):
     assert sorted(ev.ids) == sorted(data.holdout["ID"]) and "eval" in rep
     assert (run_dir(cfg) / "confusion_oof.png").stat().st_size > 1000
 
-    from wbc.submit import submit_from_predictions
+    from wbc.s7_submit.submit import submit_from_predictions
 
     sub = submit_from_predictions(run_dir(cfg), cfg["data"]["root"], "t", data.classes,
                                   out_dir=run_dir(cfg) / "subs")
@@ -136,53 +129,7 @@ def test_oof_covers_pool_and_merges(cfg2):
     assert side["cv_macro_f1"] == rep["oof"]["macro_f1"] and side["folds"] == [0, 1]
 
 
-def test_tta_views_are_the_dihedral_group():
-    from wbc.models.inference import view
-
-    x = torch.arange(16.0).view(1, 1, 4, 4)
-    views = {tuple(view(x, k).flatten().tolist()) for k in range(8)}
-    assert len(views) == 8
-
-
-def test_epoch_tagged_sampler_and_dataset_seeding():
-    from wbc.data.dataset import CellDataset, EpochTagged
-    from wbc.train.sampling import build_sampler
-
-    plain = EpochTagged(20, seed=3)
-    plain.set_epoch(1)
-    a = list(plain)
-    assert sorted(i for _, i in a) == list(range(20)) and {e for e, _ in a} == {1}
-    assert a == list(plain)  # a pure function of (seed, epoch)
-    plain.set_epoch(2)
-    assert [i for _, i in plain] != [i for _, i in a]
-    weighted = EpochTagged(20, build_sampler(np.arange(20) % 2, 2, {"type": "balanced"}, seed=0), 0)
-    weighted.set_epoch(5)
-    assert len(list(weighted)) == 20 and all(e == 5 for e, _ in weighted)
-
-    import albumentations as A
-
-    imgs = np.random.default_rng(0).integers(0, 255, (4, 16, 16, 3), dtype=np.uint8)
-    ds = CellDataset(imgs, [0, 1, 0, 1], A.Compose([A.RandomRotate90(p=1), A.GaussNoise(p=1)]), seed=0)
-    x1, x2, x3 = ds[(3, 1)][0], ds[(3, 1)][0], ds[(4, 1)][0]
-    assert torch.equal(x1, x2) and not torch.equal(x1, x3)
-
-
-def test_stain_normalised_cache(cfg2):
-    cfg = cfg2("data.stain_norm=true")
-    plain = load_fold_data(cfg2())
-    normed = load_fold_data(cfg)
-    from wbc.data.cache import cache_dir
-
-    ref = cache_dir(cfg) / "stain_reference.json"
-    assert ref.exists() and "_stain-" in cache_dir(cfg).name
-    for split in ("phase1", "phase2_train"):  # every split went through the normaliser
-        rows = (normed.pool["split"] == split).to_numpy()
-        assert np.abs(normed.pool_images[rows].astype(int) - plain.pool_images[rows].astype(int)).mean() > 1.0
-    stamp = ref.stat().st_mtime_ns
-    again = load_fold_data(cfg)  # the cache is reused: no refit
-    assert ref.stat().st_mtime_ns == stamp and np.array_equal(again.pool_images, normed.pool_images)
-
-
+@pytest.mark.slow
 def test_worker_count_does_not_change_training(cfg2):
     """In-process loading (num_workers 0) and persistent workers train the same model: augmentation is seeded per
     sample, and the loader no longer takes a seed from the global RNG (drop-path's) at every in-process epoch."""
@@ -196,6 +143,7 @@ def test_worker_count_does_not_change_training(cfg2):
         assert torch.equal(runs[0][k], runs[1][k]), k
 
 
+@pytest.mark.slow
 def test_ema_warmup_forgets_the_initial_weights(cfg2):
     # EMA is a passive average: the same seed trains the same model, only the averaged weights differ.
     over = ["train.epochs=2", "train.ema_decay=0.999", "train.warmup_epochs=0"]
@@ -215,13 +163,14 @@ def test_ema_warmup_forgets_the_initial_weights(cfg2):
     assert (warm - init).norm() > 0.6 * moved and (warm - plain).norm() < 0.3 * moved  # 0.88 and 0.15 seen
 
 
+@pytest.mark.slow
 def test_resume_skips_a_finished_fold(cfg2, capsys):
     """`RESUME=1 make train-all` after a killed call: finished folds are neither retrained nor re-predicted, but a
     fold restarted since its predictions (env.json rewritten at every start) is not taken as finished."""
     from wbc.__main__ import main
 
     cfg = cfg2("train.epochs=1", "predict.tta=1")
-    args = ["train-fold", "-c", "configs/tiny_cpu.yaml", "--fold", "0", f"data.root={cfg['data']['root']}",
+    args = ["train-fold", "-c", "configs/recipes/tiny_cpu.yaml", "--fold", "0", f"data.root={cfg['data']['root']}",
             f"output_dir={cfg['output_dir']}", f"data.cache_dir={cfg['data']['cache_dir']}",
             f"folds.file={cfg['folds']['file']}", "folds.n_folds=2", "train.epochs=1", "predict.tta=1"]
     assert main(args) == 0
@@ -238,12 +187,13 @@ def test_resume_skips_a_finished_fold(cfg2, capsys):
     assert (out / "oof.csv").stat().st_mtime_ns > stamps["oof.csv"]  # predicted again
 
 
+@pytest.mark.slow
 def test_training_steps_never_wait_for_the_device(cfg2, monkeypatch):
     """A GPU stays busy only while the host queues steps ahead of it, so a step must not read a value back
     (`.item()`: the running loss stays on the device) nor copy constants host-to-device (the normalisation
     statistics and Remix's class counts are built once). Counted here on the CPU, inside the training epochs."""
-    import wbc.data.dataset as dataset
-    import wbc.train.loop as loop
+    import wbc.models.inference as inference
+    import wbc.s3_train.loop as loop
 
     cfg = cfg2("train.epochs=2", "train.mix.mixup_alpha=0.4", "train.mix.remix_kappa=3")
     counts = {"item": 0, "as_tensor": 0, "steps": 0, "epochs": 0}
@@ -257,10 +207,10 @@ def test_training_steps_never_wait_for_the_device(cfg2, monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "item", counting("item", torch.Tensor.item))
     monkeypatch.setattr(torch, "as_tensor", counting("as_tensor", torch.as_tensor))
-    real_epoch = loop._train_epoch
+    real_epoch = loop.train_epoch
 
     def epoch(*a, **k):
-        counts["steps"] += a[4]  # n_batches
+        counts["steps"] += a[2]  # n_batches
         counts["epochs"] += 1
         inside[0] = True
         try:
@@ -268,10 +218,10 @@ def test_training_steps_never_wait_for_the_device(cfg2, monkeypatch):
         finally:
             inside[0] = False
 
-    monkeypatch.setattr(loop, "_train_epoch", epoch)
-    before = dataset._stats.cache_info()
+    monkeypatch.setattr(loop, "train_epoch", epoch)
+    before = inference._stats.cache_info()
     res = train_fold(cfg, 0)
-    after = dataset._stats.cache_info()
+    after = inference._stats.cache_info()
     assert counts["epochs"] == 2 and counts["steps"] >= 8
     assert counts["item"] == 0  # the epoch's loss is read once, by float(), at its end
     assert counts["as_tensor"] <= counts["epochs"]  # one Mixer per epoch copies its class counts once
@@ -280,15 +230,17 @@ def test_training_steps_never_wait_for_the_device(cfg2, monkeypatch):
     assert all(np.isfinite(h["train_loss"]) for h in res["history"])
 
 
+@pytest.mark.slow
 def test_one_loader_iterator_serves_each_stage(cfg2, monkeypatch):
     """The workers prefetch across epoch boundaries (and during validation) only if a stage keeps one iterator:
     3 + 2 epochs make two, each taking the loader's seed at its stage's first epoch."""
-    import wbc.train.loop as loop
-    from wbc.data.dataset import EpochTagged, StageBatches
+    import wbc.s3_train.loop as loop
+    from wbc.s1_data.dataset import EpochTagged, StageBatches
 
     made = []
-    real = loop._batches
-    monkeypatch.setattr(loop, "_batches", lambda loader, draw_seed: made.append(draw_seed) or real(loader, draw_seed))
+    real = loop.stage_iterator
+    monkeypatch.setattr(loop, "stage_iterator",
+                        lambda loader, draw_seed: made.append(draw_seed) or real(loader, draw_seed))
     res = train_fold(cfg2("train.epochs=3", "train.stage2.epochs=2", "train.num_workers=1"), 0)
     assert made == [True, True] and [h["stage"] for h in res["history"]] == [1, 1, 1, 2, 2]
 
@@ -300,13 +252,15 @@ def test_one_loader_iterator_serves_each_stage(cfg2, monkeypatch):
         assert sum(batches, []) == list(tagged)[:8]  # that epoch's own draw, its partial batch dropped
 
 
+@pytest.mark.slow
 def test_several_folds_in_one_process_match_separate_runs(cfg2, capsys):
     """`make train-all` trains its folds in one process (`--fold 0,1`): each fold is seeded afresh, so fold 1
     after fold 0 is the fold 1 of a run of its own."""
     from wbc.__main__ import main
 
     cfg = cfg2("train.epochs=2", "model.drop_path_rate=0.2", "train.num_workers=1", "predict.tta=1")
-    base = ["-c", "configs/tiny_cpu.yaml", f"data.root={cfg['data']['root']}", f"output_dir={cfg['output_dir']}",
+    base = ["-c", "configs/recipes/tiny_cpu.yaml", f"data.root={cfg['data']['root']}",
+            f"output_dir={cfg['output_dir']}",
             f"data.cache_dir={cfg['data']['cache_dir']}", f"folds.file={cfg['folds']['file']}", "folds.n_folds=2",
             "train.epochs=2", "model.drop_path_rate=0.2", "train.num_workers=1", "predict.tta=1"]
     assert main(["train-fold", "--fold", "1", *base, "name=apart"]) == 0
@@ -323,6 +277,7 @@ def test_several_folds_in_one_process_match_separate_runs(cfg2, capsys):
     assert e.value.code == 2 and "integers separated by commas" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_checkpoints_every_so_often_keep_the_same_best_and_last(cfg2):
     """`train.checkpoint_every_s`: resume checkpoints only that often and at each stage's end, the best weights
     kept in memory meanwhile; the files at the end are those of a run that saved every epoch."""
@@ -347,7 +302,7 @@ def test_checkpoints_every_so_often_keep_the_same_best_and_last(cfg2):
 
 def test_shared_memory_check_warns_before_workers_would_die(tmp_path, capsys):
     """Loader workers pass batches through /dev/shm, 64 MB in many containers: the check names the shortfall."""
-    from wbc.train.loop import check_shared_memory
+    from wbc.s3_train.loader import check_shared_memory
 
     free = __import__("shutil").disk_usage(tmp_path).free
     assert check_shared_memory(12, 10, shm=str(tmp_path))  # 12 workers x 4 batches x 10 bytes, x 2 to spare
@@ -373,16 +328,18 @@ def test_a_training_batch_stays_on_the_device(stage, recipe):
     import timm
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    import wbc.data.dataset as dataset
-    from wbc.config import CONFIG_DIR, load_config
-    from wbc.train.loop import _batch_loss, stage_loss
-    from wbc.train.mix import build_mixer
+    import wbc.models.inference as inference
+    from wbc.core import hooks
+    from wbc.core.config import CONFIG_DIR, load_config
+    from wbc.s3_train.optim import stage_loss
+    from wbc.s3_train.step import StepContext, batch_loss
 
-    t = load_config(CONFIG_DIR / "base.yaml", [])["train"]
+    base = load_config(CONFIG_DIR / "base.yaml", [])
+    t, augment = base["train"], base["augment"]
     t = {**t, **{k: ({**t[k], **v} if isinstance(v, dict) else v) for k, v in recipe.items()}, "epochs": 3,
          "amp": "none"}
     counts, device = np.array([50, 20, 5, 1]), torch.device("cuda")
-    dataset._stats.cache_clear()  # fake constants must not outlive the fake mode
+    inference._stats.cache_clear()  # fake constants must not outlive the fake mode
     try:
         with FakeTensorMode(allow_non_fake_inputs=True):
             with device:  # made there: converting a module's parameters to fake tensors is not supported
@@ -391,26 +348,29 @@ def test_a_training_batch_stays_on_the_device(stage, recipe):
             views = int(t["consistency"]["views"]) if t["consistency"]["weight"] > 0 else 0
             x = torch.randint(0, 255, (8, *([views] if views else []), 3, 32, 32), dtype=torch.uint8)  # as loaded
             y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
-            mixer = build_mixer(t, counts, 0, 0) if stage == 1 else None
+            hook = hooks.single("train_batch", {"train": t})
+            rule = hook.build({"train": t, "augment": augment}, counts, 0).rule(0) if hook and stage == 1 else None
             norm = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
-            loss = _batch_loss(model, model, x, y, loss_fn, device, norm, t, stage, mixer, channels_last=True)
+            ctx = StepContext(model, model, None, None, None, None, loss_fn, device, norm, "none", True, 0.0, stage,
+                              rule)
+            loss = batch_loss(ctx, x, y)
             assert loss.device == torch.device("cuda", 0) and loss.shape == ()
     finally:
-        dataset._stats.cache_clear()
+        inference._stats.cache_clear()
 
 
 def test_warmup_then_cosine_to_min_lr():
-    from wbc.train.loop import _lr_lambda
+    from wbc.s3_train.optim import warmup_cosine
 
-    f = _lr_lambda(total_steps=110, warmup_steps=10, min_ratio=0.1)
+    f = warmup_cosine(total_steps=110, warmup_steps=10, min_ratio=0.1)
     assert [f(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])  # linear warm-up
     assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
     assert f(500) == pytest.approx(0.1)  # held at the floor
 
 
 def test_gradient_clipping_bounds_the_step():
-    from wbc.train.loop import _train_step
-    from wbc.train.losses import build_loss
+    from wbc.s3_train.losses import build_loss
+    from wbc.s3_train.step import StepContext, train_step
 
     def step(clip):
         torch.manual_seed(0)
@@ -422,18 +382,19 @@ def test_gradient_clipping_bounds_the_step():
         x = torch.full((4, 3, 4, 4), 255, dtype=torch.uint8)
         y = torch.tensor([0, 1, 2, 0])
         norm = {"mean": (0.0, 0.0, 0.0), "std": (0.01, 0.01, 0.01)}  # huge inputs: huge gradients
-        _train_step(model, model, None, x, y, opt, sched, scaler, build_loss({"type": "ce"}, [1, 1, 1]),
-                    torch.device("cpu"), norm, {"grad_clip": clip, "amp": "none"}, 1)
+        train_step(StepContext(model, model, None, opt, sched, scaler, build_loss({"type": "ce"}, [1, 1, 1]),
+                               torch.device("cpu"), norm, "none", False, clip, 1), x, y)
         return torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)]).norm().item()
 
     assert step(0.5) == pytest.approx(0.5, rel=1e-4)  # SGD with lr 1 moves by the clipped gradient norm
     assert step(None) > 10
 
 
+@pytest.mark.slow
 def test_best_checkpoint_follows_val_macro_f1_and_survives_a_resume(cfg2, monkeypatch):
     """best.pt holds the weights of the best validation macro-F1 (scripted here), also across a kill and resume:
     the resumed run must remember the best score, or a worse epoch would overwrite best.pt."""
-    import wbc.train.loop as loop
+    import wbc.s3_train.loop as loop
 
     scores = iter([0.5, 0.7, 0.6, 0.4])
     monkeypatch.setattr(loop, "macro_f1", lambda *a: next(scores))
@@ -462,13 +423,14 @@ def test_best_checkpoint_follows_val_macro_f1_and_survives_a_resume(cfg2, monkey
     assert np.abs(oof[None] - oof["last"]).max() > 1e-4
 
 
+@pytest.mark.slow
 def test_stage2_retrains_the_head_on_the_frozen_backbone_with_balanced_sampling(cfg2, monkeypatch):
-    import wbc.train.loop as loop
-    from wbc.train.loop import stage_loss
+    import wbc.s3_train.optim as optim
+    from wbc.s3_train.optim import stage_loss
 
     kinds = []
-    real = loop.build_sampler
-    monkeypatch.setattr(loop, "build_sampler", lambda y, n, c, **k: kinds.append(c["type"]) or real(y, n, c, **k))
+    real = optim.build_sampler
+    monkeypatch.setattr(optim, "build_sampler", lambda y, n, c, **k: kinds.append(c["type"]) or real(y, n, c, **k))
     cfg = cfg2("train.epochs=1", "train.stage2.epochs=1", "train.ema=false", "train.sampler.type=sqrt")
     snaps = {}
     train_fold(cfg, 0, on_epoch=lambda e, r: snaps.__setitem__(e, torch_load(run_dir(cfg) / "fold0" / "last.pt")))
@@ -482,103 +444,11 @@ def test_stage2_retrains_the_head_on_the_frozen_backbone_with_balanced_sampling(
     assert s2.label_smoothing == 0.1 and torch.equal(s2.weight, torch.ones(3)) and not s2.logit_offset.any()
 
 
-def test_cache_is_rebuilt_when_ids_change_and_never_half_written(sample_root, make_cfg):
-    from wbc.data.cache import cache_dir, split_images
-    from wbc.data.layout import read_split
-
-    cfg = make_cfg(sample_root)
-    df = read_split(sample_root, "phase1")
-    a = np.array(split_images(cfg, df.iloc[:6], "phase1"))
-    b = np.array(split_images(cfg, df.iloc[2:8], "phase1"))  # other IDs: rebuilt, not the stale array
-    assert len(b) == 6 and np.array_equal(b[:4], a[2:6]) and not np.array_equal(b, a)
-
-    class Failing(np.ndarray):
-        def tofile(self, path):  # a disk that fills up mid-write
-            with open(path, "wb") as fh:
-                fh.write(b"partial")
-            raise OSError("disk full")
-
-    with pytest.raises(OSError):
-        split_images(cfg, df.iloc[:3], "phase1", transform=lambda im, split: im.view(Failing))
-    assert sorted(p.name for p in cache_dir(cfg).iterdir()) == ["phase1.ids.json", "phase1.u8"]
-    assert np.array_equal(split_images(cfg, df.iloc[2:8], "phase1"), b)  # the previous cache is intact
-
-
-def test_cache_is_rebuilt_when_an_image_file_is_replaced(sample_root, make_cfg, tmp_path):
-    """Same IDs, new pixels (a regenerated sample set, a re-released split): the cache must not serve the old ones."""
-    import shutil
-
-    from wbc.data.cache import split_images
-    from wbc.data.layout import read_split
-
-    root = shutil.copytree(sample_root, tmp_path / "data")
-    cfg = make_cfg(root)
-    df = read_split(root, "phase1").iloc[:4]
-    before = np.array(split_images(cfg, df, "phase1"))
-    shutil.copyfile(df["path"].iloc[1], df["path"].iloc[0])  # image 0 now holds image 1's pixels
-    after = np.array(split_images(cfg, df, "phase1"))
-    assert np.array_equal(after[0], before[1]) and np.array_equal(after[1:], before[1:])
-
-
-def test_cache_is_rebuilt_when_the_decoder_changes(sample_root, make_cfg, monkeypatch):
-    """Images decoded by older code (another resize, say) are rebuilt, not served from the cache."""
-    import wbc.data.cache as cache
-    from wbc.data.layout import read_split
-
-    cfg = make_cfg(sample_root)
-    df = read_split(sample_root, "phase1").iloc[:3]
-    before = np.array(cache.split_images(cfg, df, "phase1"))
-    monkeypatch.setattr(cache, "resize", lambda img, size: np.zeros((size, size, 3), np.uint8))
-    assert np.array_equal(cache.split_images(cfg, df, "phase1"), before)  # same code: served from the cache
-    monkeypatch.setattr(cache, "CODE_HASH", "changed")
-    assert not np.array(cache.split_images(cfg, df, "phase1")).any()
-
-
-def test_center_crop_zooms_the_cached_images_under_their_own_cache(sample_root, make_cfg):
-    """`data.center_crop` keeps the central square of each image before resizing, in a cache of its own, so a
-    zoomed run never reads the full-frame images (or the other way round)."""
-    import cv2
-
-    from wbc.data.cache import cache_dir, center_crop, read_image, split_images
-    from wbc.data.layout import read_split
-
-    img = np.arange(10 * 8 * 3, dtype=np.uint8).reshape(10, 8, 3)
-    assert np.array_equal(center_crop(img, 0.5), img[3:7, 2:6]) and center_crop(img, 1.0) is img
-    df = read_split(sample_root, "phase1").iloc[:3]
-    full_cfg, zoom_cfg = make_cfg(sample_root, "data.image_size=32"), make_cfg(sample_root, "data.image_size=32",
-                                                                               "data.center_crop=0.5")
-    assert cache_dir(zoom_cfg) != cache_dir(full_cfg) and cache_dir(zoom_cfg).name.endswith("_32_crop0.5")
-    full, zoom = np.array(split_images(full_cfg, df, "phase1")), np.array(split_images(zoom_cfg, df, "phase1"))
-    src = read_image(df["path"].iloc[0])  # 64 px: the central 32 px, not resized at all
-    assert np.array_equal(zoom[0], src[16:48, 16:48])
-    assert np.array_equal(full[0], cv2.resize(src, (32, 32), interpolation=cv2.INTER_AREA))
-    with pytest.raises(WBCError, match="center_crop"):
-        cache_dir(make_cfg(sample_root, "data.center_crop=1.5"))
-
-
+@pytest.mark.slow
 def test_resume_inside_stage2_is_exact(cfg2):
     """A run killed during stage 2 resumes in stage 2, with the head's optimizer and schedule, not stage 1's."""
     _, _, res = _full_and_resumed(cfg2, ["train.epochs=1", "train.stage2.epochs=2", "train.ema=false"], kill_at=1)
     assert [h["stage"] for h in res["history"]] == [1, 2, 2]
-
-
-def test_augmentation_draw_depends_on_seed_epoch_and_index():
-    """Seeded per (seed, epoch, index): identical images at two indices get their own draws, the run seed moves
-    every draw, and a tagged epoch wins over the dataset's own epoch (workers serving a whole stage)."""
-    import albumentations as A
-
-    from wbc.data.dataset import CellDataset
-
-    img = np.random.default_rng(1).integers(0, 255, (1, 16, 16, 3), dtype=np.uint8)
-    imgs = np.repeat(img, 6, axis=0)  # the same image six times: only the seed can tell them apart
-    aug = lambda: A.Compose([A.GaussNoise(std_range=(0.2, 0.4), p=1)])  # noqa: E731
-    ds = CellDataset(imgs, None, aug(), seed=0)
-    xs = [ds[(2, i)][0] for i in range(6)]
-    assert all(not torch.equal(xs[0], x) for x in xs[1:])
-    other = CellDataset(imgs, None, aug(), seed=1)
-    assert not torch.equal(other[(2, 0)][0], xs[0])
-    ds.set_epoch(7)
-    assert torch.equal(ds[(2, 3)][0], xs[3]) and not torch.equal(ds[3][0], xs[3])
 
 
 def test_a_pool_image_without_a_fold_is_refused(cfg2):
@@ -593,7 +463,7 @@ def test_an_unknown_label_in_the_holdout_split_is_refused(data_copy, make_cfg):
     # With the class list from the config, an eval label outside it is an error, not a silently unscored image.
     classes = sorted(pd.read_csv(data_copy / "phase1_label.csv", dtype=str)["labels"].unique())
     cfg = make_cfg(data_copy, "folds.n_folds=2", f"data.classes=[{','.join(classes)}]")
-    write_csv(cfg["folds"]["file"], build_folds(cfg))
+    write_folds(cfg)
     ev = pd.read_csv(data_copy / "phase2_eval.csv", dtype=str, keep_default_na=False)
     ev.loc[0, "labels"] = "XYZ"
     ev.to_csv(data_copy / "phase2_eval.csv", index=False)
@@ -612,8 +482,8 @@ def test_eval_in_the_training_pool_is_not_also_a_holdout(cfg2):
 
 def test_training_step_reports_the_gradient_norm_before_clipping():
     """The logged gradient norm is the true one: the autograd gradients' total norm, before any clipping."""
-    from wbc.train.loop import _train_step
-    from wbc.train.losses import build_loss
+    from wbc.s3_train.losses import build_loss
+    from wbc.s3_train.step import StepContext, train_step
 
     x = torch.from_numpy(np.random.default_rng(0).integers(0, 255, (4, 3, 4, 4), dtype=np.uint8))
     y = torch.tensor([0, 1, 2, 0])
@@ -631,12 +501,13 @@ def test_training_step_reports_the_gradient_norm_before_clipping():
         m = model()
         opt = torch.optim.SGD(m.parameters(), lr=0.1)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-        _, gnorm = _train_step(m, m, None, x, y, opt, sched, torch.amp.GradScaler("cuda", enabled=False),
-                               build_loss({"type": "ce"}, [1, 1, 1]), torch.device("cpu"), norm,
-                               {"grad_clip": clip, "amp": "none"}, 1)
+        ctx = StepContext(m, m, None, opt, sched, torch.amp.GradScaler("cuda", enabled=False),
+                          build_loss({"type": "ce"}, [1, 1, 1]), torch.device("cpu"), norm, "none", False, clip, 1)
+        _, gnorm = train_step(ctx, x, y)
         assert gnorm.item() == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_epoch_metrics_log_gradient_norms(cfg2):
     cfg = cfg2("train.epochs=2", "train.grad_clip=0.01")
     hist = train_fold(cfg, 0)["history"]
@@ -645,14 +516,15 @@ def test_epoch_metrics_log_gradient_norms(cfg2):
         assert h["nonfinite_steps"] == 0 and 0.01 < h["grad_norm"] <= h["grad_norm_max"] < 1e3
 
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_with_one_line_and_keeps_the_epochs_before(cfg2, monkeypatch):
     """A NaN in epoch 1 (here planted in one step's loss) stops the run at that epoch's end with one line naming
     the run and epoch; epoch 0's metrics and checkpoints stay, nothing of epoch 1 is written."""
-    from wbc.errors import TrainingDiverged
-    from wbc.train import loop
+    from wbc.core.errors import TrainingDiverged
+    from wbc.s3_train import step
 
     cfg = cfg2("train.epochs=3", "train.ema=false")
-    real, calls = loop._batch_loss, [0]
+    real, calls = step.batch_loss, [0]
     steps_per_epoch = []
 
     def poisoned(*a, **k):
@@ -660,7 +532,7 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_the_epochs_before(cfg2, m
         loss = real(*a, **k)
         return loss * float("nan") if steps_per_epoch and calls[0] == steps_per_epoch[0] + 2 else loss
 
-    monkeypatch.setattr(loop, "_batch_loss", poisoned)
+    monkeypatch.setattr(step, "batch_loss", poisoned)
     with pytest.raises(TrainingDiverged) as e:
         train_fold(cfg, 0, on_epoch=lambda epoch, rec: steps_per_epoch.append(calls[0]))
     msg, n = str(e.value), steps_per_epoch[0]
@@ -673,24 +545,25 @@ def test_a_diverging_run_stops_with_one_line_and_keeps_the_epochs_before(cfg2, m
 
 def test_a_real_blow_up_is_caught(cfg2):
     """No planted NaN: an absurd learning rate overflows the weights within the first epoch."""
-    from wbc.errors import TrainingDiverged
+    from wbc.core.errors import TrainingDiverged
 
     with pytest.raises(TrainingDiverged, match="epoch 0: training diverged"):
         train_fold(cfg2("train.epochs=2", "train.lr=1e30", "train.warmup_epochs=0"), 0)
 
 
+@pytest.mark.slow
 def test_a_collapsing_run_is_warned_about_in_the_log_and_the_console(cfg2, monkeypatch, capsys):
     """A finite loss back above the first epoch's is flagged in that epoch's metrics and on the console; a loss
     that merely rises, and stage 2's new head, are not."""
-    from wbc.train import loop
+    from wbc.s3_train import loop
 
     losses = iter([2.0, 1.5, 1.8, 2.1, 3.0])  # the last: stage 2, a fresh head
-    real = loop._train_epoch
+    real = loop.train_epoch
 
     def scripted(*a, **k):
         return {**real(*a, **k), "loss": next(losses)}
 
-    monkeypatch.setattr(loop, "_train_epoch", scripted)
+    monkeypatch.setattr(loop, "train_epoch", scripted)
     cfg = cfg2("train.epochs=4", "train.stage2.epochs=1", "train.ema=false")
     capsys.readouterr()
     train_fold(cfg, 0)
@@ -701,114 +574,7 @@ def test_a_collapsing_run_is_warned_about_in_the_log_and_the_console(cfg2, monke
     assert out.count("warning:") == 1 and "lower train.grad_clip" in out.replace("\n", " ")
 
 
-def test_a_deadline_stops_training_at_an_epoch_end_and_a_resume_finishes_it(cfg2, monkeypatch):
-    """`--deadline` (make's TIME_LIMIT): at the first epoch's end from which the fold would not finish in time the
-    state is saved and DeadlineReached raised; RESUME then ends where an uninterrupted run ends."""
-    import wbc.train.deadline as dl
-
-    over = ["train.epochs=4", "train.num_workers=0"]
-    full = cfg2(*over, "name=full")
-    data = load_fold_data(full)
-    train_fold(full, 0, data=data)
-
-    now = [0.0]
-    monkeypatch.setattr(dl, "clock", lambda: now[0])
-    part = cfg2(*over, "name=part")
-    with pytest.raises(dl.DeadlineReached, match="stopped after epoch 1, state saved"):
-        # 1 s left, but never less than the two remaining epochs need: the first epoch alone does not decide
-        train_fold(part, 0, data=data, deadline=dl.Deadline(at=1e-9))
-    out = run_dir(part) / "fold0"
-    assert torch_load(out / "state.pt")["epoch"] == 1
-    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2 and not (out / "train_result.json").exists()
-
-    late = cfg2(*over, "name=late")
-    with pytest.raises(dl.DeadlineReached, match="stopped after epoch 0"):
-        train_fold(late, 0, data=data, deadline=dl.Deadline(at=-1.0))  # already passed: the first epoch decides
-
-    plenty = cfg2(*over, "name=plenty")
-    assert len(train_fold(plenty, 0, data=data, deadline=dl.Deadline(at=1e6))["history"]) == 4
-
-    train_fold(part, 0, resume=True, data=data)
-    a, b = (torch_load(run_dir(c) / "fold0" / "last.pt") for c in (full, part))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def test_the_deadline_rule_on_given_epoch_times(monkeypatch):
-    import wbc.train.deadline as dl
-
-    monkeypatch.setattr(dl, "clock", lambda: 0.0)
-    fold, epoch = dl.Deadline(at=100.0), dl.Deadline(at=100.0, mode="epoch")
-    # 100 s left; epochs of 10 s after a 50 s first one (start-up), 20 to go, predictions 1e4 views at 1 ms
-    assert fold.must_stop([50.0, 10.0, 10.0], 20, 1e-3, 10_000) == pytest.approx(210.0)
-    assert fold.must_stop([50.0, 10.0, 10.0], 9, 1e-3, 10_000) is None  # 90 + 10 s fits
-    assert epoch.must_stop([50.0, 10.0, 10.0], 20, 1e-3, 10_000) is None  # the next epoch fits
-    assert dl.Deadline(at=5.0, mode="epoch").must_stop([50.0, 10.0], 20, 0, 0) == pytest.approx(10.0)
-    assert fold.must_stop([500.0], 20, 0, 0) is None  # the first epoch alone does not decide ...
-    assert dl.Deadline(at=0.0).must_stop([500.0], 20, 0, 0) == pytest.approx(10_000.0)  # ... unless time is up
-    assert fold.must_stop([10.0, 10.0], 0, 1.0, 10_000) is None  # nothing left to stop
-    assert dl.Deadline().must_stop([10.0, 10.0], 1000, 0, 0) is None
-    epoch.check_fold(3, 1000.0)  # mode epoch starts every fold: a resume on the same disk goes on with it
-    with pytest.raises(dl.DeadlineReached):
-        fold.check_fold(3, 1000.0)
-    with pytest.raises(ValueError, match="deadline mode"):
-        dl.Deadline(at=1.0, mode="soon")
-
-
-def test_a_fold_that_would_not_fit_before_the_deadline_is_not_started(cfg2, capsys):
-    import time
-
-    from wbc.__main__ import main
-    from wbc.train.deadline import EXIT_CODE, Deadline, DeadlineReached
-
-    d = Deadline(at=time.time() + 100)
-    d.check_fold(1, None)  # the first fold of a process has no estimate: the epoch-end check covers it
-    d.check_fold(1, 50.0)
-    with pytest.raises(DeadlineReached, match="fold 1 not started: the last fold took 200 s"):
-        d.check_fold(1, 200.0)
-
-    cfg = cfg2("train.epochs=1", "predict.tta=1")
-    args = ["train-fold", "-c", "configs/tiny_cpu.yaml", "--fold", "0,1", "--time-limit", "0",
-            f"data.root={cfg['data']['root']}", f"output_dir={cfg['output_dir']}",
-            f"data.cache_dir={cfg['data']['cache_dir']}", f"folds.file={cfg['folds']['file']}", "folds.n_folds=2",
-            "train.epochs=1", "predict.tta=1"]
-    capsys.readouterr()
-    assert main(args) == EXIT_CODE  # one epoch: fold 0 has nothing to stop early, fold 1 is refused (time is up)
-    assert "deadline: fold 1 not started" in capsys.readouterr().out
-    assert (run_dir(cfg) / "fold0" / "oof.csv").exists() and not (run_dir(cfg) / "fold1").exists()
-
-
-def test_train_bundle_interrupts_a_training_that_overruns_and_still_bundles(sample_root, make_cfg, tmp_path,
-                                                                             monkeypatch):
-    """The backstop: a training still running `kill_after_s` past the deadline (stuck in one long epoch, say) is
-    interrupted, and the runs are bundled all the same, checkpoints left out."""
-    import tarfile
-    import time
-
-    import wbc.train.cli as train_cli
-    from wbc.train.deadline import Deadline, DeadlineReached
-
-    cfg = make_cfg(sample_root)
-    overrides = [f"data.root={sample_root}", f"output_dir={cfg['output_dir']}"]
-
-    def stuck(cfg, folds, resume, deadline):
-        out = run_dir(cfg) / "fold0"
-        out.mkdir(parents=True)
-        (run_dir(cfg) / "config.yaml").write_text("name: x\n")  # as training writes it first
-        (out / "metrics.jsonl").write_text("{}\n")
-        (out / "state.pt").write_text("x")
-        time.sleep(60)
-
-    monkeypatch.setattr(train_cli, "train_folds", stuck)
-    t0 = time.monotonic()
-    with pytest.raises(DeadlineReached, match="interrupted"):
-        train_cli.train_bundle(["configs/tiny_cpu.yaml"], overrides, [0], False, Deadline(time.time()),
-                               tmp_path / "b", kill_after_s=1)
-    assert time.monotonic() - t0 < 10
-    with tarfile.open(tmp_path / "b" / "tiny_cpu.tar.gz") as t:
-        names = {m.name for m in t.getmembers() if m.isfile()}
-    assert names == {"tiny_cpu/config.yaml", "tiny_cpu/fold0/metrics.jsonl"}
-
-
+@pytest.mark.slow
 def test_excluded_images_never_train_but_are_still_predicted(cfg2, tmp_path):
     """`data.exclude_from_training` (e.g. `make label-issues`' list): the listed pool images leave every fold's
     training set, and keep their out-of-fold predictions."""
@@ -835,19 +601,3 @@ def test_excluded_images_never_train_but_are_still_predicted(cfg2, tmp_path):
         load_fold_data(cfg2(f"data.exclude_from_training={tmp_path / 'bad.csv'}"))
 
 
-def test_the_deadline_counts_every_prediction_the_fold_will_make(cfg2, monkeypatch):
-    """A specialist predicts the whole fold, not only its classes, and BatchNorm adaptation adds a pass per split:
-    both count in the time the fold still needs."""
-    import time
-
-    from wbc.train import deadline as dl
-
-    seen = []
-    real = dl.Deadline.must_stop
-    monkeypatch.setattr(dl.Deadline, "must_stop", lambda self, *a: seen.append(a[3]) or real(self, *a))
-    cfg = cfg2("train.epochs=1", "predict.tta=2", "predict.adapt_bn=0.5", "data.subset_classes=[LY, SNE, MY]")
-    data = load_fold_data(cfg)
-    train_fold(cfg, 0, data=data, deadline=dl.Deadline(at=time.time() + 3600))
-    n = int((data.pool["fold"] == 0).sum()) + len(data.holdout) + len(data.test)
-    fold_rows = data.pool[data.pool["fold"] == 0]
-    assert seen == [3 * n] and len(fold_rows) > int(data.in_classes(fold_rows).sum())  # beyond its classes

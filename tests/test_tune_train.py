@@ -10,10 +10,10 @@ import optuna
 import pytest
 
 from wbc.__main__ import main
-from wbc.config import load_config
-from wbc.ensemble import tune_train
-from wbc.ensemble.tune_train import load_study_config, run_tune_train
-from wbc.errors import WBCError
+from wbc.core.config import load_config
+from wbc.core.errors import WBCError
+from wbc.optional import tune_train
+from wbc.optional.tune_train import load_study_config, run_tune_train
 
 EPOCHS = 5
 STUDY = {
@@ -42,7 +42,7 @@ def quality(cfg: dict) -> float:
 
 
 def fake_train_fold(cfg: dict, fold: int, on_epoch=None) -> dict:
-    """Deterministic stand-in for wbc.train.loop.train_fold: rising val macro-F1 towards `quality`."""
+    """Deterministic stand-in for wbc.s3_train.loop.train_fold: rising val macro-F1 towards `quality`."""
     assert fold == STUDY["fold"] and cfg["train"]["sampler"]["type"] == "power"
     assert cfg["train"]["epochs"] == EPOCHS and cfg["name"].startswith("tt_") and cfg["predict"]["tta"] == 1
     best = 0.0
@@ -178,7 +178,7 @@ def test_baseline_runs_first_and_the_gain_is_reported(tmp_path, monkeypatch):
 def test_a_diverged_trial_is_pruned_and_the_study_goes_on(tmp_path, monkeypatch):
     """Trials with augment.strength above 1.2 blow up after two epochs: each is recorded as pruned, with the
     reason, and the study still reaches its budget."""
-    from wbc.errors import TrainingDiverged
+    from wbc.core.errors import TrainingDiverged
 
     monkeypatch.setenv("WBC_WORKER", "w0")
 

@@ -5,28 +5,32 @@ import argparse
 import importlib
 import sys
 
-from .console import console
-from .errors import WBCError
-from .train.deadline import EXIT_CODE as DEADLINE_EXIT
-from .train.deadline import DeadlineReached
+from .core.console import console
+from .core.errors import WBCError
+from .ops.deadline import EXIT_CODE as DEADLINE_EXIT
+from .ops.deadline import DeadlineReached
 
 # Each module exposes register(subparsers): it adds its commands with set_defaults(func=...).
 COMMAND_MODULES = [
-    "wbc.data.cli",
-    "wbc.folds",
-    "wbc.train.cli",
-    "wbc.predict.cli",
-    "wbc.embed.cli",
-    "wbc.restore.cli",
-    "wbc.ensemble.cli",
-    "wbc.refine.cli",
-    "wbc.shift.cli",
-    "wbc.pseudo.cli",
-    "wbc.submit",
-    "wbc.bundle",
-    "wbc.runs",
-    "wbc.label_issues",
+    # the main path, in its order
+    "wbc.s1_data.cli",
+    "wbc.s2_folds.folds",
+    "wbc.ops.cli",  # train-fold: train, then predict, each fold (and train-bundle, benchmark-throughput)
+    "wbc.s4_predict.cli",
+    "wbc.s5_ensemble.cli",
+    "wbc.s6_refine.cli",
+    "wbc.s7_submit.submit",
     "wbc.models.cli",
+    # optional steps
+    "wbc.optional.embed.cli",
+    "wbc.optional.restore.cli",
+    "wbc.optional.shift.cli",
+    "wbc.optional.pseudo.cli",
+    "wbc.optional.label_issues",
+    "wbc.optional.tune_train_cli",
+    # operations
+    "wbc.ops.bundle",
+    "wbc.ops.runs",
 ]
 
 
@@ -34,13 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wbc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # a step not built yet; everything else is a real error
-                continue
-            raise
-        mod.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import resolve_path
-from ..console import console
+from ..core.config import resolve_path
+from ..core.console import console
 
 
 def cmd_convert_effnet(args: argparse.Namespace) -> None:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import WBCError
-from ..io import torch_load, torch_save
+from ..core.errors import WBCError
+from ..core.io import torch_load, torch_save
 
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.5, 0.5, 0.5)

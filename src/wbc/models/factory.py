@@ -6,9 +6,9 @@ from pathlib import Path
 import timm
 import torch
 
-from ..config import resolve_path
-from ..console import console
-from ..errors import WBCError
+from ..core.config import resolve_path
+from ..core.console import console
+from ..core.errors import WBCError
 
 
 def load_state_file(path) -> dict:

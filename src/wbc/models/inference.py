@@ -1,11 +1,30 @@
-"""Batched inference with dihedral test-time augmentation on the device (used by validation and predict)."""
+"""Model inputs and batched inference: device-side normalisation, dihedral test-time augmentation, autocast (used by
+training, validation and prediction)."""
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import torch
 
-from ..console import progress
-from ..data.dataset import normalize
+from ..core.console import progress
+
+
+@functools.lru_cache(maxsize=32)
+def _stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Once per device: a tensor made from Python floats is a pageable host-to-device copy, which waits for the
+    # GPU's queue to drain; made at every step, it would stall the training loop at every step.
+    with torch.inference_mode(False):
+        m = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255
+        s = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255
+    return m, s
+
+
+def normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 NCHW batch -> float, normalised, on whatever device x lives on."""
+    m, s = _stats(tuple(float(v) for v in np.ravel(mean)), tuple(float(v) for v in np.ravel(std)), x.device)
+    return (x.float() - m) / s
+
 
 # The 8 dihedral views, ordered so the first n are a sensible subset for n = 1, 2, 4, 8.
 _VIEWS = [(0, False), (0, True), (1, False), (2, False), (3, False), (1, True), (2, True), (3, True)]

@@ -1,0 +1,168 @@
+"""YAML experiment configs: `configs/base.yaml` defaults <- experiment file <- `key=value` overrides.
+
+A config may name a parent with `base: other.yaml` (relative to its folder); `configs/base.yaml` is the
+root of every chain. The resolved config is dumped beside the outputs so a run can be re-created.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import re
+from pathlib import Path
+
+import yaml
+
+from .errors import WBCError
+
+ROOT = Path(__file__).resolve().parents[3]
+CONFIG_DIR = ROOT / "configs"
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def read_yaml(path: Path) -> dict:
+    if not path.exists():
+        raise WBCError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise WBCError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise WBCError(f"{path}: a config must be a mapping")
+    return data
+
+
+def _chain(path: Path, seen: tuple = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise WBCError(f"{path}: config inherits from itself")
+    data = read_yaml(path)
+    parent = data.pop("base", None)
+    if parent is None:
+        root = CONFIG_DIR / "base.yaml"
+        base = {} if path == root.resolve() else _chain(root, seen + (path,))
+    else:
+        base = _chain((path.parent / parent), seen + (path,))
+    return deep_merge(base, data)
+
+
+STEP_SECTIONS = ("ensemble", "embed", "morph", "refine", "restorer", "shift")  # each step checks its own keys
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 1e-3: YAML 1.1 wants 1.0e-3
+
+
+def parse_override(text: str, current=None) -> tuple[list[str], object]:
+    """`key=value`, the value read as YAML, except where the key holds text now (`name`, `data.root`,
+    `output_dir`, ...): there it stays the text given (`name=2024-01-01`, `data.root=/data #2`), or null."""
+    if "=" not in text:
+        raise WBCError(f"override '{text}' is not key=value")
+    key, val = text.split("=", 1)
+    if isinstance(current, str):
+        if val == "":
+            raise WBCError(f"override '{text}': empty value")
+        return key.strip().split("."), None if val == "null" else val
+    try:
+        value = yaml.safe_load(val) if val != "" else None
+    except yaml.YAMLError as e:
+        raise WBCError(f"override '{text}': invalid YAML value ({str(e).splitlines()[0]})") from None
+    if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value):
+        value = float(value)
+    return key.strip().split("."), value
+
+
+def set_dotted(cfg: dict, keys: list[str], value) -> None:
+    node = cfg
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise WBCError(f"override {'.'.join(keys)}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def get_dotted(cfg: dict, dotted: str, default=None):
+    node = cfg
+    for k in dotted.split("."):
+        if not isinstance(node, dict) or k not in node:
+            return default
+        node = node[k]
+    return node
+
+
+def unknown_keys(cfg: dict, defaults: dict, prefix: str = "") -> list[str]:
+    """Dotted keys of `cfg` that sit in a section `configs/base.yaml` defines but are not among its keys:
+    typos such as `train.epoch`, which would otherwise be silently ignored. Free-form sections (empty in
+    the defaults, like `model.kwargs`) and the steps' own top-level sections (`STEP_SECTIONS`: each step checks
+    its keys) are not checked here; any other top-level key the defaults lack (`outptu_dir=x`, a `trian:`
+    section) is unknown."""
+    out = []
+    for k, v in cfg.items():
+        if k not in defaults:
+            if prefix or not isinstance(v, dict) or k not in STEP_SECTIONS:
+                out.append(prefix + str(k))
+            continue
+        d = defaults[k]
+        if isinstance(d, dict) and d and isinstance(v, dict):
+            out += unknown_keys(v, d, f"{prefix}{k}.")
+    return out
+
+
+def _refuse_unknown(cfg: dict, defaults: dict, where: str) -> None:
+    bad = sorted(unknown_keys(cfg, defaults))
+    if bad:
+        raise WBCError(f"{where}: unknown config key(s) {', '.join(bad)} (configs/base.yaml lists every key)")
+
+
+def load_config(path=None, overrides: list[str] | tuple = ()) -> dict:
+    """Resolve a config. `path=None` gives the defaults. The run name defaults to `run_name(<file stem>)`."""
+    path = Path(path) if path else CONFIG_DIR / "base.yaml"
+    cfg = _chain(path)
+    defaults = read_yaml(CONFIG_DIR / "base.yaml")
+    _refuse_unknown(cfg, defaults, str(path))
+    for o in overrides:
+        key = o.split("=", 1)[0].strip()
+        keys, val = parse_override(o, "" if key == "name" else get_dotted(cfg, key))  # a name is text
+        set_dotted(cfg, keys, val)
+        _refuse_unknown(cfg, defaults, f"override '{o}'")
+    # The data root: explicit override > WBC_DATA > config.
+    if os.environ.get("WBC_DATA") and not any(o.startswith("data.root=") for o in overrides):
+        cfg.setdefault("data", {})["root"] = os.environ["WBC_DATA"]
+    if not cfg.get("name"):
+        cfg["name"] = run_name(cfg, path.stem)
+    return cfg
+
+
+def dataset_name(cfg: dict) -> str:
+    """`data.name`, else the data root folder's name: folds, caches and run names are keyed by it."""
+    d = cfg.get("data") or {}
+    return str(d.get("name") or resolve_path(d.get("root") or "data").name)
+
+
+def run_name(cfg: dict, stem: str) -> str:
+    """A run's default name: `<dataset>_<config stem>`, so that one recipe trained on two datasets gives two runs
+    (`outputs/pbcbench_lite0_cpu`, `outputs/wbcbench_lite0_cpu`); a stem that already starts with the dataset's
+    name is kept as it is."""
+    ds = dataset_name(cfg)
+    return stem if stem == ds or stem.startswith(f"{ds}_") else f"{ds}_{stem}"
+
+
+def dump_config(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False)
+
+
+def resolve_path(p) -> Path:
+    """Relative paths in configs are relative to the repository root, not the caller's cwd."""
+    p = Path(os.path.expanduser(str(p)))
+    return p if p.is_absolute() else ROOT / p
+
+
+def display_path(p) -> str:
+    """A path for reports and sidecars: relative to the repository when inside it (no machine paths)."""
+    p = Path(p).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)

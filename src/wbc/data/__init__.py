@@ -1,1 +1,0 @@
-"""Data: the WBCBench layout, a synthetic sample dataset, image cache, augmentation, damage, stain."""

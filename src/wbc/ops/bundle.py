@@ -1,0 +1,110 @@
+"""`bundle` / `unbundle`: a run's predictions, metrics and config, without checkpoints, as one .tar.gz.
+
+Folds trained on other machines (a lent GPU, a notebook) come back this way; unbundled into `outputs/`, `make
+predict` merges them and `make ensemble` blends them. Bundles of one run from several calls or sessions unbundle in
+any order: a fold already there is never replaced by an unfinished one, and of two finished ones the later stays.
+"""
+from __future__ import annotations
+
+import shutil
+import tarfile
+import tempfile
+from pathlib import Path
+
+from ..core.config import resolve_path
+from ..core.errors import WBCError
+from ..core.io import atomic_path
+from ..core.run_folder import finished, fold_index
+
+LEFT_OUT = ".pt"  # checkpoints: hundreds of MB, and the predictions already hold what blending needs
+
+
+def bundle_run(run: Path, dest: Path) -> Path:
+    """`dest/<run name>.tar.gz` holding `run/` (paths start with the run's name), checkpoints left out."""
+    run = Path(run).resolve()
+    if not run.is_dir() or not (run / "config.yaml").is_file():
+        raise WBCError(f"bundle: {run}: not a run folder (give outputs/<name>, which holds its config.yaml)")
+    path = Path(dest) / f"{run.name}.tar.gz"
+    with atomic_path(path, suffix=".gz") as tmp, tarfile.open(tmp, "w:gz") as tar:
+        tar.add(run, arcname=run.name, filter=lambda m: None if m.name.endswith(LEFT_OUT) else m)
+    return path
+
+
+def _fold_rank(fold: Path) -> tuple:
+    """Which of two copies of a fold folder to keep: finished before unfinished, then the later predictions."""
+    return (finished(fold), (fold / "oof.csv").stat().st_mtime_ns if (fold / "oof.csv").exists() else 0)
+
+
+def _plain(path: Path, member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """tarfile's `data` filter (no absolute paths, nothing outside `dest`), and files and folders only: a link
+    checked against the temporary folder could point elsewhere once moved into `outputs/`."""
+    member = tarfile.data_filter(member, dest)
+    if not (member.isfile() or member.isdir()):
+        raise WBCError(f"{path}: refused ({member.name} is a link or a special file)")
+    return member
+
+
+def unbundle(path: Path, into: Path) -> dict:
+    """Extract bundle `path` into `into/<run>/`, fold by fold; returns the run's name and the folds taken / kept."""
+    path, into = Path(path), Path(into)
+    try:
+        tar = tarfile.open(path, "r:gz")
+    except (OSError, tarfile.TarError) as e:
+        raise WBCError(f"{path}: not a readable bundle ({e})") from None
+    with tar:
+        tops = {m.name.split("/", 1)[0] for m in tar.getmembers()}
+        if len(tops) != 1:
+            raise WBCError(f"{path}: a bundle holds one run folder, found {sorted(tops)}")
+        name = tops.pop()
+        into.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=into, prefix=f".unbundle-{name}-"))
+        try:
+            try:
+                tar.extractall(tmp, filter=lambda m, dest: _plain(path, m, dest))
+            except tarfile.TarError as e:
+                raise WBCError(f"{path}: refused ({e})") from None
+            src, dst = tmp / name, into / name
+            dst.mkdir(exist_ok=True)
+            taken, kept = [], []
+            for item in sorted(src.iterdir()):
+                target = dst / item.name
+                if item.is_dir() and fold_index(item) is not None:
+                    # An unfinished copy only fills a gap: a local fold may hold the checkpoints to resume from.
+                    if target.exists() and (not _fold_rank(item)[0] or _fold_rank(target) >= _fold_rank(item)):
+                        kept.append(item.name)
+                        continue
+                    shutil.rmtree(target, ignore_errors=True)
+                    taken.append(item.name)
+                elif target.exists():  # config.yaml and merged files: `make predict` rewrites the merged ones
+                    continue
+                shutil.move(str(item), str(target))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return {"run": name, "taken": taken, "kept": kept}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bundle", help="pack a run folder without checkpoints into DEST/<name>.tar.gz")
+    p.add_argument("--run", type=Path, required=True, help="the run folder, outputs/<name>")
+    p.add_argument("--dest", type=Path, default=Path("outputs/bundles"))
+
+    def run(args):
+        print(bundle_run(args.run, resolve_path(args.dest)))
+
+    p.set_defaults(func=run)
+
+    u = sub.add_parser("unbundle", help="extract bundles into outputs/, fold by fold (finished folds win)")
+    u.add_argument("bundles", nargs="+", type=Path, help="<name>.tar.gz files from `bundle` / `train-bundle`")
+    u.add_argument("--into", type=Path, default=Path("outputs"))
+
+    def run_unbundle(args):
+        from ..core.console import print_table
+
+        rows = []
+        for b in args.bundles:
+            r = unbundle(b, resolve_path(args.into))
+            rows.append([r["run"], " ".join(r["taken"]) or "-", " ".join(r["kept"]) or "-"])
+        print_table(f"unbundled into {resolve_path(args.into)}",
+                    ["run (one row per bundle)", "folds taken", "folds kept (finished there already)"], rows)
+
+    u.set_defaults(func=run_unbundle)

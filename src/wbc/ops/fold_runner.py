@@ -1,0 +1,73 @@
+"""Runs folds: each trained, then predicted, in this process or side by side in processes (`GPUS=`), under a
+deadline for time-boxed machines; and `train-bundle`, several configs under one deadline, then bundled."""
+from __future__ import annotations
+
+import math
+import signal
+import time
+from pathlib import Path
+
+from ..core.config import load_config
+from ..core.console import console
+from ..core.errors import WBCError
+from ..core.run_folder import finished, fold_dir, run_dir
+from .deadline import Deadline, DeadlineReached
+
+
+def train_folds(cfg: dict, folds: list[int], resume: bool, deadline: Deadline) -> None:
+    """Train and predict `folds` in turn in this process (one start-up, one image load) under `deadline`."""
+    from ..s3_train.inputs import load_fold_data
+    from ..s3_train.loop import train_fold
+    from ..s4_predict.fold import predict_fold
+
+    data, last_fold_s = None, None
+    for fold in folds:
+        out = fold_dir(run_dir(cfg), fold)
+        if resume and finished(out):  # `RESUME=1 make train-all` skips the folds a killed call finished
+            console.print(f"{out}: trained and predicted already; nothing to resume")
+            continue
+        deadline.check_fold(fold, last_fold_s)
+        data = data or load_fold_data(cfg)
+        t0 = time.monotonic()  # after the one image load: the next fold will not repeat it
+        train_fold(cfg, fold, resume=resume, data=data, deadline=deadline)
+        predict_fold(cfg, fold, data)
+        last_fold_s = time.monotonic() - t0
+
+
+def run_folds(cfg: dict, config: str | None, overrides: list[str], folds: list[int], resume: bool,
+              deadline: Deadline, gpus: list[str] | None) -> None:
+    """In this process, or with `gpus` a process per fold on each GPU slot (parallel.py)."""
+    if cfg["predict"]["checkpoints"]:
+        raise WBCError(f"{cfg['name']}: predict.checkpoints is set, so this config only predicts "
+                       f"with another run's models; use `make predict`")
+    if gpus:
+        from .parallel import train_folds_parallel
+
+        train_folds_parallel(cfg, config, overrides, folds, gpus, resume, deadline)
+    else:
+        train_folds(cfg, folds, resume, deadline)
+
+
+def train_bundle(configs: list[str], overrides: list[str], folds: list[int], resume: bool, deadline: Deadline,
+                 dest: Path, kill_after_s: float, gpus: list[str] | None = None) -> None:
+    """Each config's folds in turn under one deadline, then every run that has a folder bundled into `dest`, also
+    when training stopped early or failed. A backstop alarm `kill_after_s` after the deadline interrupts a training
+    that overran it (on a lent machine the call's own limit would take the bundles with it)."""
+    from .bundle import bundle_run
+
+    cfgs = [load_config(c, overrides) for c in configs]  # every config checked before any training
+
+    def overran(signum, frame):
+        raise DeadlineReached(f"still training {kill_after_s:.0f} s after the deadline: interrupted")
+
+    previous = signal.signal(signal.SIGALRM, overran)
+    signal.alarm(max(int(math.ceil(deadline.left() + kill_after_s)), 1))
+    try:
+        for config, cfg in zip(configs, cfgs):
+            run_folds(cfg, config, overrides, folds, resume, deadline, gpus)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        for cfg in cfgs:
+            if (run_dir(cfg) / "config.yaml").is_file():  # a run that got as far as starting a fold
+                console.print(f"bundle: {bundle_run(run_dir(cfg), dest)}")

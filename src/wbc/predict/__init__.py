@@ -1,1 +1,0 @@
-"""Predictions: TTA views, per-fold OOF / eval / test probabilities, fold merging."""

@@ -1,0 +1,1 @@
+"""Stage 2 of the main path: stratified (grouped) K-fold files, `folds/<dataset>.csv`."""

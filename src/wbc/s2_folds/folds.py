@@ -1,0 +1,135 @@
+"""K-fold splits of the training pool, committed as `folds/<dataset>.csv` (ID,labels,fold[,group]).
+
+StratifiedGroupKFold when the data has groups (patient, or the original image of damaged copies), so no
+group straddles folds; StratifiedKFold otherwise. A fixed seed makes the file reproducible.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..core.config import dataset_name, resolve_path
+from ..core.console import console, print_table
+from ..core.errors import WBCError, where
+from ..core.io import write_csv
+from ..s1_data.layout import (
+    check_labels,
+    class_list,
+    data_root,
+    group_column,
+    read_splits,
+    read_table,
+    row_groups,
+)
+
+
+def make_folds(df: pd.DataFrame, n_folds: int, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
+    """Fold index per row of `df` (column labels); rows sharing a value of `groups` share a fold."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold  # slow to import: used here only
+
+    y = df["labels"].to_numpy()
+    try:
+        with warnings.catch_warnings():
+            # Classes rarer than K: sklearn spreads them one per fold and warns; we warn once ourselves.
+            warnings.simplefilter("ignore", UserWarning)
+            if groups is not None:
+                splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+                splits = splitter.split(np.zeros(len(y)), y, groups)
+            else:
+                splitter = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+                splits = splitter.split(np.zeros(len(y)), y)
+            fold = np.full(len(y), -1)
+            for k, (_, val) in enumerate(splits):
+                fold[val] = k
+    except ValueError as e:  # e.g. every class rarer than K: sklearn's reason, as one line
+        raise WBCError(f"cannot split the training pool into {n_folds} folds: {str(e).splitlines()[0]}") from None
+    return fold
+
+
+def fold_count(cfg: dict) -> int:
+    k = cfg.get("folds", {}).get("n_folds")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise WBCError(f"folds.n_folds must be a whole number of at least 2, got {k!r}")
+    return k
+
+
+def folds_path(cfg: dict) -> Path:
+    f = cfg.get("folds", {}).get("file")
+    return resolve_path(f) if f else resolve_path("folds") / f"{dataset_name(cfg)}.csv"
+
+
+def build_folds(cfg: dict) -> pd.DataFrame:
+    k = fold_count(cfg)
+    root = data_root(cfg)
+    classes = class_list(cfg, root)
+    pool = read_splits(root, cfg["data"]["train_splits"])
+    check_labels(pool, classes)
+    if len(pool) < k:
+        raise WBCError(f"training pool has {len(pool)} images, fewer than {k} folds")
+    gcol = group_column(pool)
+    groups = row_groups(pool, gcol) if gcol else None
+    if gcol and len(np.unique(groups)) < k:
+        raise WBCError(f"training pool has {len(np.unique(groups))} groups in column '{gcol}' (a blank counts as "
+                       f"its own), fewer than {k} folds")
+    out = pool[["ID", "labels"]].copy()
+    out["fold"] = make_folds(pool, k, int(cfg["folds"]["seed"]), groups)
+    if gcol:
+        out["group"] = pool[gcol].to_numpy()
+    counts = pool["labels"].value_counts()
+    rare = counts[counts < k]
+    if len(rare):  # after the split, which refuses a pool it cannot split: one error line, not a warning too
+        console.print(f"[yellow]warning:[/] classes rarer than {k} folds appear in only some folds: "
+                      + ", ".join(f"{c} ({n})" for c, n in rare.items()), highlight=False)
+    return out
+
+
+def fold_table(folds: pd.DataFrame, classes: list[str]) -> None:
+    k = int(folds["fold"].max()) + 1
+    ct = pd.crosstab(folds["labels"], folds["fold"]).reindex(index=classes, columns=range(k), fill_value=0)
+    rows = [[c] + [int(v) for v in ct.loc[c]] + [int(ct.loc[c].sum())] for c in classes]
+    rows.append(["total"] + [int(v) for v in ct.sum(0)] + [int(ct.values.sum())])
+    print_table("images per class and fold", ["class"] + [f"fold {i}" for i in range(k)] + ["all"], rows)
+
+
+def load_folds(cfg: dict) -> pd.DataFrame:
+    path = folds_path(cfg)
+    if not path.exists():
+        raise WBCError(f"{path}: folds file not found (run `make folds`)")
+    df = read_table(path)
+    for c in ("ID", "labels", "fold"):
+        if c not in df.columns:
+            raise WBCError(f"{path}:1: missing column {c}")
+    df["ID"] = df["ID"].str.strip()  # as read_split, which the IDs are matched against
+    dup = df["ID"].duplicated()
+    if dup.any():  # one image would train in one fold and validate in another
+        i = int(np.flatnonzero(dup)[0])
+        raise WBCError(f"{where(path, i + 2)}: duplicate ID {df['ID'].iloc[i]}")
+    k = fold_count(cfg)
+    ok = df["fold"].str.fullmatch(r"\d+")
+    ok[ok] = df.loc[ok, "fold"].astype(int) < k
+    if not ok.all():
+        i = int(np.flatnonzero(~ok)[0])
+        raise WBCError(f"{where(path, i + 2)}: fold '{df['fold'].iloc[i]}' is not one of 0..{k - 1} "
+                       f"(folds.n_folds={k})")
+    df["fold"] = df["fold"].astype(int)
+    return df
+
+
+def register(sub) -> None:
+    from ..core.cli import add_config_args, config_from_args
+
+    p = add_config_args(sub.add_parser("folds", help="write folds/<dataset>.csv"))
+
+    def run(args):
+        cfg = config_from_args(args)
+        folds = build_folds(cfg)
+        path = folds_path(cfg)
+        write_csv(path, folds)
+        fold_table(folds, class_list(cfg))
+        console.print(f"wrote {path} ({len(folds)} images, {folds['fold'].nunique()} folds"
+                      + (", grouped" if "group" in folds else "") + ")")
+
+    p.set_defaults(func=run)

@@ -1,0 +1,237 @@
+"""Train one fold: `train_fold(cfg, fold)` -> best/last checkpoints and per-epoch metrics in the fold's folder.
+
+Resumable: `state.pt` after every epoch holds model, EMA, optimizer, scheduler, scaler, RNG states and the
+epoch; `resume=True` continues exactly where a killed run stopped (same sampler draws and augmentations,
+which are seeded per epoch / per sample). On CPU a resumed run matches an uninterrupted one bit for bit
+on the same CPU kernels (`env.json` records them). On GPU, cuDNN autotuning and atomics make runs agree only
+statistically unless `train.deterministic` is set (slower).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..core import hooks
+from ..core.checkpoint import load_state, read_state, save_state
+from ..core.config import dump_config
+from ..core.console import console
+from ..core.environment import describe, differences, kernel_mode
+from ..core.errors import WBCError
+from ..core.io import torch_save, write_json, write_text
+from ..core.metrics import macro_f1
+from ..core.run_folder import FOLD_RESULTS, fold_dir, read_metrics, run_dir, write_metrics
+from ..core.runtime import device_precision, pick_device, seed_everything
+from ..models.factory import create_model, model_data_config
+from ..models.inference import predict_probs
+from ..s1_data.augment import build_transform
+from ..s1_data.dataset import CellDataset, StageBatches
+from .guards import check_finite, collapse_warning
+from .inputs import Chain, FoldData, Rows, load_fold_data
+from .loader import check_shared_memory, make_loader, stage_iterator
+from .optim import build_ema, build_stage
+from .prior_correction import report_prior_correction
+from .step import StepContext, train_epoch
+
+
+class StopTraining(Exception):
+    """Raised by an `on_epoch` callback to end a run early (e.g. an Optuna pruner)."""
+
+
+def _record_environment(path: Path, start: int) -> None:
+    """env.json: one record per start of the fold; a resume on other kernels or libraries says what changed."""
+    now = {"start_epoch": start, **describe()}
+    starts = json.loads(path.read_text()) if start > 0 and path.exists() else []
+    if starts:
+        changed = differences(starts[-1], now)
+        if changed:
+            console.print(f"[yellow]warning:[/] {path.parent} resumes in another environment, so it will not match an "
+                          f"uninterrupted run bit for bit: {'; '.join(changed)}")
+    write_json(path, starts + [now])
+
+
+def train_fold(cfg: dict, fold: int, on_epoch: Callable[[int, dict], None] | None = None,
+               resume: bool = False, data: FoldData | None = None, deadline=None) -> dict:
+    """Train `fold` of the K-fold split: best.pt / last.pt / state.pt and metrics.jsonl in outputs/<name>/fold<k>/.
+
+    Predictions come after, from `wbc.s4_predict.fold.predict_fold` (`make train-fold` runs both). A `deadline`
+    (`wbc.ops.deadline.Deadline`) stops training at the first epoch's end from which the fold would not finish in
+    time, state saved, raising what its `reached()` gives.
+    """
+    with kernel_mode(bool(cfg["train"]["deterministic"])):
+        return _train_fold(cfg, fold, on_epoch, resume, data, deadline)
+
+
+def split_rows(data: FoldData, fold: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(class index of every pool row, -1 outside the model's classes; training rows; validation rows) of `fold`.
+    A specialist (`data.subset_classes`) trains and validates on its classes only."""
+    if fold not in set(data.pool["fold"]):
+        raise WBCError(f"fold {fold} not in the folds file (folds: {sorted(set(data.pool['fold']))})")
+    lut = {c: i for i, c in enumerate(data.classes)}
+    y_all = data.pool["labels"].map(lut).fillna(-1).astype(int).to_numpy()
+    keep = data.in_classes(data.pool)
+    in_fold = data.pool["fold"].to_numpy() == fold
+    tr_idx = np.flatnonzero(~in_fold & keep & data.trainable())
+    va_idx = np.flatnonzero(in_fold & keep)
+    if not keep.all():
+        console.print(f"fold {fold}: specialist on {', '.join(data.classes)}: {len(tr_idx)} training / {len(va_idx)} "
+                      "validation images")
+    return y_all, tr_idx, va_idx
+
+
+def predicted_views(cfg: dict, data: FoldData, fold: int) -> int:
+    """Image views the fold's predictions will take (for the deadline's estimate): every image of the fold (a
+    specialist's other classes too), eval and test, under predict.tta views, plus one pass over each for every
+    optional step that adapts the model first."""
+    n = int((data.pool["fold"].to_numpy() == fold).sum()) + sum(
+        len(x) for x in (data.holdout_images, data.test_images) if x is not None)
+    return n * (int(cfg["predict"]["tta"]) + len(hooks.switched_on("predict_adapt", cfg)))
+
+
+def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | None, deadline) -> dict:
+    device = pick_device(cfg)
+    t = device_precision(cfg["train"], device)  # amp / channels_last as they apply here
+    out = fold_dir(run_dir(cfg), fold)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir(cfg) / "config.yaml", dump_config(cfg))
+    seed = int(cfg["seed"]) + fold
+    seed_everything(seed)
+    data = data or load_fold_data(cfg)
+    y_all, tr_idx, va_idx = split_rows(data, fold)
+    classes, n_cls = data.classes, len(data.classes)
+    extra = data.extra_rows()
+    tr_images = Chain([Rows(data.pool_images, tr_idx), extra.images])
+    y_tr = np.concatenate([y_all[tr_idx], [classes.index(c) for c in extra.labels]]).astype(int)
+    n_tr = len(y_tr)
+    if len(extra.labels):
+        console.print(f"fold {fold}: {len(tr_idx)} pool + {extra.note} training images")
+    counts = np.bincount(y_tr, minlength=n_cls)
+    prior = report_prior_correction(t, counts)
+
+    model = create_model(cfg["model"], n_cls, cfg["data"]["image_size"]).to(device)
+    norm = model_data_config(model)
+    if t["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    ema = build_ema(model, t)
+    fwd = torch.compile(model) if t["compile"] else model
+    batch_hook = hooks.single("train_batch", cfg)  # Mixup / CutMix or damage consistency, when switched on
+    batch_hook = batch_hook.build(cfg, counts, seed) if batch_hook else None
+    transform = batch_hook.transform if batch_hook and batch_hook.transform else build_transform(cfg, train=True)
+
+    ds = CellDataset(tr_images, y_tr, transform, seed)
+    bs = min(int(t["batch_size"]), n_tr)
+    epochs1, epochs2 = int(t["epochs"]), int(t["stage2"]["epochs"] or 0)
+    total_epochs = epochs1 + epochs2
+    steps_per_epoch = n_tr // bs
+    stage_of = lambda k: build_stage(k, model, t, y_tr, counts, seed, steps_per_epoch, device)  # noqa: E731
+
+    def stage_batches(stage, first: int):
+        """The rest of the stage from epoch `first` as one stream of batches."""
+        end = epochs1 if stage.number == 1 else total_epochs
+        item_bytes = np.asarray(ds.images[0]).nbytes * getattr(ds.transform, "n_views", 1)
+        check_shared_memory(int(t["num_workers"]), bs * item_bytes)
+        loader = make_loader(ds, StageBatches(stage.sampler, bs, first, end), int(t["num_workers"]), device)
+        return stage_iterator(loader, draw_seed=first in (0, epochs1))  # a resume starts mid-stage: no draw
+
+    stage = stage_of(1 if epochs1 > 0 else 2)
+    scaler = torch.amp.GradScaler("cuda", enabled=t["amp"] == "fp16")  # fp16 is CUDA-only
+    start, best, history = 0, -1.0, []
+    state_path = out / "state.pt"
+    if resume and state_path.exists():
+        st = read_state(state_path)
+        if st["stage"] == 2 and stage.number == 1:
+            stage = stage_of(2)
+        load_state(state_path, {"model": model, "ema": ema, "optimizer": stage.opt, "scheduler": stage.sched,
+                                "scaler": scaler}, state=st)
+        start, best = int(st["epoch"]) + 1, float(st["best"])
+        history = read_metrics(out)[:start]
+        console.print(f"resumed {out} at epoch {start}")
+    else:
+        if resume:
+            console.print(f"nothing to resume in {out}; starting fresh")
+        for name in FOLD_RESULTS:  # a fresh start replaces the fold (run_folder.FOLD_RESULTS says why)
+            (out / name).unlink(missing_ok=True)
+    _record_environment(out / "env.json", start)
+
+    eval_model = lambda: ema.module if ema is not None and stage.number == 1 else model  # noqa: E731
+    batches = None
+    n_predict_views = predicted_views(cfg, data, fold)
+    epoch_s = []
+    every, saved_at, best_sd = float(t["checkpoint_every_s"] or 0), time.monotonic(), None
+    for epoch in range(start, total_epochs):
+        if stage.number == 1 and epoch >= epochs1:
+            if ema is not None:  # stage 2 starts from the averaged backbone
+                model.load_state_dict(ema.module.state_dict())
+            stage, batches = stage_of(2), None
+        t0 = time.perf_counter()
+        if batches is None:
+            batches = stage_batches(stage, epoch)
+        rule = batch_hook.rule(epoch) if batch_hook is not None and stage.number == 1 else None
+        ctx = StepContext(fwd, model, ema if stage.number == 1 else None, stage.opt, stage.sched, scaler, stage.loss,
+                          device, norm, t["amp"], t["channels_last"], t["grad_clip"], stage.number, rule)
+        ep = train_epoch(ctx, itertools.islice(batches, steps_per_epoch), steps_per_epoch, f"fold {fold} ep {epoch}")
+        t_train = time.perf_counter() - t0
+        check_finite(ep, scaler, f"{out}: epoch {epoch}", clipped=bool(t["grad_clip"]))
+        val_probs = predict_probs(eval_model(), Rows(data.pool_images, va_idx), device, norm["mean"], norm["std"],
+                                  tta=int(t["val_tta"]), batch_size=int(cfg["predict"]["batch_size"]),
+                                  amp=t["amp"], channels_last=t["channels_last"], desc="validate")
+        val_s_per_view = (time.perf_counter() - t0 - t_train) / max(len(va_idx) * int(t["val_tta"]), 1)
+        y_va = y_all[va_idx]
+        f1 = macro_f1(y_va, val_probs.argmax(1), n_cls)
+        val_loss = float(-np.log(np.clip(val_probs[np.arange(len(y_va)), y_va], 1e-12, None)).mean())
+        rec = {"epoch": epoch, "stage": stage.number, "train_loss": ep["loss"], "val_loss": val_loss,
+               "val_macro_f1": f1, "lr": stage.opt.param_groups[0]["lr"], "grad_norm": ep["grad_norm"],
+               "grad_norm_max": ep["grad_norm_max"], "nonfinite_steps": ep["nonfinite_steps"],
+               "train_img_per_s": ep["n"] / t_train, "epoch_s": time.perf_counter() - t0}
+        history.append(rec)
+        warning = collapse_warning(history, f"{out}: epoch {epoch}", clipped=bool(t["grad_clip"]))
+        if warning:
+            rec["warning"] = warning
+        improved = f1 > best
+        epoch_s.append(rec["epoch_s"])
+        need = None if deadline is None else deadline.must_stop(epoch_s, total_epochs - 1 - epoch, val_s_per_view,
+                                                                n_predict_views)
+        # Checkpoints (about 450 MB for ConvNeXt-T with EMA and AdamW) every `checkpoint_every_s` and at each
+        # stage's end; in between, new best weights wait in host memory and a kill loses at most that long.
+        save = (every <= 0 or epoch in (epochs1 - 1, total_epochs - 1) or time.monotonic() - saved_at >= every
+                or need is not None)
+        if improved:
+            best = f1
+            best_sd = eval_model().state_dict() if save else _host_copy(eval_model().state_dict())
+        if save:
+            _save_checkpoints(out, best_sd, eval_model(), model, ema, stage, scaler, epoch, best)
+            best_sd, saved_at = None, time.monotonic()
+        write_metrics(out, history)
+        console.print(f"fold {fold} epoch {epoch} stage {stage.number}: loss {ep['loss']:.4f} val_loss {val_loss:.4f} "
+                      f"val_macro_f1 {f1:.4f}{' *' if improved else ''} (grad norm {ep['grad_norm']:.3g}, max "
+                      f"{ep['grad_norm_max']:.3g}; {rec['train_img_per_s']:.0f} img/s)", highlight=False)
+        if warning:
+            console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        if on_epoch is not None:
+            on_epoch(epoch, rec)
+        if need is not None:
+            raise deadline.reached(f"{out}: stopped after epoch {epoch}, state saved (RESUME=1 continues)", need,
+                                   total_epochs - 1 - epoch)
+
+    write_json(out / "train_result.json", {"fold": fold, "best_macro_f1": best, "epochs": len(history),
+                                           "n_train": n_tr, "prior_correction": prior,
+                                           "extra_rows": len(extra.labels)})
+    return {"fold": fold, "best_macro_f1": best, "history": history}
+
+
+def _save_checkpoints(out: Path, best_sd, eval_model, model, ema, stage, scaler, epoch: int, best: float) -> None:
+    """best.pt (when a new best waits), last.pt (the weights predictions use: EMA in stage 1) and state.pt."""
+    if best_sd is not None:
+        torch_save(out / "best.pt", best_sd)
+    torch_save(out / "last.pt", eval_model.state_dict())
+    save_state(out / "state.pt", {"model": model, "ema": ema, "optimizer": stage.opt, "scheduler": stage.sched,
+                                  "scaler": scaler}, epoch=epoch, best=best, stage=stage.number)
+
+
+def _host_copy(state_dict: dict) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state_dict.items()}

@@ -1,0 +1,113 @@
+"""Per-fold predictions: the fold model's probabilities for its held-out pool images (OOF), eval and test."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from ..core import hooks
+from ..core.config import display_path, get_dotted, resolve_path
+from ..core.console import print_table
+from ..core.errors import WBCError
+from ..core.io import Probs, save_probs, torch_load, write_json
+from ..core.metrics import save_confusion_png, summary
+from ..core.run_folder import fold_dir, run_dir
+from ..core.runtime import device_precision, pick_device
+from ..models.factory import create_model, model_data_config
+from ..models.inference import predict_probs
+from ..s3_train.inputs import FoldData, Rows
+
+
+def checkpoint_run(cfg: dict):
+    """The run folder whose fold checkpoints `predict` uses: `predict.checkpoints`, else the run itself."""
+    src = cfg["predict"].get("checkpoints")
+    return resolve_path(src) if src else run_dir(cfg)
+
+
+def fold_weights(cfg: dict) -> str:
+    """The checkpoint file each fold predicts with: `predict.weights` best | last."""
+    w = cfg["predict"].get("weights", "best")
+    if w not in ("best", "last"):
+        raise WBCError(f"predict.weights must be best or last, got {w!r}")
+    return f"{w}.pt"
+
+
+def prediction_settings(cfg: dict) -> dict:
+    """What a fold's predictions were made with; `predict` re-predicts a fold whose recorded settings differ."""
+    p = cfg["predict"]
+    return {"weights": fold_weights(cfg), "checkpoints": display_path(checkpoint_run(cfg)), "tta": int(p["tta"]),
+            "adapt_bn": float(p.get("adapt_bn") or 0)}
+
+
+def predictions_current(cfg: dict, fold_dir) -> bool:
+    """True when `fold_dir` holds predictions made with this config's settings. Folds predicted before the
+    settings were recorded count as best.pt predictions of unknown TTA."""
+    if not (fold_dir / "oof.csv").exists():
+        return False
+    rec = fold_dir / "prediction.json"
+    done = json.loads(rec.read_text()) if rec.exists() else {"weights": "best.pt"}
+    now = prediction_settings(cfg)
+    return all(done[k] == now[k] for k in done if k in now)
+
+
+def load_fold_model(cfg: dict, weights, n_classes: int, device, tta: int | None = None):
+    """A fold checkpoint on `device`, and the `predict_probs` keywords that go with it (normalisation, TTA,
+    batch size, AMP)."""
+    model = create_model({**cfg["model"], "pretrained": False, "pretrained_file": None}, n_classes,
+                         cfg["data"]["image_size"])
+    model.load_state_dict(torch_load(weights))
+    prec = device_precision(cfg["train"], device)
+    model.to(device)
+    if prec["channels_last"]:
+        model.to(memory_format=torch.channels_last)
+    norm = model_data_config(model)
+    p = cfg["predict"]
+    return model, dict(device=device, mean=norm["mean"], std=norm["std"], tta=int(tta or p["tta"]),
+                       batch_size=int(p["batch_size"]), amp=prec["amp"], channels_last=prec["channels_last"])
+
+
+def predict_fold(cfg: dict, fold: int, data: FoldData, device=None) -> dict:
+    """Probabilities of fold `fold`'s model for its held-out pool images, the eval split and the test split."""
+    device = device or pick_device(cfg)
+    out = fold_dir(run_dir(cfg), fold)
+    classes, n_cls = data.classes, len(data.classes)
+    model, kw = load_fold_model(cfg, fold_dir(checkpoint_run(cfg), fold) / fold_weights(cfg), n_cls, device)
+    p = cfg["predict"]
+    adapt = hooks.enabled("predict_adapt", cfg)
+
+    def predict(images, desc):
+        m = model  # an optional step may adapt it to each split alone first (no labels used)
+        for step in adapt:
+            m = step.adapt(m, images, cfg, int(cfg["seed"]), desc, **kw)
+        return predict_probs(m, images, desc=desc, **kw)
+
+    va = data.pool["fold"].to_numpy() == fold
+    pool_va = data.pool[va]
+    oof = Probs(pool_va["ID"], predict(Rows(data.pool_images, np.flatnonzero(va)), "oof"),
+                classes, np.full(int(va.sum()), fold), pool_va["labels"])
+    # Scores count the images labelled with one of the model's classes (all of them, except in a specialist).
+    y, k = oof.label_index(), oof.label_index() >= 0
+    result = {"fold": fold, "oof": summary(y[k], oof.probs[k].argmax(1), classes)}
+    save_confusion_png(out / "confusion_oof.png", y[k], oof.probs[k].argmax(1), classes,
+                       f"{cfg['name']} fold {fold} OOF")
+    if data.holdout_images is not None:
+        ev = Probs(data.holdout["ID"], predict(data.holdout_images, "eval"), classes,
+                   labels=data.holdout["labels"])
+        save_probs(out / "eval.csv", ev)
+        ye = ev.label_index()
+        if (ye >= 0).any():  # an unlabelled eval split has no score, not a score of 0
+            result["eval"] = summary(ye[ye >= 0], ev.probs[ye >= 0].argmax(1), classes)
+    if data.test_images is not None:
+        te = Probs(data.test["ID"], predict(data.test_images, "test"), classes,
+                   labels=data.test["labels"])
+        save_probs(out / "test.csv", te)
+    write_json(out / "prediction.json", prediction_settings(cfg))
+    save_probs(out / "oof.csv", oof)  # last: `predict` takes a fold with oof.csv as done
+    rows = [["OOF (this fold)", result["oof"]["macro_f1"]]]
+    if "eval" in result:
+        rows.append(["phase2_eval", result["eval"]["macro_f1"]])
+    title = (f"{cfg['name']} fold {fold} ({fold_weights(cfg)}, TTA x{p['tta']}"
+             + "".join(f", {s} {get_dotted(cfg, s)}" for s in hooks.switched_on("predict_adapt", cfg)) + ")")
+    print_table(title, ["split", "macro-F1"], rows)
+    return result

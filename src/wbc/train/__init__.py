@@ -1,1 +1,0 @@
-"""Fold training: losses, samplers and the training loop."""

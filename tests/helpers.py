@@ -1,0 +1,39 @@
+"""Helpers shared by the test modules (fixtures live in conftest.py)."""
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_folds(cfg: dict) -> dict:
+    """Write `cfg`'s folds file (as `make folds` does) and return `cfg`."""
+    from wbc.core.io import write_csv
+    from wbc.s2_folds.folds import build_folds, folds_path
+
+    write_csv(folds_path(cfg), build_folds(cfg))
+    return cfg
+
+
+def edit_csv(path, fn) -> None:
+    """Rewrite a label file through `fn(DataFrame) -> DataFrame`, every cell kept as text."""
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    fn(df).to_csv(path, index=False)
+
+
+def peaked(rng: np.random.Generator, y, n_cls: int, peak: float) -> np.ndarray:
+    """Probability rows with `peak` on each row's class `y` and the rest spread at random."""
+    p = rng.dirichlet(np.ones(n_cls), len(y)) * (1 - peak)
+    p[np.arange(len(y)), y] += peak
+    return p
+
+
+def make(*args) -> subprocess.CompletedProcess:
+    """`make -s <args>` in the repository, without the caller's data root or make state."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WBC_DATA", "MAKEFLAGS", "MAKELEVEL")}
+    return subprocess.run(["make", "-s", "-C", str(ROOT), *args], capture_output=True, text=True, env=env)
