@@ -12,11 +12,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_folds(cfg: dict) -> dict:
-    """Write `cfg`'s folds file (as `make folds` does) and return `cfg`."""
-    from wbc.core.io import write_csv
-    from wbc.s2_folds.folds import build_folds, folds_path
+    """Write `cfg`'s folds file and class declaration (as `make folds` does) and return `cfg`."""
+    from wbc.s2_folds.folds import write_folds as write
 
-    write_csv(folds_path(cfg), build_folds(cfg))
+    write(cfg)
     return cfg
 
 

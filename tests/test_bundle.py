@@ -1,6 +1,7 @@
 """Bundles: a run without checkpoints as one .tar.gz, and back; bundles of one run from several calls or sessions
 unbundle to the same folders in any order."""
 import io
+import json
 import os
 import tarfile
 
@@ -18,9 +19,14 @@ def _fold(run, fold, finished, stamp):
         (out / name).write_text(f"{name} {stamp}")
         os.utime(out / name, (stamp, stamp))
     if finished:
+        (out / "train_result.json").write_text(json.dumps({"fold": fold, "epochs": 3, "stamp": stamp}))
+        (out / "oof.csv").write_text(f"ID,fold,labels,prob_A,prob_B\nimg{stamp}.jpg,{fold},A,0.9,0.1\n")
         for name in ("train_result.json", "oof.csv"):
-            (out / name).write_text(f"{name} {stamp}")
             os.utime(out / name, (stamp + 1, stamp + 1))
+
+
+def _stamp(fold_dir):
+    return json.loads((fold_dir / "train_result.json").read_text())["stamp"]
 
 
 def test_bundles_unbundle_fold_by_fold_and_finished_folds_win_in_any_order(tmp_path):
@@ -41,8 +47,8 @@ def test_bundles_unbundle_fold_by_fold_and_finished_folds_win_in_any_order(tmp_p
         for i in order:
             unbundle(bundles[i], into)
         run = into / "convnext"
-        assert (run / "fold0" / "oof.csv").read_text() == "oof.csv 1000000"  # call 1's finished fold 0
-        assert (run / "fold1" / "oof.csv").read_text() == "oof.csv 1000100"  # call 2's
+        assert _stamp(run / "fold0") == 1000000  # call 1's finished fold 0
+        assert _stamp(run / "fold1") == 1000100  # call 2's
         assert (run / "config.yaml").read_text() == f"call {order[0]}"  # the first one unbundled
         assert sorted(p.name for p in into.iterdir()) == ["convnext"]  # no temporary folder left
 
@@ -95,3 +101,44 @@ def test_links_in_a_bundle_and_folders_that_are_not_runs_are_refused(tmp_path):
     for not_a_run in (tmp_path / "outputs", tmp_path / "nope"):
         with pytest.raises(WBCError, match="not a run folder"):
             bundle_run(not_a_run, tmp_path / "b")
+
+
+def test_an_incoming_fold_is_checked_before_it_replaces_anything_and_local_checkpoints_are_kept(tmp_path):
+    """A bundle whose fold claims to be finished but holds an empty oof.csv and `{}` as its training record is
+    refused, and the local fold stays whole; a real finished fold takes the place, the local one kept beside."""
+    local = tmp_path / "outputs" / "convnext"
+    _fold(local, 0, finished=False, stamp=1_000_000)
+    (local / "fold0" / "best.pt").write_text("local weights")
+    bad = tmp_path / "bad" / "convnext"
+    _fold(bad, 0, finished=True, stamp=2_000_000)
+    (bad / "fold0" / "oof.csv").write_text("ID,fold,labels,prob_A,prob_B\n")
+    (bad / "fold0" / "train_result.json").write_text("{}")
+    for name in ("oof.csv", "train_result.json"):  # it claims to be finished: predicted after its training
+        os.utime(bad / "fold0" / name, (2_000_001, 2_000_001))
+    (bad / "config.yaml").write_text("bad")
+    with pytest.raises(WBCError, match=r"convnext/fold0: refused, oof.csv holds 0 rows"):
+        unbundle(bundle_run(bad, tmp_path / "b1"), tmp_path / "outputs")
+    assert (local / "fold0" / "best.pt").read_text() == "local weights"
+    good = tmp_path / "good" / "convnext"
+    _fold(good, 0, finished=True, stamp=3_000_000)
+    (good / "config.yaml").write_text("good")
+    assert unbundle(bundle_run(good, tmp_path / "b2"), tmp_path / "outputs")["taken"] == ["fold0"]
+    assert _stamp(local / "fold0") == 3000000
+    beside = [p for p in local.iterdir() if p.name.startswith("fold0.local-")]
+    assert len(beside) == 1 and (beside[0] / "best.pt").read_text() == "local weights"
+
+
+def test_a_dead_writers_temporary_file_is_cleaned_and_never_bundled(tmp_path):
+    from wbc.core.io import write_text
+
+    run = tmp_path / "run"
+    _fold(run, 0, finished=True, stamp=1_000_000)
+    (run / "config.yaml").write_text("x")
+    dead = run / "fold0" / ".eval.csv.tmp999999999-abc.csv"  # pid 999999999: no such process
+    live = run / "fold0" / f".test.csv.tmp{os.getpid()}-abc.csv"
+    dead.write_text("")
+    live.write_text("")
+    with tarfile.open(bundle_run(run, tmp_path / "b")) as t:
+        assert not [m.name for m in t.getmembers() if ".tmp" in m.name]
+    write_text(run / "fold0" / "eval.csv", "ID\n")  # any write into the folder sweeps dead writers' files
+    assert not dead.exists() and live.exists()

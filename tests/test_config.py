@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from wbc.core.config import CONFIG_DIR, dump_config, load_config, read_yaml
+from wbc.core.config import CONFIG_DIR, dump_config, leaves, load_config, read_yaml
 from wbc.core.errors import WBCError
 
 
@@ -34,16 +34,6 @@ def test_a_run_is_named_after_its_dataset_and_config(monkeypatch):
 BEFORE = json.loads((Path(__file__).parent / "fixtures" / "configs_before_regrouping.json").read_text())
 
 
-def _leaves(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and v:
-            out.update(_leaves(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 @pytest.mark.parametrize("old", sorted(BEFORE["runs"]), ids=lambda p: p.removeprefix("configs/"))
 def test_every_run_config_resolves_as_before_the_regrouping(old):
     """Each config file of before the configs were grouped by role (91 files, seeds among them) maps to a config of
@@ -54,9 +44,9 @@ def test_every_run_config_resolves_as_before_the_regrouping(old):
         assert read_yaml(CONFIG_DIR.parent / run["config"]) == run["raw"]
         return
     want = {k: v for k, v in {**BEFORE["base"], **run["set"]}.items() if k not in run["unset"]}
-    got = _leaves(load_config(CONFIG_DIR.parent / run["config"], run["overrides"]))
+    got = leaves(load_config(CONFIG_DIR.parent / run["config"], run["overrides"]))
     assert {k: got.get(k, "<missing>") for k in want} == want
-    defaults = _leaves(load_config(None))
+    defaults = leaves(load_config(None))
     assert {k: v for k, v in got.items() if k not in want} == {k: defaults[k] for k in got if k not in want}
 
 
@@ -105,8 +95,10 @@ def test_typos_are_refused_naming_the_file_and_key(tmp_path):
 
 
 def test_free_form_and_step_sections_are_not_checked(tmp_path):
-    cfg = load_config(CONFIG_DIR / "recipes/tiny_cpu.yaml", ["model.kwargs.in_chans=3", "ensemble.anything=1"])
-    assert cfg["model"]["kwargs"] == {"in_chans": 3} and cfg["ensemble"] == {"anything": 1}
+    cfg = load_config(CONFIG_DIR / "recipes/tiny_cpu.yaml", ["model.kwargs.in_chans=3", "embed.anything=1"])
+    assert cfg["model"]["kwargs"] == {"in_chans": 3} and cfg["embed"] == {"anything": 1}  # an optional step's own
+    with pytest.raises(WBCError, match=r"unknown config key\(s\) ensemble\.tuning\.n_trails"):
+        load_config(CONFIG_DIR / "recipes/tiny_cpu.yaml", ["ensemble.tuning.n_trails=3"])  # a main-path step's
     with pytest.raises(WBCError, match=r"override 'outptu_dir=x': unknown config key\(s\) outptu_dir"):
         load_config(CONFIG_DIR / "recipes/tiny_cpu.yaml", ["outptu_dir=x"])  # a top-level typo is not a section
 
@@ -120,6 +112,13 @@ def test_every_shipped_config_resolves(path):
         return
     cfg = load_config(path)
     assert cfg["name"] and cfg["model"]["arch"]
+
+
+def test_typed_sections_agree_with_base_yaml():
+    """`ensemble.tuning`'s typed view (RuleSpace, also built by hand in tests) keeps base.yaml's defaults."""
+    from wbc.s5_ensemble.tune import RuleSpace
+
+    assert RuleSpace.from_cfg(load_config(None)["ensemble"]["tuning"]) == RuleSpace()
 
 
 def test_inheritance_loop_is_refused(tmp_path):

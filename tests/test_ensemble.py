@@ -418,7 +418,7 @@ def test_ensemble_command_reports_bad_members(tmp_path, runs, capsys):
     assert not (tmp_path / "out" / "ensemble" / "bad").exists()  # nothing half-written
     cfg_file.write_text(yaml.safe_dump({"name": "bad", "ensemble": {"members": [str(a)], "tuning": {"n_trails": 5}}}))
     assert main(["ensemble", "--config", str(cfg_file)]) == 2
-    assert "unknown key(s) n_trails" in capsys.readouterr().out
+    assert "unknown config key(s) ensemble.tuning.n_trails" in capsys.readouterr().out
     root = _data_root(tmp_path, list(load_probs(a / "test.csv").ids))
     cfg_file.write_text(yaml.safe_dump({"name": "bad", "data": {"classes": [*CLASSES, "ZZ"]},
                                         "ensemble": {"members": [str(a)]}}))

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from wbc.core.errors import WBCError
-from wbc.s3_train.losses import build_loss, class_weights, log_prior
+from wbc.s3_train.losses import build_loss, class_weights, lineage_rows, log_prior
 from wbc.s3_train.sampling import build_sampler, class_sampling_weights
 
 LOGITS = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3], [-0.5, 1.5, 0.0]])
@@ -144,11 +144,11 @@ LT_COUNTS = np.array([1000, 300, 100, 30, 10])
 
 
 @pytest.mark.parametrize("train, exponent", [
-    ({"sampler": {"type": "none"}, "loss": {"type": "ce"}}, 0.0),
-    ({"sampler": {"type": "sqrt"}, "loss": {"type": "logit_adjusted", "tau": 0.5}}, 1.0),
-    ({"sampler": {"type": "power", "power": 0.25}, "loss": {"type": "ce", "class_weight": "inverse",
-                                                           "class_weight_power": 0.25}}, 1.0),
-    ({"sampler": {"type": "balanced"}, "loss": {"type": "balanced_softmax"}}, 2.0),
+    ({"sampler": {"type": "none"}, "loss": {"type": "ce", "label_smoothing": 0.0}}, 0.0),
+    ({"sampler": {"type": "sqrt"}, "loss": {"type": "logit_adjusted", "tau": 0.5, "label_smoothing": 0.0}}, 1.0),
+    ({"sampler": {"type": "power", "power": 0.25},
+      "loss": {"type": "ce", "class_weight": "inverse", "class_weight_power": 0.25, "label_smoothing": 0.0}}, 1.0),
+    ({"sampler": {"type": "balanced"}, "loss": {"type": "balanced_softmax", "label_smoothing": 0.0}}, 2.0),
 ])
 def test_prior_correction_exponent_is_what_the_loss_optimum_learns(train, exponent):
     """The population optimum of the recipe's loss (its sampler's class mix as a soft target) has
@@ -201,3 +201,41 @@ def test_prior_correction_stage2_sampler_and_over_correction_warning(capsys):
     report_prior_correction({"sampler": {"type": "sqrt"}, "loss": {"type": "ce"}, "stage2": {"epochs": 0}}, LT_COUNTS)
     out = capsys.readouterr().out
     assert "stage1 class-prior correction 0.50" in out and "more than balanced" not in out and "stage2" not in out
+
+
+LINEAGE = ["PMY", "MY", "MMY", "BNE", "SNE"]
+CODES = ["BA", "BNE", "EO", "MMY", "MY", "PMY", "SNE"]
+
+
+def test_lineage_smoothing_puts_its_share_on_the_adjacent_stages():
+    eps, share = 0.1, 0.5
+    rows = lineage_rows(CODES, LINEAGE, share)
+    assert np.allclose(rows.sum(1), 1.0)
+    i = CODES.index
+    assert rows[i("BA")] == pytest.approx(np.full(7, 1 / 7))  # outside the lineage: uniform
+    # BNE's neighbours are MMY and SNE: a quarter each, the other half spread uniformly
+    assert rows[i("BNE"), i("SNE")] == pytest.approx(0.25 + 0.5 / 7)
+    assert rows[i("BNE"), i("MMY")] == pytest.approx(0.25 + 0.5 / 7)
+    assert rows[i("BNE"), i("BA")] == pytest.approx(0.5 / 7)
+    assert rows[i("SNE"), i("BNE")] == pytest.approx(0.5 + 0.5 / 7)  # an end of the lineage: one neighbour
+    z, y = torch.randn(5, 7, generator=torch.Generator().manual_seed(0)), torch.tensor([1, 6, 0, 5, 3])
+    loss = build_loss({"type": "ce", "label_smoothing": eps, "lineage": LINEAGE, "lineage_share": share}, [10] * 7,
+                      CODES)
+    q = (1 - eps) * F.one_hot(y, 7).float() + eps * torch.as_tensor(rows, dtype=torch.float32)[y]
+    assert loss(z, y).item() == pytest.approx((-(q * F.log_softmax(z, 1)).sum(1)).mean().item(), rel=1e-6)
+    plain = build_loss({"type": "ce", "label_smoothing": eps}, [10] * 7, CODES)
+    assert plain.smoothing is None  # off: the uniform formula, so runs without it repeat bit for bit
+    assert loss(z, y).item() != pytest.approx(plain(z, y).item(), rel=1e-4)
+
+
+def test_lineage_smoothing_follows_a_specialists_classes_and_refuses_bad_lists():
+    rows = lineage_rows(["BNE", "MY", "SNE"], LINEAGE, 1.0)  # a specialist on three of the five stages
+    assert rows[2] == pytest.approx([1.0, 0.0, 0.0])  # SNE's one neighbour in the subset is BNE
+    assert rows[1] == pytest.approx([1.0, 0.0, 0.0])  # MY's neighbours PMY and MMY are absent: BNE is next
+    assert lineage_rows(CODES, None, 0.5) is None
+    with pytest.raises(WBCError, match="distinct class codes"):
+        lineage_rows(CODES, ["MY", "MY"], 0.5)
+    with pytest.raises(WBCError, match="lineage_share must be in"):
+        lineage_rows(CODES, LINEAGE, 1.5)
+    with pytest.raises(WBCError, match="needs the model's class names"):
+        build_loss({"type": "ce", "lineage": LINEAGE}, [10] * 7)

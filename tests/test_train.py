@@ -1,4 +1,5 @@
 """A real (tiny) training run on CPU: it learns, it resumes exactly, its OOF covers the pool."""
+import itertools
 import json
 import sys
 
@@ -85,7 +86,7 @@ def test_a_fresh_start_replaces_the_folds_earlier_results(cfg2, monkeypatch):
     monkeypatch.setattr(loop, "_record_environment", killed)  # the first thing after the start: a kill there
     with pytest.raises(KeyboardInterrupt):
         train_fold(cfg, 0)
-    assert sorted(p.name for p in out.iterdir()) == ["unrelated.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "unrelated.txt"]  # the new start's config
     with pytest.raises(KeyboardInterrupt):  # a resume with nothing to resume is a fresh start too
         train_fold(cfg, 0, resume=True)
 
@@ -382,8 +383,9 @@ def test_gradient_clipping_bounds_the_step():
         x = torch.full((4, 3, 4, 4), 255, dtype=torch.uint8)
         y = torch.tensor([0, 1, 2, 0])
         norm = {"mean": (0.0, 0.0, 0.0), "std": (0.01, 0.01, 0.01)}  # huge inputs: huge gradients
-        train_step(StepContext(model, model, None, opt, sched, scaler, build_loss({"type": "ce"}, [1, 1, 1]),
-                               torch.device("cpu"), norm, "none", False, clip, 1), x, y)
+        ce = build_loss({"type": "ce", "label_smoothing": 0.0}, [1, 1, 1])
+        train_step(StepContext(model, model, None, opt, sched, scaler, ce, torch.device("cpu"), norm, "none", False,
+                               clip, 1), x, y)
         return torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)]).norm().item()
 
     assert step(0.5) == pytest.approx(0.5, rel=1e-4)  # SGD with lr 1 moves by the clipped gradient norm
@@ -502,7 +504,8 @@ def test_training_step_reports_the_gradient_norm_before_clipping():
         opt = torch.optim.SGD(m.parameters(), lr=0.1)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         ctx = StepContext(m, m, None, opt, sched, torch.amp.GradScaler("cuda", enabled=False),
-                          build_loss({"type": "ce"}, [1, 1, 1]), torch.device("cpu"), norm, "none", False, clip, 1)
+                          build_loss({"type": "ce", "label_smoothing": 0.0}, [1, 1, 1]), torch.device("cpu"), norm,
+                          "none", False, clip, 1)
         _, gnorm = train_step(ctx, x, y)
         assert gnorm.item() == pytest.approx(expected, rel=1e-5)
 
@@ -601,3 +604,42 @@ def test_excluded_images_never_train_but_are_still_predicted(cfg2, tmp_path):
         load_fold_data(cfg2(f"data.exclude_from_training={tmp_path / 'bad.csv'}"))
 
 
+
+
+@pytest.mark.slow
+def test_a_low_resolution_phase_trains_on_its_own_cache_and_resumes_exactly(cfg2, monkeypatch):
+    """`train.low_res`: the epochs before the last `final_epochs` train and validate at the low size (their own
+    cache), the rest at data.image_size; a run killed at the switch resumes to the uninterrupted run's losses."""
+    import wbc.s3_train.loop as loop
+    from wbc.s1_data.cache import cache_dir
+
+    over = ["data.image_size=64", "train.epochs=4", "train.low_res.size=32", "train.low_res.final_epochs=2",
+            "train.num_workers=1"]
+    sizes = []
+    real = loop.train_epoch
+
+    def spy(ctx, batches, n, desc):
+        first = next(batches)
+        sizes.append(first[0].shape[-1])
+        return real(ctx, itertools.chain([first], batches), n, desc)
+
+    full_cfg = cfg2(*over, "name=full")
+    monkeypatch.setattr(loop, "train_epoch", spy)
+    full = [h["train_loss"] for h in train_fold(full_cfg, 0)["history"]]
+    monkeypatch.setattr(loop, "train_epoch", real)
+    assert sizes == [32, 32, 64, 64]
+    assert (cache_dir(full_cfg).parent / cache_dir(full_cfg).name.replace("_64", "_32")).is_dir()
+    part = cfg2(*over, "name=part")
+
+    def kill(epoch, rec):
+        if epoch == 1:
+            raise StopTraining
+
+    with pytest.raises(StopTraining):
+        train_fold(part, 0, on_epoch=kill)
+    assert [h["train_loss"] for h in train_fold(part, 0, resume=True)["history"]] == full
+    plain = [h["train_loss"] for h in train_fold(cfg2("data.image_size=64", "train.epochs=4", "train.num_workers=1",
+                                                      "name=plain"), 0)["history"]]
+    assert plain[2:] != full[2:]
+    with pytest.raises(WBCError, match="train.low_res: size 64 must be in"):
+        train_fold(cfg2(*over, "train.low_res.size=64", "name=bad"), 0)

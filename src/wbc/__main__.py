@@ -52,6 +52,11 @@ def main(argv=None) -> int:
     except DeadlineReached as e:
         console.print(f"[yellow]deadline:[/] {e}", highlight=False, soft_wrap=True)
         return DEADLINE_EXIT
+    except OSError as e:  # a full disk, a read-only or vanished folder: one line naming the file, not a traceback
+        what = e.strerror or str(e)
+        console.print(f"[bold red]error:[/] {what}" + (f": {e.filename}" if e.filename else ""), highlight=False,
+                      soft_wrap=True)
+        return 2
     return 0
 
 

@@ -6,6 +6,7 @@ root of every chain. The resolved config is dumped beside the outputs so a run c
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import re
 from pathlib import Path
@@ -54,7 +55,7 @@ def _chain(path: Path, seen: tuple = ()) -> dict:
     return deep_merge(base, data)
 
 
-STEP_SECTIONS = ("ensemble", "embed", "morph", "refine", "restorer", "shift")  # each step checks its own keys
+STEP_SECTIONS = ("embed", "restorer", "shift")  # optional steps: each checks its own keys, with its own defaults
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 1e-3: YAML 1.1 wants 1.0e-3
 
 
@@ -84,6 +85,17 @@ def set_dotted(cfg: dict, keys: list[str], value) -> None:
         if not isinstance(node, dict):
             raise WBCError(f"override {'.'.join(keys)}: {k} is not a section")
     node[keys[-1]] = value
+
+
+def leaves(cfg: dict, prefix: str = "") -> dict:
+    """{dotted key: value} of every leaf (an empty section counts as a leaf)."""
+    out = {}
+    for k, v in cfg.items():
+        if isinstance(v, dict) and v:
+            out.update(leaves(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
 
 
 def get_dotted(cfg: dict, dotted: str, default=None):
@@ -135,6 +147,9 @@ def load_config(path=None, overrides: list[str] | tuple = ()) -> dict:
         cfg.setdefault("data", {})["root"] = os.environ["WBC_DATA"]
     if not cfg.get("name"):
         cfg["name"] = run_name(cfg, path.stem)
+    from .validate import check_values
+
+    check_values(cfg, str(path))
     return cfg
 
 
@@ -150,6 +165,17 @@ def run_name(cfg: dict, stem: str) -> str:
     name is kept as it is."""
     ds = dataset_name(cfg)
     return stem if stem == ds or stem.startswith(f"{ds}_") else f"{ds}_{stem}"
+
+
+@functools.lru_cache(maxsize=1)
+def _base_defaults() -> dict:
+    return read_yaml(CONFIG_DIR / "base.yaml")
+
+
+def section(name: str, given: dict | None = None) -> dict:
+    """Config section `name` (dotted, e.g. `train.loss`): `given` (all or part of it) over its base.yaml defaults,
+    the one place defaults live. Library functions take their section through this, so a partial dict works."""
+    return deep_merge(get_dotted(_base_defaults(), name, {}), given or {})
 
 
 def dump_config(cfg: dict) -> str:

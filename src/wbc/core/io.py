@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,12 +40,45 @@ def fingerprint(paths) -> str:
     return h.hexdigest()[:12]
 
 
+TEMP = re.compile(r"\..+\.tmp(\d+)-.*")  # a temporary file of atomic_path: `.<name>.tmp<writer pid>-<random>`
+
+
+def is_temp(name: str) -> bool:
+    return TEMP.fullmatch(name) is not None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def clean_stale_temps(folder) -> list[Path]:
+    """Remove the temporary files of writers that died before renaming them (a kill -9, a power cut): they would
+    otherwise stay forever and travel in bundles. A live writer's are kept."""
+    gone = []
+    with contextlib.suppress(FileNotFoundError):
+        for p in Path(folder).iterdir():
+            m = TEMP.fullmatch(p.name)
+            if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+                    gone.append(p)
+    return gone
+
+
 @contextlib.contextmanager
 def atomic_path(path, suffix: str | None = None):
-    """Yield a temporary path next to `path`; rename it over `path` only if the block succeeds."""
+    """Yield a temporary path next to `path`; rename it over `path` only if the block succeeds. Dead writers'
+    temporary files in that folder are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or path.suffix)
+    clean_stale_temps(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp{os.getpid()}-", suffix=suffix or path.suffix)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -129,9 +163,20 @@ def torch_save(path, obj) -> None:
 
 
 def torch_load(path):
+    """A plain state file (tensors, numbers, strings), never code: weights_only. An unreadable or truncated file
+    is one error line naming it."""
+    import pickle
+    import zipfile
+
     import torch
 
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise WBCError(f"{path}: not found") from None
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        raise WBCError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0][:160]}); it may be truncated (a full "
+                       "disk, a killed copy) or not a plain state_dict: delete it and train again") from None
 
 
 @dataclass

@@ -8,10 +8,12 @@ training, prediction, the parallel trainer, bundles and the runs table agree on 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 from .config import resolve_path
+from .errors import WBCError
 from .io import write_text
 
 # What training and prediction write into a fold folder; a fresh start of the fold removes them all, so that a
@@ -19,6 +21,7 @@ from .io import write_text
 FOLD_RESULTS = ("state.pt", "best.pt", "last.pt", "train_result.json", "oof.csv", "eval.csv", "test.csv",
                 "prediction.json", "confusion_oof.png")
 METRICS = "metrics.jsonl"
+WRITING = "WRITING"  # present while a step rewrites its outputs in a folder; a killed step leaves it behind
 
 
 def run_dir(cfg: dict) -> Path:
@@ -46,7 +49,7 @@ def finished(fold: Path) -> bool:
     """Trained to the end and predicted since: oof.csv (written last by the fold's prediction) is no older than
     anything training writes (env.json at each start), so a killed re-run of a finished fold does not count."""
     marks = [fold / n for n in ("oof.csv", "train_result.json", "state.pt", "env.json", METRICS)]
-    if not all(m.exists() for m in marks[:2]):
+    if not all(m.exists() for m in marks[:2]) or (fold / WRITING).exists():
         return False
     return all(marks[0].stat().st_mtime_ns >= m.stat().st_mtime_ns for m in marks[1:] if m.exists())
 
@@ -61,3 +64,27 @@ def read_metrics(folder: Path) -> list[dict]:
 
 def write_metrics(folder: Path, history: list[dict]) -> None:
     write_text(Path(folder) / METRICS, "".join(json.dumps(r) + "\n" for r in history))
+
+
+@contextlib.contextmanager
+def outputs_together(folder: Path, owned: tuple[str, ...]):
+    """A step's outputs in `folder` change together or not at all: its previous ones (`owned`, glob patterns) are
+    removed and a WRITING marker put down first, the marker removed last. A step killed in between leaves no mix of
+    old and new files, and readers (`require_complete`) refuse the folder until the step runs again."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_text(folder / WRITING, "a step is writing this folder's outputs; if none is running, it was killed: "
+                                 "run it again\n")
+    for pattern in owned:
+        for p in folder.glob(pattern):
+            if p.is_file():
+                p.unlink()
+    yield folder
+    (folder / WRITING).unlink(missing_ok=True)
+
+
+def require_complete(folder: Path, rerun: str) -> None:
+    """Refuse a folder whose writing step was killed (its WRITING marker is still there)."""
+    if (Path(folder) / WRITING).exists():
+        raise WBCError(f"{folder}: its outputs are incomplete (the step writing them was stopped): run `{rerun}` "
+                       "again")

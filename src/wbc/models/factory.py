@@ -9,6 +9,7 @@ import torch
 from ..core.config import resolve_path
 from ..core.console import console
 from ..core.errors import WBCError
+from ..core.io import torch_load
 
 
 def load_state_file(path) -> dict:
@@ -20,7 +21,7 @@ def load_state_file(path) -> dict:
 
         sd = load_file(str(path))
     else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = torch_load(path)  # weights_only: a file that would run code is refused, one line
     for key in ("state_dict", "model", "model_ema"):  # common checkpoint wrappers
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]

@@ -9,11 +9,12 @@ from __future__ import annotations
 import shutil
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 
 from ..core.config import resolve_path
 from ..core.errors import WBCError
-from ..core.io import atomic_path
+from ..core.io import atomic_path, is_temp
 from ..core.run_folder import finished, fold_index
 
 LEFT_OUT = ".pt"  # checkpoints: hundreds of MB, and the predictions already hold what blending needs
@@ -25,14 +26,38 @@ def bundle_run(run: Path, dest: Path) -> Path:
     if not run.is_dir() or not (run / "config.yaml").is_file():
         raise WBCError(f"bundle: {run}: not a run folder (give outputs/<name>, which holds its config.yaml)")
     path = Path(dest) / f"{run.name}.tar.gz"
+    def keep(m: tarfile.TarInfo):  # no checkpoints, and no temporary file a killed writer left
+        return None if m.name.endswith(LEFT_OUT) or is_temp(Path(m.name).name) else m
+
     with atomic_path(path, suffix=".gz") as tmp, tarfile.open(tmp, "w:gz") as tar:
-        tar.add(run, arcname=run.name, filter=lambda m: None if m.name.endswith(LEFT_OUT) else m)
+        tar.add(run, arcname=run.name, filter=keep)
     return path
 
 
 def _fold_rank(fold: Path) -> tuple:
     """Which of two copies of a fold folder to keep: finished before unfinished, then the later predictions."""
     return (finished(fold), (fold / "oof.csv").stat().st_mtime_ns if (fold / "oof.csv").exists() else 0)
+
+
+def _check_incoming(bundle: Path, fold: Path) -> None:
+    """An incoming fold that claims to be finished must be one: its predictions readable, with rows and the fold's
+    number, and a training record that says how it ended. Checked before it may replace anything."""
+    import json
+
+    from ..core.io import load_probs
+
+    where = f"{bundle}: {fold.parent.name}/{fold.name}"
+    try:
+        oof = load_probs(fold / "oof.csv", ("fold", "labels"))
+        result = json.loads((fold / "train_result.json").read_text())
+    except (WBCError, OSError, ValueError) as e:
+        raise WBCError(f"{where}: refused, its predictions or training record are unreadable ({e})") from None
+    k = fold_index(fold)
+    if not len(oof.ids) or set(oof.folds.tolist()) != {k}:
+        raise WBCError(f"{where}: refused, oof.csv holds {len(oof.ids)} rows of folds "
+                       f"{sorted(set(oof.folds.tolist()))}, not fold {k}'s")
+    if not isinstance(result, dict) or result.get("fold") != k or not result.get("epochs"):
+        raise WBCError(f"{where}: refused, train_result.json does not record fold {k}'s training")
 
 
 def _plain(path: Path, member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
@@ -73,7 +98,10 @@ def unbundle(path: Path, into: Path) -> dict:
                     if target.exists() and (not _fold_rank(item)[0] or _fold_rank(target) >= _fold_rank(item)):
                         kept.append(item.name)
                         continue
-                    shutil.rmtree(target, ignore_errors=True)
+                    if _fold_rank(item)[0]:
+                        _check_incoming(path, item)
+                    if target.exists():  # never deleted: the local fold (its checkpoints too) is kept beside
+                        target.rename(target.with_name(f"{target.name}.local-{time.strftime('%Y%m%d-%H%M%S')}"))
                     taken.append(item.name)
                 elif target.exists():  # config.yaml and merged files: `make predict` rewrites the merged ones
                     continue

@@ -48,7 +48,7 @@ def damage_ops(a: dict, s: float, p: float | None = None) -> list:
 
     # The mix (severity_weights, group_p, kind_weights) is a fitted distribution (`make damage-match`);
     # strength scales only its probability, not its shape.
-    return [DamageTransform(max_severity=int(dm.get("max_severity", 3)), p=_scaled(dm["p"], s) if p is None else p,
+    return [DamageTransform(max_severity=int(dm["max_severity"]), p=_scaled(dm["p"], s) if p is None else p,
                             severity_weights=dm.get("severity_weights"), group_p=dm.get("group_p"),
                             kind_weights=dm.get("kind_weights"))]
 
@@ -57,5 +57,5 @@ def build_transform(cfg: dict, train: bool) -> A.Compose | None:
     """The training pipeline, or None for evaluation (TTA views are applied on the device)."""
     if not train:
         return None
-    a, s = cfg["augment"], float(cfg["augment"].get("strength", 1.0))
+    a, s = cfg["augment"], float(cfg["augment"]["strength"])
     return A.Compose(base_ops(a, s) + damage_ops(a, s))

@@ -28,12 +28,33 @@ cv2.setNumThreads(1)  # threads come from the pool below; nested OpenCV threads 
 CODE_HASH = fingerprint([__file__])  # a changed decoder or resize must not serve images made by the old one
 
 
-def read_image(path, csv=None, row=None) -> np.ndarray:
-    """RGB uint8 HxWx3; a missing or undecodable file is a one-line error naming the CSV row."""
+MAX_PIXELS = 4096 * 4096  # data.max_image_pixels: a cell crop is a few hundred pixels across
+
+
+def image_size(path) -> tuple[int, int] | None:
+    """(width, height) from the file's header, without decoding it; None when the header is unreadable."""
+    from PIL import Image
+
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # our own limit decides, after this
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Exception:  # noqa: BLE001 -- any unreadable header: the decoder below names the file
+        return None
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
+def read_image(path, csv=None, row=None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """RGB uint8 HxWx3; a missing, undecodable or oversized file is a one-line error naming the CSV row. The size
+    is read from the header first: a small file can hold a huge image (30000 x 30000 PNG: 2.6 MB, 2.7 GB decoded)."""
     buf = np.fromfile(str(path), dtype=np.uint8) if Path(path).is_file() else None
     ctx = f"{where(csv, row)}: " if csv else ""
     if buf is None:
         raise WBCError(f"{ctx}image not found: {path}")
+    wh = image_size(path)
+    if wh is not None and wh[0] * wh[1] > max_pixels:
+        raise WBCError(f"{ctx}image {wh[0]} x {wh[1]} is larger than data.max_image_pixels ({max_pixels}): {path}")
     img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if buf.size else None
     if img is None:
         raise WBCError(f"{ctx}unreadable image: {path}")
@@ -84,11 +105,11 @@ def cache_dir(cfg: dict) -> Path:
     crop = crop_fraction(cfg)
     if crop < 1.0:
         tag += f"_crop{crop:g}"
-    return resolve_path(d.get("cache_dir", "cache")) / (tag + cache_tag(cfg))
+    return resolve_path(d["cache_dir"]) / (tag + cache_tag(cfg))
 
 
 def crop_fraction(cfg: dict) -> float:
-    f = cfg["data"].get("center_crop")
+    f = cfg["data"]["center_crop"]
     f = 1.0 if f is None else float(f)  # 0 must be refused, not read as "off"
     if not 0.0 < f <= 1.0:
         raise WBCError(f"data.center_crop must be in (0, 1], got {f}")
@@ -105,13 +126,14 @@ def _sources(paths) -> str:
     return h.hexdigest()[:12]
 
 
-def decode_all(df: pd.DataFrame, size: int, workers: int = 4, desc: str = "decode", crop: float = 1.0) -> np.ndarray:
+def decode_all(df: pd.DataFrame, size: int, workers: int = 4, desc: str = "decode", crop: float = 1.0,
+               max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Decode, centre-crop and resize every image of `df` (columns path, csv, row) into one array."""
     out = np.empty((len(df), size, size, 3), np.uint8)
 
     def work(i):
         r = df.iloc[i]
-        out[i] = resize(center_crop(read_image(r["path"], r.get("csv"), r.get("row")), crop), size)
+        out[i] = resize(center_crop(read_image(r["path"], r.get("csv"), r.get("row"), max_pixels), crop), size)
 
     with progress() as bar, ThreadPoolExecutor(workers) as pool:
         task = bar.add_task(desc, total=len(df), info="")
@@ -131,15 +153,25 @@ def split_images(cfg: dict, df: pd.DataFrame, split: str, transform=None) -> np.
     size = int(cfg["data"]["image_size"])
     ids = sub["ID"].tolist()
     key = {"ids": ids, "sources": _sources(sub["path"]), "code": CODE_HASH}
-    if arr_path.exists() and ids_path.exists() and json.loads(ids_path.read_text()) == key:
+    whole = arr_path.exists() and arr_path.stat().st_size == len(ids) * size * size * 3  # a truncated one is rebuilt
+    if whole and ids_path.exists() and _read_key(ids_path) == key:
         return np.memmap(arr_path, np.uint8, "r", shape=(len(ids), size, size, 3))
-    images = decode_all(sub.reset_index(drop=True), size, desc=f"cache {split}", crop=crop_fraction(cfg))
+    images = decode_all(sub.reset_index(drop=True), size, desc=f"cache {split}", crop=crop_fraction(cfg),
+                        max_pixels=int(cfg["data"]["max_image_pixels"]))
     if transform is not None:
         images = transform(images, split)
     with atomic_path(arr_path, suffix=".u8") as tmp:
         images.tofile(tmp)
     write_json(ids_path, key)
     return np.memmap(arr_path, np.uint8, "r", shape=(len(ids), size, size, 3))
+
+
+def _read_key(path: Path):
+    """The cache's key file, or None when it is unreadable (then the cache is rebuilt)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def load_images(cfg: dict, df: pd.DataFrame, transform=None) -> np.ndarray:

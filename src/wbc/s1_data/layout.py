@@ -10,13 +10,14 @@ Every problem is raised as a one-line WBCError naming the file and row.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ..core.config import resolve_path
+from ..core.config import dataset_name, resolve_path
 from ..core.errors import WBCError, where
 from ..core.io import read_csv, require_columns
 
@@ -60,6 +61,8 @@ def read_split(root, split: str, check_images: bool = True) -> pd.DataFrame:
     if not csv.exists():
         raise WBCError(f"{csv}: split file not found")
     df = read_table(csv)
+    if split not in LABELLED and "labels" not in df.columns:  # a test file needs only its IDs
+        df["labels"] = ""
     require_columns(df, csv, ("ID", "labels"))
     if len(df) == 0:
         raise WBCError(f"{csv}: split '{split}' is empty")
@@ -76,13 +79,20 @@ def read_split(root, split: str, check_images: bool = True) -> pd.DataFrame:
     if escapes.any():  # an ID names a file inside the split's folder
         i = int(np.flatnonzero(escapes)[0])
         raise WBCError(f"{where(csv, i + 2)}: ID {df['ID'].iloc[i]!r} points outside the split's folder")
+    # `img_dir` (the competition's combined label file has one): the folder, under the data root, holding the row's
+    # image, e.g. a phase1 image listed in a phase2 file
+    dirs = df["img_dir"].str.strip() if "img_dir" in df.columns else pd.Series([""] * len(df))
+    bad_dir = np.array([Path(d).is_absolute() or ".." in Path(d).parts for d in dirs])
+    if bad_dir.any():
+        i = int(np.flatnonzero(bad_dir)[0])
+        raise WBCError(f"{where(csv, i + 2)}: img_dir {dirs.iloc[i]!r} points outside the data root")
     if split in LABELLED:
         unl = df["labels"] == ""
         if unl.any():
             raise WBCError(f"{where(csv, int(np.flatnonzero(unl)[0]) + 2)}: empty label in a labelled split")
     df["split"] = split
     df["row"] = np.arange(len(df)) + 2
-    df["path"] = [str(root / folder / i) for i in df["ID"]]
+    df["path"] = [str(root / (d or folder) / i) for d, i in zip(dirs, df["ID"])]
     if check_images:
         exists = np.array([os.path.isfile(p) for p in df["path"]])
         if not exists.all():
@@ -110,12 +120,41 @@ def check_disjoint(df: pd.DataFrame) -> None:
         raise WBCError(f"{where(r['csv'], r['row'])}: duplicate ID {r['ID']} (also in another split)")
 
 
+def folds_path(cfg: dict) -> Path:
+    """`folds.file`, else folds/<dataset>.csv (committed with the project)."""
+    f = cfg["folds"]["file"]
+    return resolve_path(f) if f else resolve_path("folds") / f"{dataset_name(cfg)}.csv"
+
+
+def declaration_path(cfg: dict) -> Path:
+    """folds/<dataset>.json, written with the folds: the dataset's classes, declared once."""
+    return folds_path(cfg).with_suffix(".json")
+
+
+def declared_classes(cfg: dict) -> list[str] | None:
+    path = declaration_path(cfg)
+    if not path.exists():
+        return None
+    try:
+        classes = json.loads(path.read_text())["classes"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise WBCError(f"{path}: not a readable class declaration ({e}); `make folds` writes it") from None
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
+        raise WBCError(f"{path}: `classes` must be a list of class codes")
+    return classes
+
+
 def class_list(cfg: dict, root=None) -> list[str]:
-    """Classes from the config, else the sorted label codes of the labelled splits (checked for typos: a label
-    found in the data is a class, so a misspelling would silently become one)."""
+    """The dataset's classes, declared once: `data.classes`, else those `make folds` recorded beside the folds
+    (folds/<dataset>.json), else (for `make folds` itself) the sorted label codes of the labelled splits, checked
+    for typos. Every later step refuses a label outside them, naming file and row: a misspelt or stray label
+    (`XX` in one row) never becomes a class of its own."""
     classes = cfg.get("data", {}).get("classes")
     if classes:
         return [str(c) for c in classes]
+    declared = declared_classes(cfg) if cfg.get("folds") else None
+    if declared:
+        return declared
     root = Path(root) if root is not None else data_root(cfg)
     frames = [read_split(root, s, check_images=False) for s in LABELLED if (root / SPLITS[s][0]).exists()]
     if not frames:
@@ -154,11 +193,13 @@ def _check_learnable(df: pd.DataFrame, train_splits) -> None:
 
 
 def check_labels(df: pd.DataFrame, classes: list[str]) -> None:
-    """Every non-empty label must be a known class code."""
+    """Every non-empty label must be one of the dataset's class codes."""
     bad = (df["labels"] != "") & ~df["labels"].isin(classes)
     if bad.any():
         r = df[bad].iloc[0]
-        raise WBCError(f"{where(r['csv'], r['row'])}: unknown label '{r['labels']}' (classes: {', '.join(classes)})")
+        raise WBCError(f"{where(r['csv'], r['row'])}: unknown label '{r['labels']}' (classes: {', '.join(classes)}; "
+                       "a new class is declared with data.classes, or by deleting folds/<dataset>.json and running "
+                       "`make folds`)")
 
 
 def group_column(df: pd.DataFrame) -> str | None:

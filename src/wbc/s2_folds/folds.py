@@ -1,4 +1,5 @@
-"""K-fold splits of the training pool, committed as `folds/<dataset>.csv` (ID,labels,fold[,group]).
+"""K-fold splits of the training pool, committed as `folds/<dataset>.csv` (ID,labels,fold[,group]), with the
+dataset's classes declared beside them (`folds/<dataset>.json`).
 
 StratifiedGroupKFold when the data has groups (patient, or the original image of damaged copies), so no
 group straddles folds; StratifiedKFold otherwise. A fixed seed makes the file reproducible.
@@ -6,19 +7,20 @@ group straddles folds; StratifiedKFold otherwise. A fixed seed makes the file re
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from ..core.config import dataset_name, resolve_path
+from ..core.config import dataset_name, display_path
 from ..core.console import console, print_table
 from ..core.errors import WBCError, where
-from ..core.io import write_csv
+from ..core.io import write_csv, write_json
 from ..s1_data.layout import (
     check_labels,
     class_list,
     data_root,
+    declaration_path,
+    folds_path,
     group_column,
     read_splits,
     read_table,
@@ -50,15 +52,7 @@ def make_folds(df: pd.DataFrame, n_folds: int, seed: int, groups: np.ndarray | N
 
 
 def fold_count(cfg: dict) -> int:
-    k = cfg.get("folds", {}).get("n_folds")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
-        raise WBCError(f"folds.n_folds must be a whole number of at least 2, got {k!r}")
-    return k
-
-
-def folds_path(cfg: dict) -> Path:
-    f = cfg.get("folds", {}).get("file")
-    return resolve_path(f) if f else resolve_path("folds") / f"{dataset_name(cfg)}.csv"
+    return int(cfg["folds"]["n_folds"])  # checked with every config value (core/validate.py)
 
 
 def build_folds(cfg: dict) -> pd.DataFrame:
@@ -84,6 +78,21 @@ def build_folds(cfg: dict) -> pd.DataFrame:
         console.print(f"[yellow]warning:[/] classes rarer than {k} folds appear in only some folds: "
                       + ", ".join(f"{c} ({n})" for c, n in rare.items()), highlight=False)
     return out
+
+
+def write_folds(cfg: dict) -> tuple[pd.DataFrame, list[str]]:
+    """folds/<dataset>.csv and, beside it, folds/<dataset>.json declaring the dataset's classes (what every later
+    step checks labels against). Both are committed with the project."""
+    folds = build_folds(cfg)
+    classes = class_list(cfg)
+    counts = folds["labels"].value_counts()
+    path = folds_path(cfg)
+    write_csv(path, folds)
+    write_json(declaration_path(cfg), {"dataset": dataset_name(cfg), "classes": classes,
+                                       "images": {c: int(counts.get(c, 0)) for c in classes},
+                                       "n_folds": fold_count(cfg), "seed": int(cfg["folds"]["seed"]),
+                                       "group": "group" if "group" in folds else None})
+    return folds, classes
 
 
 def fold_table(folds: pd.DataFrame, classes: list[str]) -> None:
@@ -125,11 +134,10 @@ def register(sub) -> None:
 
     def run(args):
         cfg = config_from_args(args)
-        folds = build_folds(cfg)
-        path = folds_path(cfg)
-        write_csv(path, folds)
-        fold_table(folds, class_list(cfg))
-        console.print(f"wrote {path} ({len(folds)} images, {folds['fold'].nunique()} folds"
-                      + (", grouped" if "group" in folds else "") + ")")
+        folds, classes = write_folds(cfg)
+        fold_table(folds, classes)
+        console.print(f"wrote {display_path(folds_path(cfg))} ({len(folds)} images, {folds['fold'].nunique()} folds"
+                      + (", grouped" if "group" in folds else "") + f") and the {len(classes)} classes in "
+                      f"{display_path(declaration_path(cfg))}")
 
     p.set_defaults(func=run)

@@ -70,6 +70,7 @@ def load_fold_data(cfg: dict, with_test: bool = True) -> FoldData:
     holdout = read_splits(root, holdout_splits) if holdout_splits else merged.iloc[:0]
     check_labels(holdout, all_classes)
     test = read_splits(root, [d["test_split"]]) if with_test and d.get("test_split") else merged.iloc[:0]
+    check_test_labels(test, all_classes)
     check_disjoint(pd.concat([merged, holdout, test], ignore_index=True))  # no image both trained on and scored
 
     # a step that fits itself on the pool (the stain reference) sees the images as decoded
@@ -85,6 +86,18 @@ def load_fold_data(cfg: dict, with_test: bool = True) -> FoldData:
         if rows_hook else None
     excluded = read_exclusions(d.get("exclude_from_training"), merged)
     return FoldData(classes, merged, holdout, test, pool_images, holdout_images, test_images, extra, excluded)
+
+
+def check_test_labels(test: pd.DataFrame, classes: list[str]) -> None:
+    """A test split is predicted, never scored or trained on here: labels in it are refused when they are not class
+    codes (a wrong file?) and otherwise left unused with a warning."""
+    if "labels" not in test.columns or not len(test):
+        return
+    check_labels(test, classes)
+    n = int((test["labels"] != "").sum())
+    if n:
+        console.print(f"[yellow]warning:[/] {test['csv'].iloc[0]}: {n} of {len(test)} test rows carry labels; they are "
+                      "not used (a test split is predicted, not scored)")
 
 
 def read_id_file(path, key: str, columns: tuple[str, ...]) -> tuple[Path, pd.DataFrame]:

@@ -19,7 +19,7 @@ import torch
 
 from ..core import hooks
 from ..core.checkpoint import load_state, read_state, save_state
-from ..core.config import dump_config
+from ..core.config import dump_config, leaves
 from ..core.console import console
 from ..core.environment import describe, differences, kernel_mode
 from ..core.errors import WBCError
@@ -30,7 +30,9 @@ from ..core.runtime import device_precision, pick_device, seed_everything
 from ..models.factory import create_model, model_data_config
 from ..models.inference import predict_probs
 from ..s1_data.augment import build_transform
+from ..s1_data.cache import load_images
 from ..s1_data.dataset import CellDataset, StageBatches
+from ..s1_data.preprocess import build_preprocess
 from .guards import check_finite, collapse_warning
 from .inputs import Chain, FoldData, Rows, load_fold_data
 from .loader import check_shared_memory, make_loader, stage_iterator
@@ -123,26 +125,33 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
     batch_hook = batch_hook.build(cfg, counts, seed) if batch_hook else None
     transform = batch_hook.transform if batch_hook and batch_hook.transform else build_transform(cfg, train=True)
 
-    ds = CellDataset(tr_images, y_tr, transform, seed)
     bs = min(int(t["batch_size"]), n_tr)
     epochs1, epochs2 = int(t["epochs"]), int(t["stage2"]["epochs"] or 0)
     total_epochs = epochs1 + epochs2
     steps_per_epoch = n_tr // bs
-    stage_of = lambda k: build_stage(k, model, t, y_tr, counts, seed, steps_per_epoch, device)  # noqa: E731
+    stage_of = lambda k: build_stage(k, model, t, y_tr, counts, seed, steps_per_epoch, device, classes)  # noqa: E731
+    low = LowRes(cfg, data, epochs1, len(extra.labels))
+    datasets = {False: CellDataset(tr_images, y_tr, transform, seed)}
+    if low.on:
+        datasets[True] = CellDataset(Rows(low.pool_images, tr_idx), y_tr, transform, seed)
 
     def stage_batches(stage, first: int):
-        """The rest of the stage from epoch `first` as one stream of batches."""
-        end = epochs1 if stage.number == 1 else total_epochs
+        """The rest of the stage (or of its low-resolution phase) from epoch `first` as one stream of batches."""
+        at_low = low.at(stage.number, first)
+        end = (low.switch if at_low else epochs1) if stage.number == 1 else total_epochs
+        ds = datasets[at_low]
         item_bytes = np.asarray(ds.images[0]).nbytes * getattr(ds.transform, "n_views", 1)
         check_shared_memory(int(t["num_workers"]), bs * item_bytes)
         loader = make_loader(ds, StageBatches(stage.sampler, bs, first, end), int(t["num_workers"]), device)
-        return stage_iterator(loader, draw_seed=first in (0, epochs1))  # a resume starts mid-stage: no draw
+        # a resume starts mid-stage (or mid-phase): no draw
+        return stage_iterator(loader, draw_seed=first in (0, epochs1) or (low.on and first == low.switch))
 
     stage = stage_of(1 if epochs1 > 0 else 2)
     scaler = torch.amp.GradScaler("cuda", enabled=t["amp"] == "fp16")  # fp16 is CUDA-only
     start, best, history = 0, -1.0, []
     state_path = out / "state.pt"
     if resume and state_path.exists():
+        check_same_training(out, cfg)
         st = read_state(state_path)
         if st["stage"] == 2 and stage.number == 1:
             stage = stage_of(2)
@@ -156,6 +165,7 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
             console.print(f"nothing to resume in {out}; starting fresh")
         for name in FOLD_RESULTS:  # a fresh start replaces the fold (run_folder.FOLD_RESULTS says why)
             (out / name).unlink(missing_ok=True)
+        write_text(out / "config.yaml", dump_config(cfg))  # what this fold trains with (the run's may change)
     _record_environment(out / "env.json", start)
 
     eval_model = lambda: ema.module if ema is not None and stage.number == 1 else model  # noqa: E731
@@ -168,6 +178,8 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
             if ema is not None:  # stage 2 starts from the averaged backbone
                 model.load_state_dict(ema.module.state_dict())
             stage, batches = stage_of(2), None
+        if low.on and epoch == low.switch and stage.number == 1:
+            batches = None  # the last epochs of stage 1 at the full size
         t0 = time.perf_counter()
         if batches is None:
             batches = stage_batches(stage, epoch)
@@ -177,7 +189,8 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
         ep = train_epoch(ctx, itertools.islice(batches, steps_per_epoch), steps_per_epoch, f"fold {fold} ep {epoch}")
         t_train = time.perf_counter() - t0
         check_finite(ep, scaler, f"{out}: epoch {epoch}", clipped=bool(t["grad_clip"]))
-        val_probs = predict_probs(eval_model(), Rows(data.pool_images, va_idx), device, norm["mean"], norm["std"],
+        val_images = low.pool_images if low.at(stage.number, epoch) else data.pool_images
+        val_probs = predict_probs(eval_model(), Rows(val_images, va_idx), device, norm["mean"], norm["std"],
                                   tta=int(t["val_tta"]), batch_size=int(cfg["predict"]["batch_size"]),
                                   amp=t["amp"], channels_last=t["channels_last"], desc="validate")
         val_s_per_view = (time.perf_counter() - t0 - t_train) / max(len(va_idx) * int(t["val_tta"]), 1)
@@ -222,6 +235,57 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
                                            "n_train": n_tr, "prior_correction": prior,
                                            "extra_rows": len(extra.labels)})
     return {"fold": fold, "best_macro_f1": best, "history": history}
+
+
+# Keys that do not change what a fold learns: where things are, how fast, and the later steps' own sections.
+NOT_TRAINING = ("name", "output_dir", "device", "data.root", "data.cache_dir", "data.max_image_pixels",
+                "data.holdout_splits", "data.test_split", "train.num_workers", "train.checkpoint_every_s",
+                "predict", "ensemble", "morph", "refine", "embed", "restorer", "shift")
+
+
+def check_same_training(fold: Path, cfg: dict) -> None:
+    """Refuse to resume a fold with a config that trains differently from the one it started with (its own
+    config.yaml), naming the keys: the schedule, model and data of a resumed run are the saved ones."""
+    saved = fold / "config.yaml"
+    if not saved.exists():  # a fold started before folds recorded their config
+        return
+    import yaml
+
+    skip = lambda k: any(k == s or k.startswith(s + ".") for s in NOT_TRAINING)  # noqa: E731
+    was = {k: v for k, v in leaves(yaml.safe_load(saved.read_text()) or {}).items() if not skip(k)}
+    now = {k: v for k, v in leaves(cfg).items() if not skip(k)}
+    changed = sorted(k for k in set(was) | set(now) if was.get(k, "<unset>") != now.get(k, "<unset>"))
+    if changed:
+        shown = ", ".join(f"{k} {was.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}" for k in changed[:6])
+        raise WBCError(f"{fold}: RESUME with another training config ({shown}"
+                       f"{', ...' if len(changed) > 6 else ''}): resume with the config it started with, or train "
+                       "it afresh without RESUME=1 (or under another name=)")
+
+
+class LowRes:
+    """`train.low_res`: stage 1's epochs before its last `final_epochs` train (and validate) on the pool cached at
+    `size`, the rest at data.image_size, as prediction does (Touvron et al. 2019, "FixRes": a short last phase at
+    the test's resolution; on a CPU the low-resolution epochs cost a third of the full ones at 128 vs 224 px)."""
+
+    def __init__(self, cfg: dict, data: FoldData, epochs1: int, n_extra: int):
+        lr = cfg["train"]["low_res"]
+        self.on = bool(lr["size"])
+        self.switch = epochs1 - int(lr["final_epochs"] or 0)
+        self.pool_images = None
+        if not self.on:
+            return
+        size, full = int(lr["size"]), int(cfg["data"]["image_size"])
+        if not 8 <= size < full or not 0 <= self.switch <= epochs1:
+            raise WBCError(f"train.low_res: size {size} must be in [8, data.image_size={full}) and final_epochs "
+                           f"{lr['final_epochs']} in [0, train.epochs={epochs1}]")
+        if n_extra:
+            raise WBCError("train.low_res with extra training rows (data.pseudo_labels) is not supported")
+        low_cfg = {**cfg, "data": {**cfg["data"], "image_size": size}}
+        self.pool_images = load_images(low_cfg, data.pool, build_preprocess(low_cfg))
+
+    def at(self, stage: int, epoch: int) -> bool:
+        """Whether `epoch` of `stage` trains at the low size."""
+        return self.on and stage == 1 and epoch < self.switch
 
 
 def _save_checkpoints(out: Path, best_sd, eval_model, model, ema, stage, scaler, epoch: int, best: float) -> None:

@@ -18,6 +18,12 @@ class weights and gamma the focal exponent. The denominator is PyTorch's weighte
 Class weights (`class_weight`): `none`; `inverse` w ~ n^-power; `effective` w ~ (1 - beta) / (1 - beta^n)
 (Cui et al. 2019). Both are normalised to mean 1 over classes. Combining a weight with a prior offset
 corrects for the imbalance twice; the config allows it but it is rarely what you want.
+
+Lineage-aware smoothing (`lineage`, a list of classes in maturation order, e.g. PMY MY MMY BNE SNE): a class of the
+lineage gives `lineage_share` of its smoothing mass eps to its neighbours in that order and the rest uniformly, so
+the target says a band neutrophil is more like a segmented one or a metamyelocyte than like a lymphocyte; adjacent
+stages are where experts disagree too (Matek et al. 2021). q = t M, M = (1 - eps) I + eps S, S's rows the
+smoothing distributions (uniform outside the lineage). Off (null), q is computed as above.
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..core.config import section
 from ..core.errors import WBCError
 
 LOSS_TYPES = ("ce", "focal", "balanced_softmax", "logit_adjusted")
@@ -72,7 +79,7 @@ class LongTailLoss(nn.Module):
     """The weighted, smoothed, focal, logit-shifted cross-entropy of the module docstring."""
 
     def __init__(self, n_classes: int, weight=None, logit_offset=None, gamma: float = 0.0,
-                 label_smoothing: float = 0.0):
+                 label_smoothing: float = 0.0, smoothing_rows=None):
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
             raise WBCError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
@@ -83,6 +90,10 @@ class LongTailLoss(nn.Module):
         self.label_smoothing = float(label_smoothing)
         self.register_buffer("weight", self._vector(weight, 1.0))
         self.register_buffer("logit_offset", self._vector(logit_offset, 0.0))
+        # (C, C) target map q = t M for non-uniform smoothing; None keeps the uniform formula (and its rounding)
+        m = None if smoothing_rows is None else (
+            (1.0 - self.label_smoothing) * np.eye(self.n_classes) + self.label_smoothing * np.asarray(smoothing_rows))
+        self.register_buffer("smoothing", None if m is None else torch.as_tensor(m, dtype=torch.float32))
 
     def _vector(self, v, fill: float) -> torch.Tensor:
         t = torch.full((self.n_classes,), fill) if v is None else torch.as_tensor(np.asarray(v), dtype=torch.float32)
@@ -101,7 +112,10 @@ class LongTailLoss(nn.Module):
             t = target.to(logp.dtype)
         else:
             raise ValueError(f"targets must be (B,) class indices or (B, C) distributions, got {tuple(target.shape)}")
-        q = t * (1.0 - self.label_smoothing) + self.label_smoothing / self.n_classes
+        if self.smoothing is None:
+            q = t * (1.0 - self.label_smoothing) + self.label_smoothing / self.n_classes
+        else:
+            q = t @ self.smoothing
         nll = -logp
         if self.gamma > 0:
             # The floor keeps pow's gradient finite (gamma < 1) where p rounds to 1.
@@ -113,19 +127,46 @@ class LongTailLoss(nn.Module):
         return f"n_classes={self.n_classes}, gamma={self.gamma}, label_smoothing={self.label_smoothing}"
 
 
-def build_loss(cfg_loss: dict, class_counts) -> LongTailLoss:
-    """The `train.loss` config section as a module taking (logits, targets)."""
-    kind = cfg_loss.get("type", "ce")
+def lineage_rows(classes: list[str], lineage, share: float) -> np.ndarray | None:
+    """(C, C) smoothing distributions: uniform, except that a lineage class puts `share` on its neighbours in the
+    lineage's order (half each, all on the one neighbour at an end). None without a lineage."""
+    if not lineage:
+        return None
+    if classes is None:
+        raise WBCError("train.loss.lineage needs the model's class names")
+    if not 0.0 <= share <= 1.0:
+        raise WBCError(f"train.loss.lineage_share must be in [0, 1], got {share}")
+    if not all(isinstance(c, str) for c in lineage) or len(set(lineage)) != len(lineage):
+        raise WBCError(f"train.loss.lineage: a list of distinct class codes in maturation order, got {lineage}")
+    steps = [c for c in lineage if c in classes]  # a specialist holds part of it; another dataset may lack some
+    n = len(classes)
+    rows = np.full((n, n), 1.0 / n)
+    for k, c in enumerate(steps):
+        near = [steps[j] for j in (k - 1, k + 1) if 0 <= j < len(steps)]
+        if not near:
+            continue
+        i = classes.index(c)
+        rows[i] *= 1.0 - share
+        for d in near:
+            rows[i, classes.index(d)] += share / len(near)
+    return rows
+
+
+def build_loss(cfg_loss: dict, class_counts, classes: list[str] | None = None) -> LongTailLoss:
+    """The `train.loss` config section (all or part of it) as a module taking (logits, targets); `classes` name the
+    outputs (needed by lineage-aware smoothing)."""
+    c = section("train.loss", cfg_loss)
+    kind = c["type"]
     if kind not in LOSS_TYPES:
         raise WBCError(f"unknown train.loss.type '{kind}' (choose from {', '.join(LOSS_TYPES)})")
     counts = _counts(class_counts)
-    weight = class_weights(counts, cfg_loss.get("class_weight", "none") or "none",
-                           power=cfg_loss.get("class_weight_power", 0.5), beta=cfg_loss.get("beta", 0.999))
+    weight = class_weights(counts, c["class_weight"] or "none", power=c["class_weight_power"], beta=c["beta"])
     offset = None
     if kind == "balanced_softmax":
         offset = log_prior(counts)
     elif kind == "logit_adjusted":
-        offset = float(cfg_loss.get("tau", 1.0)) * log_prior(counts)
+        offset = float(c["tau"]) * log_prior(counts)
     return LongTailLoss(len(counts), weight=weight, logit_offset=offset,
-                        gamma=float(cfg_loss.get("focal_gamma", 2.0)) if kind == "focal" else 0.0,
-                        label_smoothing=float(cfg_loss.get("label_smoothing", 0.0) or 0.0))
+                        gamma=float(c["focal_gamma"]) if kind == "focal" else 0.0,
+                        label_smoothing=float(c["label_smoothing"] or 0.0),
+                        smoothing_rows=lineage_rows(classes, c["lineage"], float(c["lineage_share"])))

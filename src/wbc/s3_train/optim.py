@@ -31,11 +31,13 @@ def optimizer(params, lr: float, weight_decay: float, model=None):
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def stage_loss(t: dict, counts, stage: int, device) -> torch.nn.Module:
+def stage_loss(t: dict, counts, stage: int, device, classes: list[str] | None = None) -> torch.nn.Module:
     """The stage's loss on `device` (its class weights and prior offset are buffers): the recipe's loss in stage 1,
-    smoothed plain cross-entropy for stage 2's classifier re-training."""
-    cfg_loss = t["loss"] if stage == 1 else {"type": "ce", "label_smoothing": t["loss"]["label_smoothing"]}
-    return build_loss(cfg_loss, counts).to(device)
+    smoothed plain cross-entropy for stage 2's classifier re-training (with the recipe's smoothing, lineage too)."""
+    loss = t["loss"]
+    cfg_loss = loss if stage == 1 else {"type": "ce", "label_smoothing": loss["label_smoothing"],
+                                        "lineage": loss["lineage"], "lineage_share": loss["lineage_share"]}
+    return build_loss(cfg_loss, counts, classes).to(device)
 
 
 def build_ema(model, t: dict):
@@ -61,7 +63,7 @@ class Stage:
 
 
 def build_stage(number: int, model, t: dict, y_tr: np.ndarray, counts, seed: int, steps_per_epoch: int,
-                device) -> Stage:
+                device, classes: list[str] | None = None) -> Stage:
     n_tr, n_cls = len(y_tr), len(counts)
     if number == 1:
         sampler = EpochTagged(n_tr, build_sampler(y_tr, n_cls, t["sampler"], seed=seed), seed)
@@ -78,4 +80,4 @@ def build_stage(number: int, model, t: dict, y_tr: np.ndarray, counts, seed: int
         opt = optimizer(model.get_classifier().parameters(), float(s2["lr"]), 0.0)
         total, warm, lr0 = int(s2["epochs"]) * steps_per_epoch, 0, float(s2["lr"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(max(total, 1), warm, float(t["min_lr"]) / lr0))
-    return Stage(number, sampler, opt, sched, stage_loss(t, counts, number, device))
+    return Stage(number, sampler, opt, sched, stage_loss(t, counts, number, device, classes))

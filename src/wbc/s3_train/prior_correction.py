@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..core.config import section
 from ..core.console import console
 from .losses import class_weights
 from .sampling import class_sampling_weights
@@ -35,18 +36,19 @@ def prior_correction(train_cfg: dict, class_counts, stage: int = 1) -> dict:
     """The exponents of `train.sampler`, `train.loss` class weights and loss offset, and their sum, for a stage."""
     n = np.asarray(class_counts, dtype=np.float64)
     labels = np.repeat(np.arange(len(n)), n.astype(int))
+    t = section("train", train_cfg)
     if stage == 2:  # decoupled re-training: its own sampler, plain CE without weights
-        sampler, loss = {"type": (train_cfg.get("stage2") or {}).get("sampler", "balanced")}, {"type": "ce"}
+        sampler = section("train.sampler", {"type": t["stage2"]["sampler"]})
+        loss = section("train.loss", {"type": "ce", "class_weight": "none"})
     else:
-        sampler, loss = train_cfg.get("sampler") or {}, train_cfg.get("loss") or {}
-    per_sample = class_sampling_weights(labels, len(n), sampler.get("type", "none") or "none",
-                                        power=sampler.get("power", 0.5), beta=sampler.get("beta", 0.999))
+        sampler, loss = t["sampler"], t["loss"]
+    per_sample = class_sampling_weights(labels, len(n), sampler["type"] or "none", power=sampler["power"],
+                                        beta=sampler["beta"])
     per_class = np.zeros(len(n))
     per_class[labels] = per_sample  # every image of a class carries the same weight
-    weights = class_weights(n, loss.get("class_weight", "none") or "none", power=loss.get("class_weight_power", 0.5),
-                            beta=loss.get("beta", 0.999))
-    kind = loss.get("type", "ce")
-    offset = 1.0 if kind == "balanced_softmax" else float(loss.get("tau", 1.0)) if kind == "logit_adjusted" else 0.0
+    weights = class_weights(n, loss["class_weight"] or "none", power=loss["class_weight_power"], beta=loss["beta"])
+    kind = loss["type"]
+    offset = 1.0 if kind == "balanced_softmax" else float(loss["tau"]) if kind == "logit_adjusted" else 0.0
     parts = {"sampler": _exponent(np.where(n > 0, per_class, 1.0), n), "class_weights": _exponent(weights, n),
              "loss_offset": offset}
     return {**parts, "total": sum(parts.values())}
@@ -55,7 +57,7 @@ def prior_correction(train_cfg: dict, class_counts, stage: int = 1) -> dict:
 def report_prior_correction(train_cfg: dict, class_counts) -> dict:
     """Print the stage-1 (and stage-2) exponents, warning when a stage over-corrects; returns them."""
     stages = {"stage1": prior_correction(train_cfg, class_counts)}
-    if int((train_cfg.get("stage2") or {}).get("epochs", 0) or 0) > 0:
+    if int(section("train", train_cfg)["stage2"]["epochs"] or 0) > 0:
         stages["stage2"] = prior_correction(train_cfg, class_counts, stage=2)
     for name, p in stages.items():
         over = p["total"] > OVER

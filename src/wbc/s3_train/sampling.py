@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import WeightedRandomSampler
 
+from ..core.config import section
 from ..core.errors import WBCError
 
 SAMPLER_KINDS = ("none", "sqrt", "power", "balanced", "effective")
@@ -79,9 +80,9 @@ def build_sampler(labels, n_classes: int, cfg_sampler: dict, num_samples: int | 
 
     One epoch is `num_samples` draws, by default the dataset length.
     """
-    kind = cfg_sampler.get("type", "none") or "none"
-    weights = class_sampling_weights(labels, n_classes, kind, power=cfg_sampler.get("power", 0.5),
-                                     beta=cfg_sampler.get("beta", 0.999))
+    c = section("train.sampler", cfg_sampler)
+    kind = c["type"] or "none"
+    weights = class_sampling_weights(labels, n_classes, kind, power=c["power"], beta=c["beta"])
     if kind == "none":
         return None
     return EpochWeightedSampler(weights, len(weights) if num_samples is None else num_samples, seed=seed)

@@ -60,7 +60,8 @@ def classify(cfg: dict, paths, out: Path | None = None) -> pd.DataFrame:
     classes = load_probs(done[0] / "oof.csv").classes  # the model's outputs, a specialist's subset included
     df = list_images(paths)
     size = int(cfg["data"]["image_size"])
-    images = decode_all(df, size, desc="decode", crop=crop_fraction(cfg))
+    images = decode_all(df, size, desc="decode", crop=crop_fraction(cfg),
+                        max_pixels=int(cfg["data"]["max_image_pixels"]))
     prep = build_preprocess(cfg)
     if prep is not None:
         images = prep(images, "classify")

@@ -12,22 +12,24 @@ from ..core.console import print_table
 from ..core.errors import WBCError
 from ..core.io import Probs, save_probs, torch_load, write_json
 from ..core.metrics import save_confusion_png, summary
-from ..core.run_folder import fold_dir, run_dir
+from ..core.run_folder import fold_dir, outputs_together, run_dir
 from ..core.runtime import device_precision, pick_device
 from ..models.factory import create_model, model_data_config
 from ..models.inference import predict_probs
 from ..s3_train.inputs import FoldData, Rows
 
+FOLD_PREDICTIONS = ("oof.csv", "eval.csv", "test.csv", "prediction.json", "confusion_oof.png")
+
 
 def checkpoint_run(cfg: dict):
     """The run folder whose fold checkpoints `predict` uses: `predict.checkpoints`, else the run itself."""
-    src = cfg["predict"].get("checkpoints")
+    src = cfg["predict"]["checkpoints"]
     return resolve_path(src) if src else run_dir(cfg)
 
 
 def fold_weights(cfg: dict) -> str:
     """The checkpoint file each fold predicts with: `predict.weights` best | last."""
-    w = cfg["predict"].get("weights", "best")
+    w = cfg["predict"]["weights"]
     if w not in ("best", "last"):
         raise WBCError(f"predict.weights must be best or last, got {w!r}")
     return f"{w}.pt"
@@ -37,7 +39,7 @@ def prediction_settings(cfg: dict) -> dict:
     """What a fold's predictions were made with; `predict` re-predicts a fold whose recorded settings differ."""
     p = cfg["predict"]
     return {"weights": fold_weights(cfg), "checkpoints": display_path(checkpoint_run(cfg)), "tta": int(p["tta"]),
-            "adapt_bn": float(p.get("adapt_bn") or 0)}
+            "adapt_bn": float(p["adapt_bn"] or 0)}
 
 
 def predictions_current(cfg: dict, fold_dir) -> bool:
@@ -86,24 +88,24 @@ def predict_fold(cfg: dict, fold: int, data: FoldData, device=None) -> dict:
     pool_va = data.pool[va]
     oof = Probs(pool_va["ID"], predict(Rows(data.pool_images, np.flatnonzero(va)), "oof"),
                 classes, np.full(int(va.sum()), fold), pool_va["labels"])
+    ev = None if data.holdout_images is None else Probs(data.holdout["ID"], predict(data.holdout_images, "eval"),
+                                                        classes, labels=data.holdout["labels"])
+    te = None if data.test_images is None else Probs(data.test["ID"], predict(data.test_images, "test"), classes,
+                                                     labels=data.test["labels"])
     # Scores count the images labelled with one of the model's classes (all of them, except in a specialist).
     y, k = oof.label_index(), oof.label_index() >= 0
     result = {"fold": fold, "oof": summary(y[k], oof.probs[k].argmax(1), classes)}
-    save_confusion_png(out / "confusion_oof.png", y[k], oof.probs[k].argmax(1), classes,
-                       f"{cfg['name']} fold {fold} OOF")
-    if data.holdout_images is not None:
-        ev = Probs(data.holdout["ID"], predict(data.holdout_images, "eval"), classes,
-                   labels=data.holdout["labels"])
-        save_probs(out / "eval.csv", ev)
+    if ev is not None and (ev.label_index() >= 0).any():  # an unlabelled eval split has no score, not a score of 0
         ye = ev.label_index()
-        if (ye >= 0).any():  # an unlabelled eval split has no score, not a score of 0
-            result["eval"] = summary(ye[ye >= 0], ev.probs[ye >= 0].argmax(1), classes)
-    if data.test_images is not None:
-        te = Probs(data.test["ID"], predict(data.test_images, "test"), classes,
-                   labels=data.test["labels"])
-        save_probs(out / "test.csv", te)
-    write_json(out / "prediction.json", prediction_settings(cfg))
-    save_probs(out / "oof.csv", oof)  # last: `predict` takes a fold with oof.csv as done
+        result["eval"] = summary(ye[ye >= 0], ev.probs[ye >= 0].argmax(1), classes)
+    with outputs_together(out, FOLD_PREDICTIONS):
+        save_confusion_png(out / "confusion_oof.png", y[k], oof.probs[k].argmax(1), classes,
+                           f"{cfg['name']} fold {fold} OOF, macro-F1 {result['oof']['macro_f1']:.4f}")
+        for name, probs in (("eval.csv", ev), ("test.csv", te)):
+            if probs is not None:
+                save_probs(out / name, probs)
+        write_json(out / "prediction.json", prediction_settings(cfg))
+        save_probs(out / "oof.csv", oof)  # last: `predict` takes a fold with oof.csv as done
     rows = [["OOF (this fold)", result["oof"]["macro_f1"]]]
     if "eval" in result:
         rows.append(["phase2_eval", result["eval"]["macro_f1"]])

@@ -9,7 +9,7 @@ from ..core.console import console, print_table
 from ..core.errors import WBCError
 from ..core.io import Probs, load_probs, save_probs, write_json
 from ..core.metrics import save_confusion_png, summary
-from ..core.run_folder import fold_dirs
+from ..core.run_folder import fold_dirs, outputs_together
 
 
 def _load_folds(files: list[Path], ref=None, need=()) -> list[Probs]:
@@ -60,22 +60,23 @@ def merge_run(run: Path, expected_ids=None) -> dict:
         if missing:
             console.print(f"[yellow]OOF covers {len(oof.ids)}/{len(set(expected_ids))} pool images "
                           f"(folds {report['folds']} done)[/]")
-    save_probs(run / "oof.csv", oof)
-    # Scores count the images labelled with one of the run's classes (all of them, except in a specialist).
-    known = oof.label_index() >= 0
-    y, pred, folds = oof.label_index()[known], oof.probs[known].argmax(1), oof.folds[known]
-    report["oof"] = summary(y, pred, classes)
-    report["oof_per_fold_macro_f1"] = {int(k): summary(y[folds == k], pred[folds == k], classes)["macro_f1"]
-                                       for k in report["folds"]}
-    save_confusion_png(run / "confusion_oof.png", y, pred, classes, f"{run.name} OOF")
-    for split, m in merged.items():
-        save_probs(run / f"{split}.csv", m)
-        if split == "eval" and (m.label_index() >= 0).any():  # unlabelled: no score, not a score of 0
-            ye = m.label_index()
-            ye, pe = ye[ye >= 0], m.probs[ye >= 0].argmax(1)
-            report["eval"] = summary(ye, pe, classes)
-            save_confusion_png(run / "confusion_eval.png", ye, pe, classes, f"{run.name} eval")
-    write_json(run / "report.json", report)
+    with outputs_together(run, ("oof.csv", "eval.csv", "test.csv", "report.json", "confusion_*.png")):
+        save_probs(run / "oof.csv", oof)
+        # Scores count the images labelled with one of the run's classes (all of them, except in a specialist).
+        known = oof.label_index() >= 0
+        y, pred, folds = oof.label_index()[known], oof.probs[known].argmax(1), oof.folds[known]
+        report["oof"] = summary(y, pred, classes)
+        report["oof_per_fold_macro_f1"] = {int(k): summary(y[folds == k], pred[folds == k], classes)["macro_f1"]
+                                           for k in report["folds"]}
+        save_confusion_png(run / "confusion_oof.png", y, pred, classes, f"{run.name} OOF")
+        for split, m in merged.items():
+            save_probs(run / f"{split}.csv", m)
+            if split == "eval" and (m.label_index() >= 0).any():  # unlabelled: no score, not a score of 0
+                ye = m.label_index()
+                ye, pe = ye[ye >= 0], m.probs[ye >= 0].argmax(1)
+                report["eval"] = summary(ye, pe, classes)
+                save_confusion_png(run / "confusion_eval.png", ye, pe, classes, f"{run.name} eval")
+        write_json(run / "report.json", report)
     o = report["oof"]
     cols = ["class", "OOF F1", "OOF true / predicted"] + (["eval F1"] if "eval" in report else [])
     rows = [[c, o["per_class_f1"][c], f"{o['support'][c]} / {o['predicted'][c]}"]

@@ -21,6 +21,7 @@ from scipy.special import logsumexp, softmax
 from ..core.config import resolve_path
 from ..core.errors import WBCError
 from ..core.io import Probs, load_probs
+from ..core.run_folder import require_complete
 from .decision import EPS
 
 SPACES = ("prob", "logit")
@@ -116,6 +117,7 @@ def _load_run(run_dir, folds: list[int] | None = None) -> Member:
     path = resolve_path(run_dir)
     if not path.is_dir():
         raise WBCError(f"{path}: ensemble member is not a run folder")
+    require_complete(path, "make predict")
     oof = _load(path / "oof.csv")
     if oof.folds is None:
         raise WBCError(f"{path / 'oof.csv'}: no fold column (is it an out-of-fold file?)")

@@ -12,29 +12,12 @@ from ..core.console import console
 from ..core.errors import WBCError
 from ..core.io import Probs, save_probs, write_csv, write_json, write_text
 from ..core.metrics import macro_f1, save_confusion_png
+from ..core.run_folder import outputs_together
 from .blend import SPACES, blend, check_members, load_member, resolve_weights
 from .decision import apply_rule, class_prior, make_rule
 from .report import NO_SPECIALIST, print_per_class, print_rule, print_summary, step_scores
 from .specialist import apply_specialists, fit_specialists, load_specialist, nested_check
 from .tune import RuleSpace, make_storage, n_finished, nested_estimate, tune_rule
-
-KEYS = {
-    "ensemble": {"members", "specialists", "specialist_fit", "specialist_select", "blend", "tuning", "submit",
-                 "submit_dir", "shift_weights", "shift_tune", "folds"},
-    "ensemble.blend": {"space", "weights"},
-    "ensemble.tuning": {"n_trials", "seed", "nested", "nested_trials", "storage", "select"}
-    | set(RuleSpace.__dataclass_fields__),
-}
-
-
-def _check_keys(ens: dict) -> None:
-    for section, known in KEYS.items():
-        node = ens if section == "ensemble" else ens.get(section.split(".")[1]) or {}
-        if not isinstance(node, dict):
-            raise WBCError(f"{section}: must be a mapping")
-        unknown = sorted(set(node) - known)
-        if unknown:
-            raise WBCError(f"{section}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
 
 
 def _member_names(members) -> list[str]:
@@ -79,25 +62,48 @@ def _with_probs(p: Probs, probs: np.ndarray) -> Probs:
     return Probs(p.ids, probs, list(p.classes), p.folds, p.labels)
 
 
+# what an ensemble writes into outputs/ensemble/<name>/ (the Optuna journal stays: studies resume from it)
+OUTPUTS = ("oof.csv", "eval.csv", "test.csv", "*_pred.csv", "decision.json", "report.json", "config.yaml",
+           "confusion_*.png")
+
+
 def _pred_frame(ids, pred, classes) -> pd.DataFrame:
     return pd.DataFrame({"ID": ids, "labels": np.asarray(classes)[pred]})
 
 
+def _submit(cfg, out, test, test_pred, classes, sub_classes, decision, scores, final_step, folds) -> Path:
+    from ..s1_data.layout import data_root
+    from ..s1_data.submission import write_submission
+
+    ev = scores["eval"][final_step]["macro_f1"] if "eval" in scores else None
+    sidecar = {"step": "ensemble", "name": cfg["name"], "members": decision["members"], "blend": decision["blend"],
+               "specialists": decision["specialists"], "decision": display_path(out / "decision.json"),
+               "oof_macro_f1": scores["oof"][final_step]["macro_f1"],
+               "oof_nested_macro_f1": scores["oof_nested_blend" if final_step == "blend" else "oof_nested"],
+               # the step above was chosen on these same folds (select: nested): both estimates, for the record
+               "oof_nested_blend": scores["oof_nested_blend"], "oof_nested_rule": scores["oof_nested"],
+               "shift_weights": decision["shift_weights"], "folds": folds, "eval_macro_f1": ev}
+    path = write_submission(data_root(cfg), test.ids, [classes[i] for i in test_pred], cfg["name"], sub_classes,
+                            sidecar, out_dir=resolve_path(cfg["ensemble"]["submit_dir"]))
+    console.print(f"submission: {path}")
+    return path
+
+
 def run_ensemble(cfg: dict) -> dict:
-    ens = cfg.get("ensemble") or {}
-    _check_keys(ens)
-    if not ens.get("members"):
+    """`cfg` as `load_config` resolves it: every key of the `ensemble` section has its base.yaml default."""
+    ens = cfg["ensemble"]
+    if not ens["members"]:
         raise WBCError("ensemble.members: list the run folders to blend (e.g. outputs/<run>)")
     name = cfg["name"]
-    out = resolve_path(cfg.get("output_dir") or "outputs") / "ensemble" / name
-    bcfg, tcfg = ens.get("blend") or {}, ens.get("tuning") or {}
-    if tcfg.get("select", "nested") not in ("nested", "tuned"):
+    out = resolve_path(cfg["output_dir"]) / "ensemble" / name
+    bcfg, tcfg = ens["blend"], ens["tuning"]
+    if tcfg["select"] not in ("nested", "tuned"):
         raise WBCError(f"ensemble.tuning.select: '{tcfg['select']}' is not nested or tuned")
-    space = bcfg.get("space", "prob")
+    space = bcfg["space"]
     if space not in SPACES:
         raise WBCError(f"ensemble.blend.space: '{space}' is not one of {', '.join(SPACES)}")
 
-    folds = ens.get("folds")
+    folds = ens["folds"]
     if folds is not None:
         if not isinstance(folds, list) or len(set(folds)) < 2 or not all(isinstance(f, int) for f in folds):
             raise WBCError(f"ensemble.folds: {folds!r} is not a list of two or more fold numbers (or null: all)")
@@ -106,23 +112,23 @@ def run_ensemble(cfg: dict) -> dict:
                       "mean of its own folds' models")
     members = check_members([load_member(m, space, folds) for m in ens["members"]])
     names = _member_names(members)
-    specs = [load_specialist(s, members[0], folds) for s in ens.get("specialists") or []]
+    specs = [load_specialist(s, members[0], folds) for s in ens["specialists"] or []]
     spec_names = _member_names(specs)
     # Test-shift weights (`make shift`) always add shift-weighted scores; with `shift_tune` (default) the blend
     # weights, the rule, the nested estimate and the selection also aim at the target's damage mix.
-    sw = load_shift_weights(ens["shift_weights"], members[0].oof.ids) if ens.get("shift_weights") else None
-    fit_sw = sw if ens.get("shift_tune", True) else None
-    wspec = bcfg.get("weights", "fit")
+    sw = load_shift_weights(ens["shift_weights"], members[0].oof.ids) if ens["shift_weights"] else None
+    fit_sw = sw if ens["shift_tune"] else None
+    wspec = bcfg["weights"]
     weights, how = resolve_weights(wspec, members, space, fit_sw)
     oof, ev, test = blend(members, weights, space)
     classes, n_cls = oof.classes, len(oof.classes)
-    if ens.get("submit", True):
+    if ens["submit"]:
         from ..s1_data.submission import submission_classes
 
         sub_classes = submission_classes(cfg, classes, f"ensemble {name}")  # before any output is written
     y = oof.label_index()
     plain = {"oof": oof, "eval": ev}  # the blend before the specialists are composed in
-    spec_fit, select = ens.get("specialist_fit", "macro_f1"), ens.get("specialist_select", "nested")
+    spec_fit, select = ens["specialist_fit"], ens["specialist_select"]
     if select not in ("nested", "always"):
         raise WBCError(f"ensemble.specialist_select: '{select}' is not nested or always")
     spec_oof, spec_groups = [s.oof.probs for s in specs], [s.group for s in specs]
@@ -144,26 +150,26 @@ def run_ensemble(cfg: dict) -> dict:
     prior = class_prior(y, n_cls)
 
     rspace = RuleSpace.from_cfg(tcfg)
-    seed = int(tcfg.get("seed", cfg.get("seed", 42)))
-    n_trials = int(tcfg.get("n_trials", 200))
-    storage_spec = tcfg.get("storage") or f"journal:{out / 'optuna.journal'}"
+    seed = int(cfg["seed"] if tcfg["seed"] is None else tcfg["seed"])
+    n_trials = int(tcfg["n_trials"])
+    storage_spec = tcfg["storage"] or f"journal:{out / 'optuna.journal'}"
     storage = make_storage(storage_spec)
     console.print(f"[bold]ensemble {name}[/]: {len(members)} member(s), {len(y)} OOF / "
                   f"{0 if ev is None else len(ev.ids)} eval / {len(test.ids)} test rows; storage {storage_spec}")
     rule, study = tune_rule(oof.probs, y, classes, rspace, storage=storage, study_prefix=f"ensemble-{name}",
                             n_trials=n_trials, seed=seed, prior=prior, sample_weight=fit_sw)
     nested = None
-    if tcfg.get("nested", True):
+    if tcfg["nested"]:
         nested = nested_estimate([m.oof.probs for m in members], y, oof.folds, classes, rspace,
                                  weights=weights if wspec != "fit" else None, blend_space=space, storage=storage,
                                  study_prefix=f"ensemble-{name}-nested", seed=seed,
-                                 n_trials=int(tcfg.get("nested_trials") or n_trials), sample_weight=fit_sw,
+                                 n_trials=int(tcfg["nested_trials"] or n_trials), sample_weight=fit_sw,
                                  specialists=[s.oof.probs for s in kept], groups=groups, specialist_fit=spec_fit)
 
     tuned = rule
     steps = rule_steps(rule)
     final_step = steps[-1][0]
-    by_nested = nested is not None and tcfg.get("select", "nested") == "nested"
+    by_nested = nested is not None and tcfg["select"] == "nested"
     if by_nested and nested["blend_macro_f1"] > nested["macro_f1"]:
         # Out of sample the tuned rule loses to the plain blend: submit the blend's argmax instead.
         final_step, rule = "blend", make_rule(classes, np.zeros(n_cls), {}, 0.0, prior)
@@ -221,48 +227,33 @@ def run_ensemble(cfg: dict) -> dict:
         "folds": folds,
     }
 
-    save_probs(out / "oof.csv", oof)
-    write_csv(out / "oof_pred.csv", _pred_frame(oof.ids, oof_preds[final_step], classes))
-    if nested is not None:  # the same step fitted without each row's fold: what `make shift` scores as OOF
-        write_csv(out / "oof_nested_pred.csv",
-                  _pred_frame(oof.ids, nested["pred_blend" if final_step == "blend" else "pred"], classes))
-    save_confusion_png(out / "confusion_oof.png", y, oof_preds[final_step], classes,
-                       title=f"OOF, tuned rule (in-sample) macro-F1 {scores['oof'][final_step]['macro_f1']:.4f}")
-    if ev is not None:
-        save_probs(out / "eval.csv", ev)
-        write_csv(out / "eval_pred.csv", _pred_frame(ev.ids, eval_preds[final_step], classes))
-        if eval_labelled:
-            save_confusion_png(out / "confusion_eval.png", ev.label_index(), eval_preds[final_step], classes,
-                               title=f"phase2_eval, tuned rule macro-F1 {scores['eval'][final_step]['macro_f1']:.4f}")
-    save_probs(out / "test.csv", test)
-    write_csv(out / "test_pred.csv", _pred_frame(test.ids, test_pred, classes))
-    write_json(out / "decision.json", decision)
-    write_json(out / "report.json", report)
-    write_text(out / "config.yaml", dump_config(cfg))
-
     print_per_class("OOF per-class F1 (in-sample)", y, scores["oof"], classes)
     if "eval" in scores:
         print_per_class("phase2_eval per-class F1", ev.label_index(), scores["eval"], classes)
     print_summary(report)
     print_rule(tuned, weights_by_name, study.best_params, decision["specialists"])  # even when the blend is submitted
-
-    if ens.get("submit", True):
-        from ..s1_data.layout import data_root
-        from ..s1_data.submission import write_submission
-
-        sidecar = {"step": "ensemble", "name": name, "members": decision["members"], "blend": decision["blend"],
-                   "specialists": decision["specialists"],
-                   "decision": display_path(out / "decision.json"),
-                   "oof_macro_f1": scores["oof"][final_step]["macro_f1"],
-                   "oof_nested_macro_f1": scores["oof_nested_blend" if final_step == "blend" else "oof_nested"],
-                   # the step above was chosen on these same folds (select: nested): both estimates, for the record
-                   "oof_nested_blend": scores["oof_nested_blend"], "oof_nested_rule": scores["oof_nested"],
-                   "shift_weights": decision["shift_weights"], "folds": folds,
-                   "eval_macro_f1": scores["eval"][final_step]["macro_f1"] if "eval" in scores else None}
-        path = write_submission(data_root(cfg), test.ids, [classes[i] for i in test_pred], name, sub_classes, sidecar,
-                                out_dir=resolve_path(ens.get("submit_dir") or "submissions"))
-        report["submission"] = display_path(path)
+    with outputs_together(out, OUTPUTS):  # a kill leaves no mix of this run's and an older run's files
+        save_probs(out / "oof.csv", oof)
+        write_csv(out / "oof_pred.csv", _pred_frame(oof.ids, oof_preds[final_step], classes))
+        if nested is not None:  # the same step fitted without each row's fold: what `make shift` scores as OOF
+            write_csv(out / "oof_nested_pred.csv",
+                      _pred_frame(oof.ids, nested["pred_blend" if final_step == "blend" else "pred"], classes))
+        save_confusion_png(out / "confusion_oof.png", y, oof_preds[final_step], classes,
+                           title=f"OOF, tuned rule (in-sample) macro-F1 {scores['oof'][final_step]['macro_f1']:.4f}")
+        if ev is not None:
+            save_probs(out / "eval.csv", ev)
+            write_csv(out / "eval_pred.csv", _pred_frame(ev.ids, eval_preds[final_step], classes))
+            if eval_labelled:
+                f1 = scores["eval"][final_step]["macro_f1"]
+                save_confusion_png(out / "confusion_eval.png", ev.label_index(), eval_preds[final_step], classes,
+                                   title=f"phase2_eval, tuned rule macro-F1 {f1:.4f}")
+        save_probs(out / "test.csv", test)
+        write_csv(out / "test_pred.csv", _pred_frame(test.ids, test_pred, classes))
+        write_json(out / "decision.json", decision)
+        write_text(out / "config.yaml", dump_config(cfg))
+        if ens["submit"]:
+            report["submission"] = display_path(_submit(cfg, out, test, test_pred, classes, sub_classes, decision,
+                                                        scores, final_step, folds))
         write_json(out / "report.json", report)
-        console.print(f"submission: {path}")
     console.print(f"ensemble outputs: {out}")
     return report

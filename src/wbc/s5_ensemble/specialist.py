@@ -26,6 +26,7 @@ from ..core.config import resolve_path
 from ..core.errors import WBCError
 from ..core.io import Probs
 from ..core.metrics import macro_f1
+from ..core.run_folder import require_complete
 from .blend import (
     Member,
     _load,
@@ -77,6 +78,7 @@ def _load_specialist(run_dir, ref: Member, folds: list[int] | None = None) -> Sp
     path = resolve_path(run_dir)
     if not path.is_dir():
         raise WBCError(f"{path}: specialist is not a run folder")
+    require_complete(path, "make predict")
     oof_path = path / "oof.csv"
     oof = _load(oof_path)
     if oof.folds is None:

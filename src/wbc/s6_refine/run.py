@@ -13,6 +13,7 @@ from ..core.console import console, print_table
 from ..core.errors import WBCError
 from ..core.io import Probs, load_probs, read_csv, save_probs, write_csv, write_json
 from ..core.metrics import macro_f1, save_confusion_png, summary
+from ..core.run_folder import outputs_together, require_complete
 from .gaussian import FeatureScaler
 from .morphology import FEATURES, SegParams, extract_features
 from .qa import qa_sheet, separation_table
@@ -28,18 +29,14 @@ from .rule import (
     soft_probs,
 )
 
-ALL_SPLITS = ["phase1", "phase2_train", "phase2_eval", "phase2_test"]
 SPLIT_NAMES = {"oof": "oof", "eval": "phase2_eval", "test": "phase2_test"}
 METHODS = ("before", "hard", "soft")
-DEFAULT_SHAPES = ["nuc_lobes", "nuc_constriction", "nuc_spikiness", "cell_spikiness"]
-DEFAULT_SEARCH = {"ratio": [0.01, 1.0], "maha_quantile": [0.5, 1.0], "shape_quantile": [0.0, 0.2],
-                  "soft_weight": [1e-4, 1.0], "soft_grid": 41}
 
 
 # ---------------------------------------------------------------- morph
 
 def seg_params(cfg: dict) -> SegParams:
-    over = (cfg.get("morph") or {}).get("seg") or {}
+    over = cfg["morph"]["seg"] or {}
     known = {f.name for f in fields(SegParams)}
     bad = sorted(set(over) - known)
     if bad:
@@ -50,7 +47,7 @@ def seg_params(cfg: dict) -> SegParams:
 def morph_paths(cfg: dict) -> dict:
     from ..core.config import dataset_name
 
-    out = resolve_path((cfg.get("morph") or {}).get("out_dir", "outputs/morph"))
+    out = resolve_path(cfg["morph"]["out_dir"])
     ds = dataset_name(cfg)
     return {"features": out / f"{ds}_features.csv", "meta": out / f"{ds}_features.json",
             "qa": out / f"{ds}_qa.png", "separation": out / f"{ds}_separation.json"}
@@ -85,14 +82,14 @@ def cached_features(df: pd.DataFrame, params: SegParams, paths: dict, workers: i
 def run_morph(cfg: dict) -> dict:
     from ..s1_data.layout import SPLITS, class_list, data_root, read_splits
 
-    mc = cfg.get("morph") or {}
+    mc = cfg["morph"]
     root = data_root(cfg)
-    splits = [s for s in mc.get("splits", ALL_SPLITS) if (root / SPLITS[s][0]).exists()]
+    splits = [s for s in mc["splits"] if (root / SPLITS[s][0]).exists()]
     if not splits:
-        raise WBCError(f"{root}: none of the splits {', '.join(mc.get('splits', ALL_SPLITS))} exists")
+        raise WBCError(f"{root}: none of the splits {', '.join(mc['splits'])} exists")
     df = read_splits(root, splits)
     params, paths = seg_params(cfg), morph_paths(cfg)
-    feats = cached_features(df, params, paths, int(mc.get("workers", 2)), bool(mc.get("force", False)))
+    feats = cached_features(df, params, paths, int(mc["workers"]), bool(mc["force"]))
     console.print(f"wrote {paths['features']}")
 
     fail = feats.groupby("split")["seg_ok"].agg(lambda s: float((~s).mean()))
@@ -103,8 +100,7 @@ def run_morph(cfg: dict) -> dict:
         console.print(f"  {n:5d}  {err}")
 
     qa_df = df.merge(feats[["ID", "seg_ok"]], on="ID")
-    qa_sheet(qa_df, paths["qa"], int(mc.get("qa_per_class", 8)), int(mc.get("qa_tile", 160)), params,
-             int(cfg.get("seed", 0)))
+    qa_sheet(qa_df, paths["qa"], int(mc["qa_per_class"]), int(mc["qa_tile"]), params, int(cfg["seed"]))
     console.print(f"wrote {paths['qa']}")
 
     classes = class_list(cfg, root)
@@ -135,18 +131,19 @@ def base_decider(pred_dir: Path, classes: list[str]):
 
 
 def rare_classes(rc: dict, classes: list[str], y: np.ndarray) -> list[str]:
-    given = rc.get("rare_classes")
+    given = rc["rare_classes"]
     if given:
         bad = [c for c in given if c not in classes]
         if bad:
             raise WBCError(f"refine.rare_classes: unknown class(es) {', '.join(bad)} (classes: {', '.join(classes)})")
         return list(given)
     prior = np.bincount(y, minlength=len(classes)) / max(len(y), 1)
-    cut = np.quantile(prior, float(rc.get("rare_quantile", 0.5)))
+    cut = np.quantile(prior, float(rc["rare_quantile"]))
     return [c for c, p in zip(classes, prior) if p < cut]
 
 
 def _load_preds(pred_dir: Path):
+    require_complete(pred_dir, "make predict / make ensemble")
     oof = load_probs(pred_dir / "oof.csv")
     if oof.folds is None or oof.labels is None:
         raise WBCError(f"{pred_dir / 'oof.csv'}: needs fold and labels columns (an out-of-fold file)")
@@ -189,17 +186,16 @@ def _load_features(cfg: dict, columns: list[str]) -> tuple[pd.DataFrame, Path]:
 
 
 def _settings(cfg: dict, classes: list[str], y: np.ndarray) -> Settings:
-    rc = cfg.get("refine") or {}
-    return Settings(classes, rare_classes(rc, classes, y), {**DEFAULT_SEARCH, **(rc.get("search") or {})},
-                    int(rc.get("n_trials", 200)), int(cfg.get("seed", 0)), int(rc.get("shape_top", 2)),
-                    int(rc.get("min_samples", 10)), str(rc.get("fallback", "pooled")))
+    rc = cfg["refine"]
+    return Settings(classes, rare_classes(rc, classes, y), rc["search"], int(rc["n_trials"]), int(cfg["seed"]),
+                    int(rc["shape_top"]), int(rc["min_samples"]), str(rc["fallback"]))
 
 
 def run_refine(cfg: dict) -> dict:
     from ..s1_data.layout import data_root
 
-    rc = cfg.get("refine") or {}
-    if not rc.get("predictions"):
+    rc = cfg["refine"]
+    if not rc["predictions"]:
         raise WBCError("refine.predictions: no predictions folder given (an ensemble or run output folder)")
     pred_dir = resolve_path(rc["predictions"])
     if not pred_dir.is_dir():
@@ -207,15 +203,15 @@ def run_refine(cfg: dict) -> dict:
     preds = _load_preds(pred_dir)
     oof = preds["oof"]
     classes = oof.classes
-    submit = rc.get("submit", True) and "test" in preds
+    submit = rc["submit"] and "test" in preds
     if submit:
         from ..s1_data.submission import submission_classes
 
         sub_classes = submission_classes(cfg, classes, pred_dir)  # before any output is written
     y = oof.label_index()
     decide, base_name = base_decider(pred_dir, classes)
-    columns = list(rc.get("features") or FEATURES)
-    shape_names = list(rc.get("shape_features") or DEFAULT_SHAPES)
+    columns = list(rc["features"] or FEATURES)
+    shape_names = list(rc["shape_features"])
     feats, fpath = _load_features(cfg, columns + shape_names)
     rows = {k: _feature_rows(feats, p.ids, pred_dir / f"{k}.csv") for k, p in preds.items()}
     scaler = FeatureScaler(columns).fit(rows["oof"][rows["oof"]["seg_ok"]])  # unsupervised: no label leak
@@ -245,7 +241,7 @@ def run_refine(cfg: dict) -> dict:
         if (yy >= 0).any():
             lab = yy >= 0
             report["scores"][k] = {m: _scores(yy[lab], pred[k][m][lab], classes) for m in METHODS}
-    if rc.get("nested", True):
+    if rc["nested"]:
         nest = nested(x["oof"], y, oof.folds, oof.probs, base["oof"], shape["oof"], shape_names, decide, s)
         report["scores"]["oof_nested"] = {"before": report["scores"]["oof"]["before"],
                                           **{m: _scores(y, nest[m], classes) for m in ("hard", "soft")},
@@ -255,33 +251,34 @@ def run_refine(cfg: dict) -> dict:
                 [[names[k]] + [report["scores"][k][m]["macro_f1"] for m in METHODS]
                  for k in ("oof", "oof_nested", "eval") if k in report["scores"]])
 
-    method = _choose(rc.get("method", "auto"), report["scores"])
+    method = _choose(rc["method"], report["scores"])
     report["method"] = method
-    out_dir = resolve_path(cfg.get("output_dir", "outputs")) / "refine" / (rc.get("out_name") or pred_dir.name)
-    changes = _write_outputs(out_dir, preds, pred, soft, method, classes, report)
-    if rc.get("nested", True):  # the chosen rule fitted without each row's fold: what `make shift` scores as OOF
-        if method != "none":
-            held = np.asarray(classes)[nest[method]]
-        elif (pred_dir / "oof_nested_pred.csv").exists():  # an ensemble's own held-out decisions
-            done = read_csv(pred_dir / "oof_nested_pred.csv", "decisions", dtype=str, keep_default_na=False)
-            held = done.set_index("ID")["labels"].reindex(oof.ids).to_numpy()
-        else:
-            held = np.asarray(classes)[base["oof"]]
-        write_csv(out_dir / "oof_nested_pred.csv", pd.DataFrame({"ID": oof.ids, "labels": held}))
-    _print_changes(changes, classes)
+    out_dir = resolve_path(cfg["output_dir"]) / "refine" / (rc["out_name"] or pred_dir.name)
+    with outputs_together(out_dir, ("*.csv", "*.png", "report.json")):  # a kill leaves no mixed set
+        changes = _write_outputs(out_dir, preds, pred, soft, method, classes, report)
+        if rc["nested"]:  # the chosen rule fitted without each row's fold: what `make shift` scores as OOF
+            if method != "none":
+                held = np.asarray(classes)[nest[method]]
+            elif (pred_dir / "oof_nested_pred.csv").exists():  # an ensemble's own held-out decisions
+                done = read_csv(pred_dir / "oof_nested_pred.csv", "decisions", dtype=str, keep_default_na=False)
+                held = done.set_index("ID")["labels"].reindex(oof.ids).to_numpy()
+            else:
+                held = np.asarray(classes)[base["oof"]]
+            write_csv(out_dir / "oof_nested_pred.csv", pd.DataFrame({"ID": oof.ids, "labels": held}))
+        _print_changes(changes, classes)
 
-    if submit:
-        from ..s1_data.submission import write_submission
+        if submit:
+            from ..s1_data.submission import write_submission
 
-        key = "before" if method == "none" else method
-        scores = report["scores"]
-        sidecar = {"predictions": display_path(pred_dir), "refine_dir": display_path(out_dir), "method": method,
-                   "cv_macro_f1": scores.get("oof_nested", scores["oof"])[key]["macro_f1"],
-                   "eval_macro_f1": scores.get("eval", {}).get(key, {}).get("macro_f1"), "report": report}
-        path = write_submission(data_root(cfg), preds["test"].ids, np.asarray(classes)[pred["test"][key]],
-                                rc.get("submission_name") or f"{out_dir.name}_refined", sub_classes, sidecar,
-                                out_dir=rc.get("submission_dir", "submissions"))
-        console.print(f"wrote {path}")
+            key = "before" if method == "none" else method
+            scores = report["scores"]
+            sidecar = {"predictions": display_path(pred_dir), "refine_dir": display_path(out_dir), "method": method,
+                       "cv_macro_f1": scores.get("oof_nested", scores["oof"])[key]["macro_f1"],
+                       "eval_macro_f1": scores.get("eval", {}).get(key, {}).get("macro_f1"), "report": report}
+            path = write_submission(data_root(cfg), preds["test"].ids, np.asarray(classes)[pred["test"][key]],
+                                    rc["submission_name"] or f"{out_dir.name}_refined", sub_classes, sidecar,
+                                    out_dir=rc["submission_dir"])
+            console.print(f"wrote {path}")
     return {"report": report, "out_dir": out_dir, "pred": pred, "changes": changes}
 
 

@@ -9,7 +9,7 @@ import numpy as np
 from ..core.config import display_path
 from ..core.errors import WBCError
 from ..core.io import read_csv, require_columns
-from ..core.run_folder import run_dir
+from ..core.run_folder import require_complete, run_dir
 from ..s1_data.submission import check_file, write_submission
 
 
@@ -22,6 +22,7 @@ def submit_from_predictions(pred_dir, data_root, name: str, classes, extra: dict
     from ..core.io import load_probs
 
     pred_dir = Path(pred_dir)
+    require_complete(pred_dir, "make predict / make ensemble / make refine")
     decided = pred_dir / "test_pred.csv"
     if decided.exists():
         df = read_csv(decided, "decisions", dtype=str, keep_default_na=False)
@@ -68,8 +69,11 @@ def register(sub) -> None:
 
     def run_submit(args):
         from ..core.config import run_name
+        from ..core.validate import name_problem
         from ..s1_data.layout import class_list, data_root
 
+        if args.name is not None and name_problem(args.name):
+            raise WBCError(f"--name: {name_problem(args.name)}")
         cfg = config_from_args(args)
         pred = Path(args.pred) if args.pred else run_dir(cfg)
         name = args.name or run_name(cfg, cfg["name"])

@@ -1,0 +1,247 @@
+"""No silent wrong results, no tracebacks, no stray files, bounded memory: the cases of an adversarial pass over the
+commands, each one line naming file (and row) or a refusal that leaves nothing mixed behind."""
+import errno
+import json
+import struct
+import zlib
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from helpers import edit_csv, write_folds
+from wbc.__main__ import main
+from wbc.core.errors import WBCError
+
+
+def run_cli(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, (out.out + out.err).strip()
+
+
+def one_error(code, text, *needles):
+    lines = [line for line in text.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in text, text
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+def cli_cfg(cfg) -> list[str]:
+    d = cfg["data"]
+    return ["-c", "configs/recipes/tiny_cpu.yaml", f"data.root={d['root']}", f"output_dir={cfg['output_dir']}",
+            f"data.cache_dir={d['cache_dir']}", f"folds.file={cfg['folds']['file']}"]
+
+
+# ---------------------------------------------------------------- 1. the dataset's classes are declared once
+
+def test_a_stray_label_never_becomes_a_class(capsys, data_copy, make_cfg, tmp_path):
+    """`XX` put into phase2_train.csv after the folds (and the classes) were written: `make folds` again, training
+    and `check-submission` refuse it, naming file and row; before, it became a ninth class with a warning."""
+    cfg = write_folds(make_cfg(data_copy))
+    declared = json.loads((tmp_path / "folds.json").read_text())["classes"]
+    edit_csv(data_copy / "phase2_train.csv", lambda d: d.assign(labels=["XX"] + list(d["labels"][1:])))
+    code, text = run_cli(capsys, "folds", *cli_cfg(cfg))
+    one_error(code, text, "phase2_train.csv:2", "unknown label 'XX'", ", ".join(declared))
+    from wbc.s3_train.inputs import load_fold_data
+
+    with pytest.raises(WBCError, match=r"phase2_train.csv:2: unknown label 'XX'"):
+        load_fold_data(cfg)
+    test_ids = pd.read_csv(data_copy / "phase2_test.csv", dtype=str)["ID"]
+    sub = tmp_path / "sub.csv"
+    pd.DataFrame({"ID": test_ids, "labels": ["XX"] + [declared[0]] * (len(test_ids) - 1)}).to_csv(sub, index=False)
+    code, text = run_cli(capsys, "check-submission", *cli_cfg(cfg), "--file", sub)
+    one_error(code, text, "sub.csv:2", "'XX' is not a class code")
+
+
+def test_the_declaration_is_written_with_the_folds_and_read_by_later_steps(data_copy, make_cfg, tmp_path):
+    from wbc.s1_data.layout import class_list
+
+    cfg = write_folds(make_cfg(data_copy))
+    found = json.loads((tmp_path / "folds.json").read_text())
+    assert found["classes"] == class_list(cfg) and sum(found["images"].values()) == len(pd.read_csv(tmp_path /
+                                                                                                   "folds.csv"))
+    (tmp_path / "folds.json").write_text(json.dumps({"classes": found["classes"][:-1]}))  # one class less
+    assert class_list(cfg) == found["classes"][:-1]  # the declaration, not what the data holds, decides
+    (tmp_path / "folds.json").write_text("{not json")
+    with pytest.raises(WBCError, match=r"folds.json: not a readable class declaration"):
+        class_list(cfg)
+
+
+# ---------------------------------------------------------------- 2. a resume trains with the config it started with
+
+@pytest.mark.slow
+def test_a_resume_with_another_training_config_is_refused(cfg2):
+    from wbc.s3_train.loop import StopTraining, train_fold
+
+    cfg = cfg2("train.epochs=2", "train.lr=0.003", "name=r")
+
+    def kill(epoch, rec):
+        raise StopTraining
+
+    with pytest.raises(StopTraining):
+        train_fold(cfg, 0, on_epoch=kill)
+    with pytest.raises(WBCError, match=r"fold0: RESUME with another training config \(train\.lr 0\.003 -> 0\.3\)"):
+        train_fold(cfg2("train.epochs=2", "train.lr=0.3", "name=r"), 0, resume=True)
+    # where things are and how fast they load do not change what is learnt
+    res = train_fold(cfg2("train.epochs=2", "train.lr=0.003", "name=r", "train.num_workers=1"), 0, resume=True)
+    assert len(res["history"]) == 2
+
+
+# ---------------------------------------------------------------- 3. a step's outputs change together
+
+def test_a_killed_step_leaves_no_mixed_set_and_readers_refuse_it(tmp_path, monkeypatch):
+    from wbc.core import run_folder
+    from wbc.core.io import Probs, save_probs
+    from wbc.s4_predict.merge import merge_run
+    from wbc.s5_ensemble.blend import load_member
+
+    run = tmp_path / "run"
+    for k in (0, 1):
+        save_probs(run / f"fold{k}" / "oof.csv", Probs([f"a{k}", f"b{k}"], np.array([[0.9, 0.1], [0.2, 0.8]]),
+                                                       ["A", "B"], [k, k], ["A", "B"]))
+        save_probs(run / f"fold{k}" / "test.csv", Probs(["t1"], np.array([[0.5, 0.5]]), ["A", "B"]))
+    merge_run(run)
+    old_test = (run / "test.csv").read_text()
+    save_probs(run / "fold1" / "test.csv", Probs(["t1"], np.array([[0.1, 0.9]]), ["A", "B"]))
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("wbc.s4_predict.merge.save_confusion_png", killed)  # killed after the new oof.csv
+    with pytest.raises(KeyboardInterrupt):
+        merge_run(run)
+    assert (run / run_folder.WRITING).exists() and not (run / "test.csv").exists()  # the old test.csv is gone too
+    with pytest.raises(WBCError, match=r"run: its outputs are incomplete .* run `make predict` again"):
+        load_member(run)
+    monkeypatch.undo()
+    merge_run(run)
+    assert not (run / run_folder.WRITING).exists() and (run / "test.csv").read_text() != old_test
+    assert load_member(run).test.ids.tolist() == ["t1"]
+
+
+# ---------------------------------------------------------------- 4. image size bounded before decoding
+
+def png_header_only(path, width, height):
+    """A PNG that declares width x height and holds one tiny IDAT: its header is all a reader sees first."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("side", [30000, 40000])
+def test_an_image_too_large_to_decode_is_refused_by_its_header(capsys, data_copy, tmp_path, side):
+    ids = pd.read_csv(data_copy / "phase2_train.csv", dtype=str)["ID"]
+    png_header_only(data_copy / "phase2" / "train" / ids[3], side, side)  # a .jpg name: the content decides
+    code, text = run_cli(capsys, "train-fold", "-c", "configs/recipes/tiny_cpu.yaml", "--fold", "0",
+                         f"data.root={data_copy}", f"data.cache_dir={tmp_path / 'cache'}",
+                         f"output_dir={tmp_path / 'out'}", f"folds.file={tmp_path / 'folds.csv'}")
+    if code == 2 and "folds file not found" in text:  # the folds first, then the same check from training
+        run_cli(capsys, "folds", "-c", "configs/recipes/tiny_cpu.yaml", f"data.root={data_copy}",
+                f"folds.file={tmp_path / 'folds.csv'}")
+        code, text = run_cli(capsys, "train-fold", "-c", "configs/recipes/tiny_cpu.yaml", "--fold", "0",
+                             f"data.root={data_copy}", f"data.cache_dir={tmp_path / 'cache'}",
+                             f"output_dir={tmp_path / 'out'}", f"folds.file={tmp_path / 'folds.csv'}")
+    one_error(code, text, "phase2_train.csv:5", f"image {side} x {side} is larger than data.max_image_pixels")
+
+
+# ---------------------------------------------------------------- 6. validated first, one line per problem
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.epochs=abc", "train.epochs: expected an integer, got 'abc'"),
+    ("train.lr=abc", "train.lr: expected a number, got 'abc'"),
+    ("train.epochs=-1", "train.epochs: must be >= 0, got -1"),
+    ("train.batch_size=0", "train.batch_size: must be >= 1, got 0"),
+    ("data.image_size=0", "data.image_size: must be >= 8, got 0"),
+    ("predict.tta=3", "predict.tta: expected one of 1, 2, 4, 8, got 3"),
+    ("name=../../x", "name: a name is one plain file name"),
+])
+def test_a_bad_value_is_one_line_before_any_work(capsys, sample_root, tmp_path, override, needle):
+    code, text = run_cli(capsys, "train-fold", "-c", "configs/recipes/tiny_cpu.yaml", "--fold", "0",
+                         f"data.root={sample_root}", f"output_dir={tmp_path / 'out'}", override)
+    one_error(code, text, needle)
+    assert not (tmp_path / "out").exists()  # nothing written, not even the run folder
+
+
+def test_two_bad_values_are_two_lines(capsys, sample_root):
+    code, text = run_cli(capsys, "folds", "-c", "configs/recipes/tiny_cpu.yaml", f"data.root={sample_root}",
+                         "train.epochs=abc", "predict.tta=3")
+    assert code == 2 and "2 invalid config values" in text
+    assert "train.epochs: expected an integer" in text and "predict.tta: expected one of" in text
+
+
+def test_a_submission_name_that_escapes_submissions_is_refused(capsys, sample_root, tmp_path):
+    code, text = run_cli(capsys, "submit", "-c", "configs/recipes/tiny_cpu.yaml", f"data.root={sample_root}",
+                         "--pred", tmp_path, "--name", "../../x")
+    one_error(code, text, "--name: a name is one plain file name")
+
+
+def test_a_truncated_cache_is_rebuilt_and_a_truncated_checkpoint_is_one_line(make_cfg, sample_root, tmp_path):
+    from wbc.core.io import torch_load, torch_save
+    from wbc.s1_data.cache import cache_dir, split_images
+    from wbc.s1_data.layout import read_split
+
+    cfg = make_cfg(sample_root)
+    df = read_split(sample_root, "phase1")
+    a = np.array(split_images(cfg, df, "phase1"))
+    u8 = cache_dir(cfg) / "phase1.u8"
+    u8.write_bytes(u8.read_bytes()[: u8.stat().st_size // 2])  # a copy cut short
+    assert np.array_equal(np.array(split_images(cfg, df, "phase1")), a)
+    torch_save(tmp_path / "last.pt", {"w": np.zeros(3)})
+    (tmp_path / "last.pt").write_bytes((tmp_path / "last.pt").read_bytes()[:40])
+    with pytest.raises(WBCError, match=r"last\.pt: unreadable checkpoint .* delete it and train again"):
+        torch_load(tmp_path / "last.pt")
+
+
+def test_a_full_disk_is_one_line(capsys, sample_root, tmp_path, monkeypatch):
+    import wbc.core.io as io
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "folds.csv"))
+
+    monkeypatch.setattr(io.pd.DataFrame, "to_csv", full)
+    code, text = run_cli(capsys, "folds", "-c", "configs/recipes/tiny_cpu.yaml", f"data.root={sample_root}",
+                         f"folds.file={tmp_path / 'folds.csv'}")
+    one_error(code, text, "No space left on device", "folds.csv")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".folds")]  # no temporary file left
+
+
+def test_test_split_labels_are_refused_when_not_codes_and_otherwise_unused(capsys, data_copy, make_cfg):
+    from wbc.s3_train.inputs import load_fold_data
+
+    cfg = write_folds(make_cfg(data_copy))
+    classes = json.loads((data_copy.parent / "folds.json").read_text())["classes"]
+    edit_csv(data_copy / "phase2_test.csv", lambda d: d.assign(labels=[classes[0]] * len(d)))
+    capsys.readouterr()
+    load_fold_data(cfg)
+    assert "test rows carry labels; they are not used" in capsys.readouterr().out
+    edit_csv(data_copy / "phase2_test.csv", lambda d: d.assign(labels=["??"] + [classes[0]] * (len(d) - 1)))
+    with pytest.raises(WBCError, match=r"phase2_test.csv:2: unknown label '\?\?'"):
+        load_fold_data(cfg)
+
+
+# ---------------------------------------------------------------- the competition's own files
+
+def test_a_test_file_needs_only_its_ids_and_img_dir_names_the_folder(data_copy):
+    from wbc.s1_data.layout import read_split
+
+    edit_csv(data_copy / "phase2_test.csv", lambda d: d[["ID"]])
+    test = read_split(data_copy, "phase2_test")
+    assert len(test) and (test["labels"] == "").all()
+    one = pd.read_csv(data_copy / "phase1_label.csv", dtype=str).iloc[0]
+    (data_copy / "phase2" / "train" / one["ID"]).unlink(missing_ok=True)
+
+    def listed_with_its_folder(d):  # a phase1 image listed in the phase2 file, as the combined label file does
+        row = pd.DataFrame({"ID": [one["ID"]], "labels": [one["labels"]], "img_dir": ["phase1"]})
+        return pd.concat([d.assign(img_dir=""), row], ignore_index=True)
+
+    edit_csv(data_copy / "phase2_train.csv", listed_with_its_folder)
+    edit_csv(data_copy / "phase1_label.csv", lambda d: d.iloc[1:])
+    train = read_split(data_copy, "phase2_train")
+    assert train["path"].iloc[-1] == str(data_copy / "phase1" / one["ID"])
+    edit_csv(data_copy / "phase2_train.csv", lambda d: d.assign(img_dir=["../elsewhere"] + list(d["img_dir"][1:])))
+    with pytest.raises(WBCError, match=r"phase2_train.csv:2: img_dir '../elsewhere' points outside the data root"):
+        read_split(data_copy, "phase2_train")
