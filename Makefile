@@ -32,6 +32,8 @@ TARGET ?=
 QUANTILE ?= 0
 SPLITS ?=
 MIN_CONF ?= 0.7
+MAP ?= coarse
+ADAPT_BN ?=
 DEST ?= outputs/bundles
 TIME_LIMIT ?=
 GPUS ?=
@@ -61,6 +63,7 @@ WBC := $(PY) -m wbc
         sample-data folds train-fold train-all predict ensemble morph refine submit check-submission classify \
         convert-effnet demo best-cpu \
         embed fewshot train-restorer restore compare-restore shift damage-match pseudo-label label-issues tune-train \
+        crosslab \
         runs bundle unbundle train-bundle benchmark-throughput benchmark-pbcbench
 
 help: ## list the targets
@@ -170,6 +173,12 @@ pseudo-label: ## PRED's confident decisions on SPLITS (default the test split) -
 label-issues: ## training images whose label PRED's out-of-fold predictions doubt (confident learning) + QA sheet -> outputs/label_issues/
 	@test -n "$(PRED)" || { echo "label-issues: give PRED=outputs/<run> or outputs/ensemble/<name>" >&2; exit 2; }
 	$(WBC) label-issues -c "$(CONFIG)" --pred "$(PRED)" $(OVR)
+
+crosslab: ## RUN's models (a run or outputs/ensemble/<name>) on another lab's IMAGES with LABELS (ID,labels): per-class F1, histogram, confusion (MAP=coarse|none|<yaml>, ADAPT_BN=)
+	@test -n "$(RUN)" -a -n "$(IMAGES)" -a -n "$(LABELS)" || \
+	    { echo 'crosslab: give RUN=outputs/<run> IMAGES=<folder> LABELS=<csv>' >&2; exit 2; }
+	$(WBC) crosslab --run "$(RUN)" --images "$(IMAGES)" --labels "$(LABELS)" --map $(MAP) \
+	    $(if $(ADAPT_BN),--adapt-bn $(ADAPT_BN))
 
 tune-train: ## Optuna study of training-time class handling on pruned fold runs (STUDY=, STORAGE=, TRIALS=; one per GPU)
 	$(WBC) tune-train -c "$(CONFIG)" --study-config "$(STUDY)" $(if $(STORAGE),--storage "$(STORAGE)") \

@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "wbc.optional.pseudo.cli",
     "wbc.optional.label_issues",
     "wbc.optional.tune_train_cli",
+    "wbc.optional.crosslab",
     # operations
     "wbc.ops.bundle",
     "wbc.ops.runs",
