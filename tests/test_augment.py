@@ -41,3 +41,20 @@ def test_flips_act_on_pixels_and_evaluation_is_unaugmented():
     img = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
     assert np.array_equal(build_transform(cfg, True)(image=img)["image"], img[::-1, ::-1])
     assert build_transform(cfg, False) is None  # TTA views are applied on the device
+
+
+def test_another_labs_stain_light_and_camera_are_off_by_default_and_switched_on_one_by_one():
+    lab = ["augment.lab.stain_p=0.5", "augment.lab.gray_p=0.2", "augment.lab.gamma_p=0.3",
+           "augment.lab.illuminant_p=0.4"]
+    ops = _ops(*lab, "augment.damage.p=0")
+    assert list(ops) == ["HorizontalFlip", "VerticalFlip", "RandomRotate90", "Affine", "HEStain", "PlanckianJitter",
+                         "RandomGamma", "ToGray", "OneOf"]
+    assert (ops["HEStain"].p, ops["ToGray"].p, ops["RandomGamma"].p, ops["PlanckianJitter"].p) == (0.5, 0.2, 0.3, 0.4)
+    assert ops["HEStain"].intensity_scale_range == (0.7, 1.3)
+    t = build_transform(load_config(None, ["augment.lab.stain_p=1.0", "augment.lab.gray_p=1.0", "augment.flip=0",
+                                           "augment.rot90=0", "augment.affine.p=0", "augment.color.p=0",
+                                           "augment.damage.p=0"]), True)
+    t.set_random_seed(0)
+    img = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    out = t(image=img)["image"]
+    assert out.shape == img.shape and np.array_equal(out[..., 0], out[..., 1])  # grey last

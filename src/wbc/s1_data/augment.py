@@ -28,6 +28,16 @@ def base_ops(a: dict, s: float) -> list:
                             translate_percent=(-af["translate"] * s, af["translate"] * s),
                             rotate=(-af["rotate"], af["rotate"]), border_mode=cv2.BORDER_REFLECT_101,
                             p=_scaled(af["p"], s)))
+    lab = a.get("lab") or {}
+    if lab.get("stain_p"):
+        ops.append(A.HEStain(method="random_preset", intensity_scale_range=tuple(lab["stain_range"]),
+                             p=_scaled(lab["stain_p"], s)))
+    if lab.get("illuminant_p"):
+        ops.append(A.PlanckianJitter(p=_scaled(lab["illuminant_p"], s)))
+    if lab.get("gamma_p"):
+        ops.append(A.RandomGamma(gamma_limit=(70, 150), p=_scaled(lab["gamma_p"], s)))
+    if lab.get("gray_p"):
+        ops.append(A.ToGray(p=_scaled(lab["gray_p"], s)))
     co = a.get("color") or {}
     if co.get("p"):
         ops.append(A.OneOf([
