@@ -245,3 +245,29 @@ def test_a_test_file_needs_only_its_ids_and_img_dir_names_the_folder(data_copy):
     edit_csv(data_copy / "phase2_train.csv", lambda d: d.assign(img_dir=["../elsewhere"] + list(d["img_dir"][1:])))
     with pytest.raises(WBCError, match=r"phase2_train.csv:2: img_dir '../elsewhere' points outside the data root"):
         read_split(data_copy, "phase2_train")
+
+
+# ---------------------------------------------------------------- runs keep to one dataset
+
+def test_runs_on_two_datasets_never_mix_under_one_name(sample_root, make_cfg, tmp_path):
+    """By default a run is named after its dataset, so the same recipe on two datasets gives two runs; forced under
+    one name, the second dataset is refused before anything is written, naming both."""
+    import shutil
+
+    from wbc.core.config import CONFIG_DIR, load_config
+    from wbc.core.run_folder import run_dir
+    from wbc.s3_train.loop import train_fold
+
+    other = tmp_path / "lab2"
+    shutil.copytree(sample_root, other)
+    recipe = CONFIG_DIR / "recipes/tiny_cpu.yaml"
+    assert load_config(recipe, [f"data.root={sample_root}"])["name"] == "sample_tiny_cpu"
+    assert load_config(recipe, [f"data.root={other}"])["name"] == "lab2_tiny_cpu"
+    a = write_folds(make_cfg(sample_root, "name=shared", "train.epochs=1", "folds.n_folds=2"))
+    train_fold(a, 0)
+    b = write_folds(make_cfg(other, "name=shared", "train.epochs=1", "folds.n_folds=2",
+                             f"folds.file={tmp_path / 'lab2.csv'}"))
+    before = sorted(p.name for p in (run_dir(a) / "fold0").iterdir())
+    with pytest.raises(WBCError, match=r"shared: holds runs on sample \(folds .*\); this config's data is lab2"):
+        train_fold(b, 0)
+    assert sorted(p.name for p in (run_dir(a) / "fold0").iterdir()) == before

@@ -146,3 +146,19 @@ def test_a_failed_write_keeps_the_old_csv_and_sidecar_together(tmp_path):
     with pytest.raises(TypeError):  # the sidecar cannot be written
         write_submission(tmp_path, ["1", "2", "3"], ["B", "B", "B"], "x", CLASSES, {"v": object()}, out_dir=subs)
     assert {p.name: p.read_text() for p in subs.iterdir()} == old
+
+
+def test_a_class_mix_far_from_every_prior_is_warned_about_and_recorded():
+    import pandas as pd
+
+    from wbc.s1_data.submission import mix_warnings
+
+    priors = {"phase1": pd.Series({"SNE": 0.4, "LY": 0.55, "PMY": 0.005, "MO": 0.045}),
+              "phase2_eval": pd.Series({"SNE": 0.45, "LY": 0.5, "PMY": 0.01, "MO": 0.04})}
+    flooded = pd.Series({"SNE": 0.3, "LY": 0.44, "PMY": 0.13, "MO": 0.13})  # PMY predicted for 140 of 1,080
+    lines = mix_warnings(flooded, priors, ["SNE", "LY", "PMY", "MO"])
+    assert lines == ["PMY is 13.0% of the predictions, at most 1.0% of any labelled split"]  # MO: 2.9x, not 3x
+    assert mix_warnings(pd.Series({"SNE": 0.5, "LY": 0.5}), priors, ["SNE", "LY", "PMY", "MO"]) == [
+        "MO is never predicted, 4.5% of a labelled split"]  # PMY (1 %) may go unpredicted
+    assert mix_warnings(pd.Series({"SNE": 0.42, "LY": 0.52, "PMY": 0.01, "MO": 0.05}), priors,
+                        ["SNE", "LY", "PMY", "MO"]) == []

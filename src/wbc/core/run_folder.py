@@ -88,3 +88,25 @@ def require_complete(folder: Path, rerun: str) -> None:
     if (Path(folder) / WRITING).exists():
         raise WBCError(f"{folder}: its outputs are incomplete (the step writing them was stopped): run `{rerun}` "
                        "again")
+
+
+DATASET = "dataset.json"
+
+
+def claim(run: Path, record: dict) -> None:
+    """A run folder holds one dataset's runs: the first write records `record` (the dataset's name, its folds' and
+    classes' fingerprint); a later one with another record is refused before anything is written, so two datasets
+    never mix fold models or predictions under one name."""
+    path = Path(run) / DATASET
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except ValueError:
+            old = None
+        if old != record:
+            was = (f"{old.get('dataset')} (folds {old.get('folds')})" if isinstance(old, dict)
+                   else "an unreadable record")
+            raise WBCError(f"{run}: holds runs on {was}; this config's data is {record['dataset']} (folds "
+                           f"{record['folds']}): give the run another name (ARGS=name=...) or output_dir")
+        return
+    write_text(path, json.dumps(record, indent=2) + "\n")

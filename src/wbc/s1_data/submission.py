@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from ..core.config import resolve_path
+from ..core.console import console
 from ..core.errors import WBCError
 from ..core.io import atomic_path, json_text, read_csv
 from .layout import class_list, read_split
@@ -69,8 +70,12 @@ def write_submission(data_root, ids, labels, name: str, classes, sidecar: dict,
     validate_submission(df, test["ID"], classes, source)
     df = df.set_index("ID").loc[test["ID"]].reset_index()  # test-file order
     counts = df["labels"].value_counts()
+    odd = mix_warnings(counts / len(df), label_priors(Path(data_root)), classes)
+    for line in odd:
+        console.print(f"[yellow]warning:[/] {name}: {line}", highlight=False)
     side = json_text(_null_nan({"name": name, "git_commit": git_commit(), "n": len(df),
-                                "predicted_counts": {c: int(counts.get(c, 0)) for c in classes}, **sidecar}))
+                                "predicted_counts": {c: int(counts.get(c, 0)) for c in classes},
+                                "class_mix_warnings": odd, **sidecar}))
     path = resolve_path(out_dir) / f"{name}.csv"
     # Both written in full before either is renamed, the sidecar first: a failure never leaves a new CSV
     # beside the sidecar of an older one.
@@ -78,6 +83,38 @@ def write_submission(data_root, ids, labels, name: str, classes, sidecar: dict,
         df.to_csv(tmp_csv, index=False)
         tmp_json.write_text(side)
     return path
+
+
+OVER, UNDER = 3.0, 0.02  # a class predicted > OVER x (and 5 points above) its largest prior; a prior >= UNDER missed
+
+
+def label_priors(root: Path) -> dict[str, pd.Series]:
+    """Each labelled split's class shares (the priors the data gives)."""
+    from .layout import LABELLED, SPLITS
+
+    out = {}
+    for split in LABELLED:
+        if (root / SPLITS[split][0]).exists():
+            labels = read_split(root, split, check_images=False)["labels"]
+            out[split] = labels.value_counts() / len(labels)
+    return out
+
+
+def mix_warnings(shares: pd.Series, priors: dict[str, pd.Series], classes) -> list[str]:
+    """A submission's class mix far from every prior the data gives: a class predicted several times as often as
+    any split holds it (a rare class flooding the test: an over-corrected prior, a broken model), or one that a
+    split holds often and the submission never predicts."""
+    if not priors:
+        return []
+    out = []
+    for c in classes:
+        top = max(float(p.get(c, 0.0)) for p in priors.values())
+        got = float(shares.get(c, 0.0))
+        if got > OVER * top and got - top > 0.05:
+            out.append(f"{c} is {got:.1%} of the predictions, at most {top:.1%} of any labelled split")
+        elif got == 0 and top >= UNDER:
+            out.append(f"{c} is never predicted, {top:.1%} of a labelled split")
+    return out
 
 
 def check_file(path, data_root, classes) -> None:

@@ -14,7 +14,7 @@ import pandas as pd
 from ..core.config import dataset_name, display_path
 from ..core.console import console, print_table
 from ..core.errors import WBCError, where
-from ..core.io import write_csv, write_json
+from ..core.io import fingerprint, write_csv, write_json
 from ..s1_data.layout import (
     check_labels,
     class_list,
@@ -93,6 +93,16 @@ def write_folds(cfg: dict) -> tuple[pd.DataFrame, list[str]]:
                                        "n_folds": fold_count(cfg), "seed": int(cfg["folds"]["seed"]),
                                        "group": "group" if "group" in folds else None})
     return folds, classes
+
+
+def dataset_record(cfg: dict) -> dict:
+    """What a run folder records of its data (`run_folder.claim`): the dataset's name, its folds file's and class
+    declaration's fingerprint, and its classes."""
+    path = folds_path(cfg)
+    if not path.exists():
+        raise WBCError(f"{path}: folds file not found (run `make folds`)")
+    return {"dataset": dataset_name(cfg), "folds": fingerprint([path, declaration_path(cfg)]),
+            "classes": class_list(cfg)}
 
 
 def fold_table(folds: pd.DataFrame, classes: list[str]) -> None:

@@ -25,7 +25,7 @@ from ..core.environment import describe, differences, kernel_mode
 from ..core.errors import WBCError
 from ..core.io import torch_save, write_json, write_text
 from ..core.metrics import macro_f1
-from ..core.run_folder import FOLD_RESULTS, fold_dir, read_metrics, run_dir, write_metrics
+from ..core.run_folder import FOLD_RESULTS, claim, fold_dir, read_metrics, run_dir, write_metrics
 from ..core.runtime import device_precision, pick_device, seed_everything
 from ..models.factory import create_model, model_data_config
 from ..models.inference import predict_probs
@@ -33,6 +33,7 @@ from ..s1_data.augment import build_transform
 from ..s1_data.cache import load_images
 from ..s1_data.dataset import CellDataset, StageBatches
 from ..s1_data.preprocess import build_preprocess
+from ..s2_folds.folds import dataset_record
 from .guards import check_finite, collapse_warning
 from .inputs import Chain, FoldData, Rows, load_fold_data
 from .loader import check_shared_memory, make_loader, stage_iterator
@@ -99,6 +100,7 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
     device = pick_device(cfg)
     t = device_precision(cfg["train"], device)  # amp / channels_last as they apply here
     out = fold_dir(run_dir(cfg), fold)
+    claim(run_dir(cfg), dataset_record(cfg))  # one dataset per run folder
     out.mkdir(parents=True, exist_ok=True)
     write_text(run_dir(cfg) / "config.yaml", dump_config(cfg))
     seed = int(cfg["seed"]) + fold

@@ -14,13 +14,15 @@ def register(sub) -> None:
         from ..core.config import dump_config
         from ..core.errors import WBCError
         from ..core.io import write_text
-        from ..core.run_folder import fold_dirs, fold_index, run_dir
+        from ..core.run_folder import claim, fold_dirs, fold_index, run_dir
+        from ..s2_folds.folds import dataset_record
         from ..s3_train.inputs import load_fold_data
         from .fold import checkpoint_run, fold_weights, predict_fold, predictions_current
         from .merge import merge_run
 
         cfg = config_from_args(args)
         run, source, weights = run_dir(cfg), checkpoint_run(cfg), fold_weights(cfg)
+        claim(run, dataset_record(cfg))  # the run's folds were trained on this dataset, or refuse
         if source != run:  # a prediction-only run (e.g. BN-adapted) of another run's fold models
             if not any((d / weights).exists() for d in fold_dirs(source)):
                 raise WBCError(f"predict.checkpoints: {source} has no fold*/{weights}")
