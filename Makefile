@@ -64,7 +64,7 @@ WBC := $(PY) -m wbc
         convert-effnet demo best-cpu \
         embed fewshot train-restorer restore compare-restore shift damage-match pseudo-label label-issues tune-train \
         crosslab \
-        runs bundle unbundle train-bundle benchmark-throughput benchmark-pbcbench
+        runs curves bundle unbundle train-bundle benchmark-throughput benchmark-pbcbench
 
 help: ## list the targets
 	@awk '/^## / {printf "\n\033[1m%s\033[0m\n", substr($$0, 4)} /^[a-zA-Z_-]+:.*## / {split($$0, a, ":.*## "); \
@@ -74,7 +74,7 @@ help: ## list the targets
 setup: ## create .venv and install everything (torch 2.14.1 / torchvision 0.29.1 from pip)
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt -r requirements-extra.txt
+	$(PY) -m pip install -q -r requirements.txt -r requirements-extra.txt -c requirements.lock
 	$(PY) -m pip install -q --no-deps -e .
 
 test: lint ## lint, then the whole test suite (CPU, synthetic data; about 5 minutes on 2 free cores)
@@ -188,6 +188,10 @@ tune-train: ## Optuna study of training-time class handling on pruned fold runs 
 
 runs: ## every run and ensemble under outputs/: folds done (and how far an unfinished one got), OOF / eval macro-F1
 	$(WBC) runs
+
+curves: ## each fold's training curves of RUN=outputs/<name> (losses, validation macro-F1, lr) -> <run>/curves.png
+	@test -n "$(RUN)" || { echo 'curves: give RUN=outputs/<name>' >&2; exit 2; }
+	$(WBC) curves --run "$(RUN)"
 
 bundle: ## pack RUN=outputs/<name> without checkpoints into DEST/<name>.tar.gz (blend on another machine: untar into outputs/)
 	@test -n "$(RUN)" || { echo 'bundle: give RUN=outputs/<name>' >&2; exit 2; }

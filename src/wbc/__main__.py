@@ -32,6 +32,7 @@ COMMAND_MODULES = [
     # operations
     "wbc.ops.bundle",
     "wbc.ops.runs",
+    "wbc.ops.curves",
 ]
 
 

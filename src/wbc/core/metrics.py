@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score
+from sklearn.metrics import balanced_accuracy_score, confusion_matrix, f1_score, precision_score, recall_score
 
 
 def macro_f1(y_true, y_pred, n_classes: int, sample_weight=None) -> float:
@@ -33,6 +33,10 @@ def per_class_f1(y_true, y_pred, n_classes: int) -> np.ndarray:
     return f1_score(y_true, y_pred, labels=np.arange(n_classes), average=None, zero_division=0)
 
 
+def _prf(fn, y_true, y_pred, n: int) -> np.ndarray:
+    return fn(y_true, y_pred, labels=np.arange(n), average=None, zero_division=0) if len(y_true) else np.zeros(n)
+
+
 def summary(y_true, y_pred, classes: list[str]) -> dict:
     n = len(classes)
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
@@ -43,6 +47,8 @@ def summary(y_true, y_pred, classes: list[str]) -> dict:
         "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)) if len(y_true) else 0.0,
         "accuracy": float((y_true == y_pred).mean()) if len(y_true) else 0.0,
         "per_class_f1": dict(zip(classes, map(float, per_class_f1(y_true, y_pred, n) if len(y_true) else np.zeros(n)))),
+        "per_class_precision": dict(zip(classes, map(float, _prf(precision_score, y_true, y_pred, n)))),
+        "per_class_recall": dict(zip(classes, map(float, _prf(recall_score, y_true, y_pred, n)))),
         "support": dict(zip(classes, map(int, np.bincount(y_true, minlength=n)))),
         # Predicted next to true counts: a class predicted far more often than it occurs is over-corrected.
         "predicted": dict(zip(classes, map(int, np.bincount(y_pred, minlength=n)))),

@@ -65,6 +65,7 @@ RULES = {
     "train.num_workers": lambda v: _int(v, 0),
     "train.checkpoint_every_s": lambda v: _float(v, 0.0, null=True),
     "train.val_tta": lambda v: _one_of(v, VIEWS),
+    "train.tracker": lambda v: _one_of(v, ("tensorboard", "none")),
     "train.sampler.type": lambda v: _one_of(v, ("none", "sqrt", "power", "balanced", "effective")),
     "train.loss.type": lambda v: _one_of(v, ("ce", "focal", "balanced_softmax", "logit_adjusted")),
     "train.loss.label_smoothing": lambda v: _float(v, 0.0, 1.0, hi_open=True),

@@ -12,6 +12,7 @@ from ..core.console import console
 from ..core.errors import WBCError
 from ..core.run_folder import finished, fold_dir, run_dir
 from .deadline import Deadline, DeadlineReached
+from .tracker import EpochLogger
 
 
 def train_folds(cfg: dict, folds: list[int], resume: bool, deadline: Deadline) -> None:
@@ -29,7 +30,12 @@ def train_folds(cfg: dict, folds: list[int], resume: bool, deadline: Deadline) -
         deadline.check_fold(fold, last_fold_s)
         data = data or load_fold_data(cfg)
         t0 = time.monotonic()  # after the one image load: the next fold will not repeat it
-        train_fold(cfg, fold, resume=resume, data=data, deadline=deadline)
+        log = EpochLogger(out) if cfg["train"]["tracker"] == "tensorboard" else None
+        try:
+            train_fold(cfg, fold, on_epoch=log, resume=resume, data=data, deadline=deadline)
+        finally:
+            if log is not None:
+                log.close()
         predict_fold(cfg, fold, data)
         last_fold_s = time.monotonic() - t0
 

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ..core import hooks
-from ..core.config import display_path, get_dotted, resolve_path
+from ..core.config import dataset_name, display_path, get_dotted, resolve_path
 from ..core.console import print_table
 from ..core.errors import WBCError
 from ..core.io import Probs, save_probs, torch_load, write_json
@@ -100,7 +100,8 @@ def predict_fold(cfg: dict, fold: int, data: FoldData, device=None) -> dict:
         result["eval"] = summary(ye[ye >= 0], ev.probs[ye >= 0].argmax(1), classes)
     with outputs_together(out, FOLD_PREDICTIONS):
         save_confusion_png(out / "confusion_oof.png", y[k], oof.probs[k].argmax(1), classes,
-                           f"{cfg['name']} fold {fold} OOF, macro-F1 {result['oof']['macro_f1']:.4f}")
+                           f"{cfg['name']} on {dataset_name(cfg)}, fold {fold} OOF: macro-F1 "
+                           f"{result['oof']['macro_f1']:.4f}")
         for name, probs in (("eval.csv", ev), ("test.csv", te)):
             if probs is not None:
                 save_probs(out / name, probs)

@@ -33,6 +33,17 @@ def mean_probs(parts: list[Probs], files: list[Path]) -> Probs:
     return Probs(ref.ids, np.mean([p.probs for p in aligned], 0), ref.classes, labels=ref.labels)
 
 
+def _dataset(run: Path) -> str:
+    """' on <dataset>' from the run folder's record (run_folder.claim), or ''."""
+    import json
+
+    rec = run / "dataset.json"
+    try:
+        return f" on {json.loads(rec.read_text())['dataset']}" if rec.exists() else ""
+    except (ValueError, KeyError, TypeError):
+        return ""
+
+
 def merge_run(run: Path, expected_ids=None) -> dict:
     """Write run/{oof,eval,test}.csv and run/report.json from run/fold*/; return the report.
     Every file is read and checked before the first is written, so a refusal leaves the previous merge whole."""
@@ -68,14 +79,18 @@ def merge_run(run: Path, expected_ids=None) -> dict:
         report["oof"] = summary(y, pred, classes)
         report["oof_per_fold_macro_f1"] = {int(k): summary(y[folds == k], pred[folds == k], classes)["macro_f1"]
                                            for k in report["folds"]}
-        save_confusion_png(run / "confusion_oof.png", y, pred, classes, f"{run.name} OOF")
+        on = _dataset(run)
+        save_confusion_png(run / "confusion_oof.png", y, pred, classes,
+                           f"{run.name}{on} OOF, folds {report['folds']}: macro-F1 {report['oof']['macro_f1']:.4f}")
         for split, m in merged.items():
             save_probs(run / f"{split}.csv", m)
             if split == "eval" and (m.label_index() >= 0).any():  # unlabelled: no score, not a score of 0
                 ye = m.label_index()
                 ye, pe = ye[ye >= 0], m.probs[ye >= 0].argmax(1)
                 report["eval"] = summary(ye, pe, classes)
-                save_confusion_png(run / "confusion_eval.png", ye, pe, classes, f"{run.name} eval")
+                save_confusion_png(run / "confusion_eval.png", ye, pe, classes,
+                                   f"{run.name}{on} eval, mean of folds {report['folds']}: macro-F1 "
+                                   f"{report['eval']['macro_f1']:.4f}")
         write_json(run / "report.json", report)
     o = report["oof"]
     cols = ["class", "OOF F1", "OOF true / predicted"] + (["eval F1"] if "eval" in report else [])
