@@ -1,6 +1,7 @@
 # WBC pipeline. `make help` lists every target, grouped as below. Variables:
 #   CONFIG=configs/recipes/<name>.yaml  FOLD=<k>  DATA=<dataset root>  NAME=<submission name>  ARGS="key=value ..."
-#   RUN=outputs/<name>  PRED=<predictions folder>  TIME_LIMIT=<seconds>  GPUS="0 1 2 3" (docs/operations.md)
+#   RUN=outputs/<name>  PRED=<predictions folder>  TIME_LIMIT=<seconds>  GPUS="0 1 2 3"  NPROC=<processes>
+#   CONFIGS="<a>.yaml ..."  SEEDS="1 2"  EXECUTOR=slurm|local (docs/operations.md)
 SHELL := /bin/bash
 PY := .venv/bin/python
 # Every target but setup and help runs the project's Python: say how to get it rather than fail on a missing file.
@@ -37,13 +38,20 @@ ADAPT_BN ?=
 DEST ?= outputs/bundles
 TIME_LIMIT ?=
 GPUS ?=
+# NPROC=<n>: one model over n processes / GPUs of this machine (torchrun + DistributedDataParallel).
+NPROC ?=
+# `make train-jobs`: one scheduler job per config x fold x seed through submitit; SLURM_ARGS="key=value ..." are
+# submitit parameters (timeout_min=600 gpus_per_node=1 slurm_partition=gpu slurm_array_parallelism=8 ...).
+SEEDS ?=
+EXECUTOR ?= slurm
+SLURM_ARGS ?=
 # fold: spend no time on a fold that cannot finish in time; epoch: train until the next epoch would not fit (a
 # RESUME=1 follows on the same disk).
 TIME_LIMIT_MODE ?= fold
 CONFIGS ?=
 # `make benchmark-pbcbench`: the GPU plan's members, specialist and ensembles (docs/operations.md).
-BENCH_MEMBERS ?= recipes/convnext_tiny recipes/swin_tiny recipes/effnet_lite0
-BENCH_SPECIALISTS ?= recipes/convnext_tiny_gran
+BENCH_MEMBERS ?= recipes/convnext_tiny_scratch recipes/swin_tiny_scratch recipes/effnet_lite0
+BENCH_SPECIALISTS ?= recipes/convnext_tiny_gran_scratch
 BENCH_ENSEMBLES ?= experiments/pbcbench/ensemble/ensemble experiments/pbcbench/ensemble/scratch \
     experiments/pbcbench/ensemble/ensemble_specialist
 X := configs/experiments/pbcbench
@@ -57,14 +65,15 @@ FOLD_LIST = $(subst $(space),$(comma),$(strip $(FOLDS)))
 STOP = $(if $(TIME_LIMIT),--time-limit $(TIME_LIMIT) --deadline-mode $(TIME_LIMIT_MODE)) \
     $(if $(strip $(GPUS)),--gpus $(subst $(space),$(comma),$(strip $(GPUS))))
 WBC := $(PY) -m wbc
+TRAIN = $(if $(strip $(NPROC)),$(dir $(PY))torchrun --standalone --nproc_per_node=$(strip $(NPROC)) -m wbc,$(WBC))
 
 .DEFAULT_GOAL := help
 .PHONY: help setup test test-fast lint \
         sample-data folds train-fold train-all predict ensemble morph refine submit check-submission classify \
         convert-effnet demo best-cpu \
-        embed fewshot train-restorer restore compare-restore shift damage-match pseudo-label label-issues tune-train \
+        embed fewshot pretrain-ssl select-ssl train-restorer restore compare-restore shift damage-match pseudo-label label-issues tune-train \
         crosslab \
-        runs curves bundle unbundle train-bundle benchmark-throughput benchmark-pbcbench
+        runs curves bundle unbundle train-bundle train-jobs benchmark-throughput benchmark-pbcbench
 
 help: ## list the targets
 	@awk '/^## / {printf "\n\033[1m%s\033[0m\n", substr($$0, 4)} /^[a-zA-Z_-]+:.*## / {split($$0, a, ":.*## "); \
@@ -94,11 +103,11 @@ sample-data: ## write the synthetic sample dataset to data/sample
 folds: ## write folds/<dataset>.csv (stratified, grouped when groups exist)
 	$(WBC) folds -c "$(CONFIG)" $(OVR)
 
-train-fold: ## train fold FOLD with CONFIG, then predict its OOF / eval / test (RESUME=1 continues)
-	$(WBC) train-fold -c "$(CONFIG)" --fold $(FOLD) $(STOP) $(OVR)
+train-fold: ## train fold FOLD with CONFIG, then predict its OOF / eval / test (RESUME=1 continues; NPROC=2: over 2 GPUs)
+	$(TRAIN) train-fold -c "$(CONFIG)" --fold $(FOLD) $(STOP) $(OVR)
 
-train-all: ## train every fold in FOLDS with CONFIG, in one process or one per GPU in GPUS (RESUME=1 skips finished folds)
-	$(WBC) train-fold -c "$(CONFIG)" --fold $(FOLD_LIST) $(STOP) $(OVR)
+train-all: ## train every fold in FOLDS with CONFIG, in one process, one per GPU in GPUS, or each over NPROC GPUs (RESUME=1 skips finished folds)
+	$(TRAIN) train-fold -c "$(CONFIG)" --fold $(FOLD_LIST) $(STOP) $(OVR)
 
 predict: ## fill in missing fold predictions and merge folds: outputs/<name>/{oof,eval,test}.csv + report
 	$(WBC) predict -c "$(CONFIG)" $(OVR)
@@ -150,6 +159,12 @@ embed: ## contrastive embeddings per fold + prototype / k-NN / logistic classifi
 fewshot: ## N-way K-shot episodes and the 50-labels-per-class protocol on `make embed` outputs
 	$(WBC) fewshot -c "$(EMBED)" $(OVR)
 
+pretrain-ssl: ## self-supervised pretraining (DINO / FastSiam) of a backbone on unlabelled cells -> outputs/<name>/backbone.pt (CONFIG=configs/steps/ssl_*.yaml)
+	$(WBC) pretrain-ssl -c "$(CONFIG)" $(OVR)
+
+select-ssl: ## prototype-guided, density-aware choice of pretraining images -> outputs/<name>_select/selected.csv (CONFIG=configs/steps/ssl_*.yaml)
+	$(WBC) select-ssl -c "$(CONFIG)" $(OVR)
+
 train-restorer: ## fit the damage gate and train the Pix2Pix restorer -> outputs/restorer/ (RESTORER=configs/steps/restorer.yaml)
 	$(WBC) train-restorer -c "$(RESTORER)" $(OVR)
 
@@ -174,11 +189,11 @@ label-issues: ## training images whose label PRED's out-of-fold predictions doub
 	@test -n "$(PRED)" || { echo "label-issues: give PRED=outputs/<run> or outputs/ensemble/<name>" >&2; exit 2; }
 	$(WBC) label-issues -c "$(CONFIG)" --pred "$(PRED)" $(OVR)
 
-crosslab: ## RUN's models (a run or outputs/ensemble/<name>) on another lab's IMAGES with LABELS (ID,labels): per-class F1, histogram, confusion (MAP=coarse|none|<yaml>, ADAPT_BN=)
+crosslab: ## RUN's models (a run or outputs/ensemble/<name>) on another lab's IMAGES with LABELS (ID,labels): per-class F1, histogram, confusion (MAP=coarse|none|<yaml>, ADAPT_BN=, ARGS="predict.color_tta=4")
 	@test -n "$(RUN)" -a -n "$(IMAGES)" -a -n "$(LABELS)" || \
 	    { echo 'crosslab: give RUN=outputs/<run> IMAGES=<folder> LABELS=<csv>' >&2; exit 2; }
 	$(WBC) crosslab --run "$(RUN)" --images "$(IMAGES)" --labels "$(LABELS)" --map $(MAP) \
-	    $(if $(ADAPT_BN),--adapt-bn $(ADAPT_BN))
+	    $(if $(ADAPT_BN),--adapt-bn $(ADAPT_BN)) $(ARGS)
 
 tune-train: ## Optuna study of training-time class handling on pruned fold runs (STUDY=, STORAGE=, TRIALS=; one per GPU)
 	$(WBC) tune-train -c "$(CONFIG)" --study-config "$(STUDY)" $(if $(STORAGE),--storage "$(STORAGE)") \
@@ -206,6 +221,12 @@ train-bundle: ## train-all FOLDS of each of CONFIGS within TIME_LIMIT s, then bu
 	    { echo 'train-bundle: give CONFIGS="configs/<a>.yaml ..." and TIME_LIMIT=<seconds>' >&2; exit 2; }
 	$(WBC) train-bundle --configs $(subst $(space),$(comma),$(strip $(CONFIGS))) --fold $(FOLD_LIST) $(STOP) \
 	    --dest "$(DEST)" $(OVR)
+
+train-jobs: ## one scheduler job per config x fold [x seed] of CONFIGS, FOLDS, SEEDS through submitit (EXECUTOR=slurm|local, SLURM_ARGS=; RESUME=1 continues)
+	@test -n "$(CONFIGS)" || { echo 'train-jobs: give CONFIGS="configs/<a>.yaml ..."' >&2; exit 2; }
+	$(WBC) train-jobs --configs $(subst $(space),$(comma),$(strip $(CONFIGS))) --fold $(FOLD_LIST) \
+	    $(if $(strip $(SEEDS)),--seeds $(subst $(space),$(comma),$(strip $(SEEDS)))) --executor $(EXECUTOR) \
+	    $(if $(strip $(SLURM_ARGS)),--slurm-args "$(SLURM_ARGS)") $(OVR)
 
 benchmark-throughput: ## training img/s of train-fold vs a plain timm loop on preloaded data (GPU)
 	$(WBC) benchmark-throughput -c "$(CONFIG)" $(OVR)

@@ -124,7 +124,7 @@ def test_prediction_only_run_uses_the_source_checkpoints(sample_root, make_cfg, 
     monkeypatch.setattr(fold_mod, "predict_probs", dies_on_test)
     with pytest.raises(KeyboardInterrupt):
         main(cmd + ["name=killed", f"predict.checkpoints={src}"])
-    assert (out / "killed" / "fold0" / "eval.csv").exists() and not (out / "killed" / "fold0" / "oof.csv").exists()
+    assert not any((out / "killed" / "fold0" / f).exists() for f in ("eval.csv", "oof.csv"))  # written together
     monkeypatch.setattr(fold_mod, "predict_probs", real)
     assert main(cmd + ["name=killed", f"predict.checkpoints={src}"]) == 0
     for split in ("oof", "test"):
@@ -144,3 +144,106 @@ def test_batches_are_shuffled_so_that_each_sees_the_whole_split():
 def test_alpha_zero_is_refused_not_silently_a_copy():
     with pytest.raises(WBCError, match=r"\(0, 1\]"):
         adapt_batchnorm(_net(), _images(4), 0.0, **KW)  # 0 means off: the caller skips adaptation
+
+
+def test_balancing_weights_give_the_predicted_classes_the_target_mix_with_a_cap():
+    from wbc.optional.adapt_bn import MAX_WEIGHT, balancing_weights
+
+    pseudo = np.array([0] * 90 + [1] * 10)
+    w = balancing_weights(pseudo, np.array([0.5, 0.5]))
+    assert np.isclose(w.sum(), 1) and np.isclose(w[pseudo == 0].sum(), 0.5) and np.isclose(w[pseudo == 1].sum(), 0.5)
+    pseudo = np.array([0] * 999 + [1])  # one image of class 1 may not stand for half the split
+    w = balancing_weights(pseudo, np.array([0.5, 0.5]))
+    assert np.isclose(w[-1] / w[0], MAX_WEIGHT)
+    w = balancing_weights(np.array([0, 0, 2]), np.array([0.2, 0.5, 0.3]))  # a class never predicted: no weight
+    assert np.allclose(w, [0.2, 0.2, 0.6])  # classes 0 : 2 as 0.2 : 0.3
+
+
+def _class_net():
+    """Class = brightness: BatchNorm on the input, then a linear read-out of the mean level (bright images are
+    class 1). The first BatchNorm's running mean is the mean level the statistics were averaged over."""
+    net = nn.Sequential(nn.BatchNorm2d(3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2)).eval()
+    with torch.no_grad():
+        net[-1].weight.copy_(torch.tensor([[-1.0, -1.0, -1.0], [1.0, 1.0, 1.0]]) * 10)
+        net[-1].bias.zero_()
+    return net
+
+
+def test_the_guard_averages_statistics_over_the_training_class_mix():
+    """A split of 90 dark (class 0) and 10 bright (class 1) images, a model trained on batches half and half: plain
+    adaptation centres on the 90/10 mix, the guard on the 50/50 one it trained with."""
+    from wbc.optional.adapt_bn import adapt
+
+    rng = np.random.default_rng(0)
+    dark = rng.integers(60, 70, (90, 8, 8, 3), dtype=np.uint8)
+    bright = rng.integers(180, 190, (10, 8, 8, 3), dtype=np.uint8)
+    images = np.concatenate([dark, bright])
+    x = _normalised(images).mean((2, 3))[:, 0]
+    cfg = {"predict": {"adapt_bn": 1.0, "adapt_bn_guard": "none"}}
+    kw = dict(KW, batch_size=256, amp="none", tta=1)
+    plain = adapt(_class_net(), images, cfg, 0, "t", prior=np.array([1.0, 1.0]), **kw)
+    assert plain[0].running_mean[0].item() == pytest.approx(x.mean().item(), abs=1e-4)
+    cfg["predict"]["adapt_bn_guard"] = "balance"
+    guarded = adapt(_class_net(), images, cfg, 0, "t", prior=np.array([1.0, 1.0]), **kw)
+    half = 0.5 * (x[:90].mean() + x[90:].mean()).item()
+    assert guarded[0].running_mean[0].item() == pytest.approx(half, abs=0.02)
+    assert abs(plain[0].running_mean[0].item() - half) > 0.5
+
+
+def test_the_training_class_mix_follows_the_sampler():
+    import pandas as pd
+
+    from wbc.s3_train.sampling import sampled_class_mix
+    from wbc.s4_predict.fold import training_mix
+
+    labels = np.array([0] * 100 + [1] * 4)
+    assert np.allclose(sampled_class_mix(labels, 2, {"type": "sqrt"}), [10 / 12, 2 / 12])
+    assert np.allclose(sampled_class_mix(labels, 2, {"type": "balanced"}), [0.5, 0.5])
+    assert np.allclose(sampled_class_mix(labels, 2, {"type": "none"}), [100 / 104, 4 / 104])
+    pool = pd.DataFrame({"labels": ["A"] * 100 + ["B"] * 4 + ["B"] * 50, "fold": [0] * 104 + [1] * 50})
+    cfg = {"train": {"sampler": {"type": "none"}}}
+    assert np.allclose(training_mix(cfg, pool, 1, ["B", "A"]), [4 / 104, 100 / 104])  # fold 1's rows are held out
+
+
+def test_colour_views_average_the_image_its_grey_level_and_two_gammas():
+    from wbc.models.inference import COLOR_VIEWS, color_view
+
+    net = _net(2)
+    images = _images(6, 2)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    grey = color_view(x, COLOR_VIEWS.index("grey"))
+    assert torch.allclose(grey[:, 0], grey[:, 2]) and torch.allclose(
+        grey[:, 0], 0.299 * x[:, 0].float() + 0.587 * x[:, 1].float() + 0.114 * x[:, 2].float(), atol=1e-4)
+    dark = color_view(x, COLOR_VIEWS.index("gamma_1.25"))
+    assert torch.allclose(dark, 255 * (x.float() / 255) ** 1.25) and (dark <= x.float() + 1e-4).all()
+    both = predict_probs(net, images, color_tta=2, **KW)
+    with torch.no_grad():
+        want = [net((color_view(x, c).float() - torch.tensor(MEAN).view(1, 3, 1, 1) * 255)
+                    / (torch.tensor(STD).view(1, 3, 1, 1) * 255)).softmax(1) for c in (0, 1)]
+    assert np.allclose(both, ((want[0] + want[1]) / 2).numpy(), atol=1e-5)
+    assert not np.allclose(both, predict_probs(net, images, **KW), atol=1e-3)
+    with pytest.raises(ValueError, match="color_tta must be 1, 2 or 4"):
+        predict_probs(net, images, color_tta=3, **KW)
+
+
+def test_a_fold_predicted_with_other_colour_views_or_guard_is_predicted_again(tmp_path):
+    import json
+
+    from wbc.core.config import load_config
+    from wbc.s4_predict.fold import prediction_settings, predictions_current
+
+    cfg = load_config(None, ["data.root=data/sample"])
+    (tmp_path / "oof.csv").write_text("ID\n")
+    (tmp_path / "prediction.json").write_text(json.dumps(prediction_settings(cfg)))
+    assert predictions_current(cfg, tmp_path)
+    cfg["predict"]["color_tta"] = 4
+    assert not predictions_current(cfg, tmp_path)
+    (tmp_path / "prediction.json").write_text(json.dumps(prediction_settings(cfg)))
+    assert predictions_current(cfg, tmp_path)
+    cfg["predict"].update(color_tta=1, adapt_bn=0.5)
+    old = {**prediction_settings(cfg)}
+    old.pop("adapt_bn_guard")  # a fold adapted before the guard existed
+    (tmp_path / "prediction.json").write_text(json.dumps(old))
+    assert not predictions_current(cfg, tmp_path)
+    cfg["predict"]["adapt_bn_guard"] = "none"
+    assert predictions_current(cfg, tmp_path)

@@ -610,10 +610,14 @@ def test_report_steps_add_one_part_of_the_rule_at_a_time():
     rule = make_rule(["a", "b", "c"], [0.1, 0.0, -0.2], {"c": 0.3}, 0.8, [0.5, 0.3, 0.2])
     steps = dict(rule_steps(rule))
     assert list(steps) == ["+bias", "+thresholds", "+quota"]
-    assert steps["+bias"] == dict(rule, thresholds={}, quota=0.0)
-    assert steps["+thresholds"] == dict(rule, quota=0.0)
+    assert steps["+bias"] == dict(rule, thresholds={}, quota=0.0, pairs={})
+    assert steps["+thresholds"] == dict(rule, quota=0.0, pairs={})
     assert steps["+quota"] == rule
     assert [s for s, _ in rule_steps(dict(rule, thresholds={}, quota=0.0))] == ["+bias"]
+    paired = make_rule(["a", "b", "c"], [0.1, 0.0, -0.2], {}, 0.8, [0.5, 0.3, 0.2], pairs={"a|b": 0.4})
+    steps = dict(rule_steps(paired))
+    assert list(steps) == ["+bias", "+pairs", "+quota"] and steps["+pairs"] == dict(paired, quota=0.0)
+    assert steps["+bias"]["pairs"] == {}
 
 
 def test_nested_estimate_refits_the_blend_weights_without_the_held_out_fold():
@@ -658,3 +662,37 @@ def test_members_that_finished_other_folds_blend_on_the_common_ones(tmp_path, ru
     assert json.loads((tmp_path / "subs" / "partial.json").read_text())["folds"] == [0, 1]
     cfg_file.write_text(cfg_file.read_text().replace("- 0\n  - 1", "- 1"))
     assert main(["ensemble", "--config", str(cfg_file), f"output_dir={tmp_path / 'out'}", f"data.root={root}"]) == 2
+
+
+def test_a_pair_margin_moves_rows_only_between_its_two_classes():
+    classes = ["a", "b", "c"]
+    probs = np.array([[0.40, 0.50, 0.10],   # b by argmax; a with a margin above log(0.5 / 0.4)
+                      [0.20, 0.70, 0.10],   # b either way below log(0.7 / 0.2)
+                      [0.30, 0.25, 0.45],   # c: no margin between a and b touches it
+                      [0.05, 0.60, 0.35]])  # b, but c by threshold: the pair leaves it to the threshold
+    rule = make_rule(classes, [0, 0, 0], {"c": 0.3}, 0.0, [1 / 3] * 3)
+    plain = apply_rule(probs, rule)
+    assert plain.tolist() == [1, 1, 2, 2]
+    assert apply_rule(probs, {**rule, "pairs": {"a|b": 0.0}}).tolist() == plain.tolist()  # margin 0: identity
+    assert apply_rule(probs, {**rule, "pairs": {"a|b": 0.5}}).tolist() == [0, 1, 2, 2]
+    assert apply_rule(probs, {**rule, "pairs": {"a|b": 2.0}}).tolist() == [0, 0, 2, 2]
+    with pytest.raises(WBCError, match="unknown class"):
+        apply_rule(probs, {**rule, "pairs": {"a|z": 1.0}})
+
+
+def test_tuned_pair_margin_separates_two_neighbouring_stages():
+    """True a rows look like (0.4, 0.5, 0.1), true b rows (0.2, 0.7, 0.1): argmax calls all of them b; only a margin in
+    (log 1.25, log 3.5) between a and b gets both right, with the class biases off."""
+    classes = ["a", "b", "c"]
+    probs = np.array([[0.4, 0.5, 0.1]] * 20 + [[0.2, 0.7, 0.1]] * 30 + [[0.1, 0.1, 0.8]] * 10)
+    y = np.array([0] * 20 + [1] * 30 + [2] * 10)
+    space = RuleSpace.from_cfg({"tau_max": 0, "bias_range": 0, "pairs": [["a", "b"]], "pair_range": 2.0})
+    rule, _ = tune_rule(probs, y, classes, space, storage=optuna.storages.InMemoryStorage(), study_prefix="p",
+                        n_trials=40, seed=0)
+    assert np.log(1.25) < rule["pairs"]["a|b"] < np.log(3.5)
+    assert macro_f1(y, apply_rule(probs, rule), 3) == 1.0
+    with pytest.raises(WBCError, match="not among the classes"):
+        tune_rule(probs, y, classes, RuleSpace.from_cfg({"pairs": [["a", "z"]]}),
+                  storage=optuna.storages.InMemoryStorage(), study_prefix="p", n_trials=1, seed=0)
+    with pytest.raises(WBCError, match="two different classes"):
+        RuleSpace.from_cfg({"pairs": [["a", "a"]]})

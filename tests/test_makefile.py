@@ -51,12 +51,12 @@ def test_benchmark_pbcbench_chains_members_ensembles_and_refinement():
     assert r.returncode == 0, r.stderr
     lines = [line for line in r.stdout.splitlines() if " -m wbc " in line]
     expected = []
-    for m in ["convnext_tiny", "swin_tiny", "effnet_lite0"]:
+    for m in ["convnext_tiny_scratch", "swin_tiny_scratch", "effnet_lite0"]:
         expected += [f"train-fold -c configs/recipes/{m}.yaml --fold 0,1,2,3,4", f"predict -c configs/recipes/{m}.yaml",
                      f"submit -c configs/recipes/{m}.yaml"]
     # a specialist predicts only its classes: trained and predicted, never submitted alone
-    expected += ["train-fold -c configs/recipes/convnext_tiny_gran.yaml --fold 0,1,2,3,4",
-                 "predict -c configs/recipes/convnext_tiny_gran.yaml"]
+    expected += ["train-fold -c configs/recipes/convnext_tiny_gran_scratch.yaml --fold 0,1,2,3,4",
+                 "predict -c configs/recipes/convnext_tiny_gran_scratch.yaml"]
     expected += ["ensemble -c configs/experiments/pbcbench/ensemble/ensemble.yaml",
                  "ensemble -c configs/experiments/pbcbench/ensemble/scratch.yaml",
                  "ensemble -c configs/experiments/pbcbench/ensemble/ensemble_specialist.yaml",

@@ -104,8 +104,8 @@ def test_training_feeds_mixed_soft_targets_to_the_loss_and_resumes_exactly(sampl
     seen = []
     real = optim.stage_loss
 
-    def recording(t, counts, stage, device):
-        fn = real(t, counts, stage, device)
+    def recording(t, counts, stage, device, classes=None):
+        fn = real(t, counts, stage, device, classes)
 
         def call(logits, target):
             seen.append((len(seen), target.detach().clone()))

@@ -150,5 +150,5 @@ def test_without_pseudo_labels_the_training_set_is_the_pool(sample_root, make_cf
     extra = data.extra_rows()
     assert data.extra is None and len(extra.images) == 0 and len(extra.labels) == 0
     cfg["data"]["pseudo_labels"] = str(tmp_path / "missing.csv")
-    with pytest.raises(WBCError, match=r"missing.csv: not found \(data.pseudo_labels\)"):
+    with pytest.raises(WBCError, match=r"missing.csv: file \(data.pseudo_labels\) not found"):
         load_fold_data(cfg)

@@ -158,6 +158,9 @@ def test_an_image_too_large_to_decode_is_refused_by_its_header(capsys, data_copy
     ("data.image_size=0", "data.image_size: must be >= 8, got 0"),
     ("predict.tta=3", "predict.tta: expected one of 1, 2, 4, 8, got 3"),
     ("name=../../x", "name: a name is one plain file name"),
+    ("augment.flip=abc", "augment.flip: expected a number, got 'abc'"),  # any key by its base.yaml default's kind
+    ("ensemble.tuning.n_trials=abc", "ensemble.tuning.n_trials: expected a number, got 'abc'"),
+    ("train.compile=maybe", "train.compile: expected true or false, got 'maybe'"),
 ])
 def test_a_bad_value_is_one_line_before_any_work(capsys, sample_root, tmp_path, override, needle):
     code, text = run_cli(capsys, "train-fold", "-c", "configs/recipes/tiny_cpu.yaml", "--fold", "0",
@@ -271,3 +274,95 @@ def test_runs_on_two_datasets_never_mix_under_one_name(sample_root, make_cfg, tm
     with pytest.raises(WBCError, match=r"shared: holds runs on sample \(folds .*\); this config's data is lab2"):
         train_fold(b, 0)
     assert sorted(p.name for p in (run_dir(a) / "fold0").iterdir()) == before
+
+
+# ---------------------------------------------------------------- 7. files tampered with between steps
+
+@pytest.mark.slow
+def test_tampered_fold_files_are_one_line_each(capsys, sample_root, make_cfg):
+    """One trained 2-fold run, then each file a user or a copy could break: another fold's checkpoint, another
+    architecture's, a changed folds file, OOF rows of another fold, a torn metrics line, unreadable JSON."""
+    import shutil
+
+    from wbc.core.run_folder import read_metrics, run_dir
+    from wbc.s3_train.loop import train_fold
+
+    cfg = make_cfg(sample_root, "folds.n_folds=2", "train.epochs=1", "predict.tta=1")
+    write_folds(cfg)
+    for k in (0, 1):
+        train_fold(cfg, k)
+    run = run_dir(cfg)
+    f0, f1 = run / "fold0", run / "fold1"
+    cmd = ["predict", *cli_cfg(cfg), "folds.n_folds=2", "train.epochs=1", "predict.tta=1"]
+    assert main(cmd) == 0
+    capsys.readouterr()
+    best0 = f0.joinpath("best.pt").read_bytes()
+
+    oof = (f0 / "oof.csv").read_text()
+    (f0 / "oof.csv").unlink()  # fold 0 to predict again
+    shutil.copy(f1 / "best.pt", f0 / "best.pt")  # fold 1's model predicting fold 0's OOF: it trained on them
+    one_error(*run_cli(capsys, *cmd), "fold0/best.pt: a checkpoint fold1 wrote")
+    f0.joinpath("best.pt").write_bytes(best0)
+
+    (f0 / "best.pt").write_bytes(__import__("io").BytesIO().getvalue())  # not a checkpoint at all
+    one_error(*run_cli(capsys, *cmd), "fold0/best.pt: unreadable checkpoint")
+    import torch
+    torch.save({"conv.weight": torch.zeros(1)}, f0 / "best.pt")  # another architecture's state_dict
+    one_error(*run_cli(capsys, *cmd), "fold0/best.pt: does not match this config")
+    f0.joinpath("best.pt").write_bytes(best0)
+
+    assert main(cmd) == 0
+    capsys.readouterr()
+    oof = (f0 / "oof.csv").read_text().splitlines()  # a row that says it belongs to another fold
+    head = oof[0].split(",")
+    row = oof[1].split(",")
+    row[head.index("fold")] = "1"
+    (f0 / "oof.csv").write_text("\n".join([oof[0], ",".join(row), *oof[2:]]) + "\n")
+    one_error(*run_cli(capsys, *cmd), "fold0/oof.csv:2: fold 1, not 0")
+    (f0 / "oof.csv").write_text("\n".join(oof) + "\n")
+
+    (f0 / "prediction.json").write_text("{not json")
+    one_error(*run_cli(capsys, *cmd), "fold0/prediction.json: not readable JSON")
+    (f0 / "prediction.json").unlink()
+
+    metrics = (f0 / "metrics.jsonl").read_text()
+    (f0 / "metrics.jsonl").write_text(metrics + '{"epoch": 1, "trai')  # a writer killed mid-line
+    assert len(read_metrics(f0)) == 1 and "a torn last record, dropped" in capsys.readouterr().out
+    (f0 / "metrics.jsonl").write_text('{"epoch": 0, "trai\n' + metrics)  # damage before the last line
+    with pytest.raises(WBCError, match=r"metrics.jsonl:1: not a JSON record"):
+        read_metrics(f0)
+    (f0 / "metrics.jsonl").write_text(metrics)
+
+    folds = cfg["folds"]["file"]
+    df = pd.read_csv(folds, dtype=str)
+    df["fold"] = df["fold"].map({"0": "1", "1": "0"})  # the folds swapped after training: OOF rows were trained on
+    df.to_csv(folds, index=False)
+    one_error(*run_cli(capsys, *cmd), "sample_tiny_cpu: holds runs on sample (folds ")  # the run's record first
+    code, text = run_cli(capsys, "train-fold", "--fold", "0", "--resume", *cli_cfg(cfg), "folds.n_folds=2",
+                         "train.epochs=1", "predict.tta=1")
+    one_error(code, text, "trained on another content of")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["train-fold", "--fold", "a"], "wbc train-fold: argument --fold: folds are integers"),
+    (["damage-match", "--images", "0"], "wbc damage-match: argument --images: must be at least 1, got 0"),
+    (["predict", "--no-such-flag"], "wbc: unrecognized arguments: --no-such-flag"),
+])
+def test_a_command_line_mistake_is_one_line(capsys, argv, needle):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    out = capsys.readouterr()
+    one_error(e.value.code, (out.out + out.err).strip(), needle)
+
+
+def test_brackets_in_an_error_are_printed_not_read_as_markup(capsys, sample_root, tmp_path, monkeypatch):
+    code, text = run_cli(capsys, "morph", "-c", "configs/steps/refine.yaml", f"data.root={sample_root}",
+                         f"morph.out_dir={tmp_path}", "morph.splits=[nosuch]")
+    one_error(code, text, "morph.splits: unknown split(s) nosuch (one of phase1")
+
+    def refused(*a):
+        raise WBCError("ensemble.blend.weights: [a,b] is not fit, equal or a list of numbers")
+
+    monkeypatch.setattr("wbc.core.cli.load_config", refused)
+    code, text = run_cli(capsys, "folds")
+    one_error(code, text, "ensemble.blend.weights: [a,b] is not fit")  # rich markup would have swallowed '[a,b]'

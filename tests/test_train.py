@@ -86,7 +86,7 @@ def test_a_fresh_start_replaces_the_folds_earlier_results(cfg2, monkeypatch):
     monkeypatch.setattr(loop, "_record_environment", killed)  # the first thing after the start: a kill there
     with pytest.raises(KeyboardInterrupt):
         train_fold(cfg, 0)
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "unrelated.txt"]  # the new start's config
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "fold.json", "unrelated.txt"]  # the new start's
     with pytest.raises(KeyboardInterrupt):  # a resume with nothing to resume is a fresh start too
         train_fold(cfg, 0, resume=True)
 
@@ -273,9 +273,9 @@ def test_several_folds_in_one_process_match_separate_runs(cfg2, capsys):
                                   pd.read_csv(out / "together" / "fold1" / "oof.csv"))
     assert (out / "together" / "fold0" / "oof.csv").exists()
     capsys.readouterr()
-    with pytest.raises(SystemExit) as e:  # argparse's usage error
+    with pytest.raises(SystemExit) as e:  # argparse's usage error, one line
         main(["train-fold", "--fold", "0,x", *base])
-    assert e.value.code == 2 and "integers separated by commas" in capsys.readouterr().err
+    assert e.value.code == 2 and "integers separated by commas" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -5,6 +5,8 @@ import argparse
 import importlib
 import sys
 
+from rich.markup import escape
+
 from .core.console import console
 from .core.errors import WBCError
 from .ops.deadline import EXIT_CODE as DEADLINE_EXIT
@@ -29,15 +31,26 @@ COMMAND_MODULES = [
     "wbc.optional.label_issues",
     "wbc.optional.tune_train_cli",
     "wbc.optional.crosslab",
+    "wbc.optional.ssl.cli",
     # operations
     "wbc.ops.bundle",
     "wbc.ops.runs",
     "wbc.ops.curves",
+    "wbc.ops.jobs",
 ]
 
 
+class Parser(argparse.ArgumentParser):
+    """Command-line mistakes (`--fold a`, a missing argument) as one `error:` line like every other bad input."""
+
+    def error(self, message):
+        console.print(f"[bold red]error:[/] {escape(self.prog)}: {escape(message)} (`{escape(self.prog)} -h` lists the "
+                      "arguments)", highlight=False, soft_wrap=True)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wbc", description=__doc__)
+    parser = Parser(prog="wbc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -49,15 +62,15 @@ def main(argv=None) -> int:
     try:
         args.func(args)
     except WBCError as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)  # '[a,b]' is no markup
         return 2
     except DeadlineReached as e:
-        console.print(f"[yellow]deadline:[/] {e}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]deadline:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         return DEADLINE_EXIT
     except OSError as e:  # a full disk, a read-only or vanished folder: one line naming the file, not a traceback
         what = e.strerror or str(e)
-        console.print(f"[bold red]error:[/] {what}" + (f": {e.filename}" if e.filename else ""), highlight=False,
-                      soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(what)}" + (f": {escape(str(e.filename))}" if e.filename else ""),
+                      highlight=False, soft_wrap=True)
         return 2
     return 0
 

@@ -13,10 +13,30 @@ from pathlib import Path
 
 import yaml
 
-from .errors import WBCError
+from .errors import WBCError, first_line
+from .validate import check_values, get_dotted
 
-ROOT = Path(__file__).resolve().parents[3]
-CONFIG_DIR = ROOT / "configs"
+
+def _project_root() -> Path:
+    """Where relative paths (data/, folds/, outputs/, weights/) live: WBC_HOME, else the checkout this package runs
+    from (an editable install), else the working folder (a wheel installed outside any checkout)."""
+    if os.environ.get("WBC_HOME"):
+        return Path(os.environ["WBC_HOME"]).expanduser().resolve()
+    checkout = Path(__file__).resolve().parents[3]
+    return checkout if (checkout / "configs" / "base.yaml").exists() else Path.cwd().resolve()
+
+
+def _config_dir(root: Path) -> Path:
+    """The project's configs/, else the copy a wheel installs under <prefix>/share/wbc/configs."""
+    if (root / "configs" / "base.yaml").exists():
+        return root / "configs"
+    import sysconfig
+
+    return Path(sysconfig.get_path("data")) / "share" / "wbc" / "configs"
+
+
+ROOT = _project_root()
+CONFIG_DIR = _config_dir(ROOT)
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -35,7 +55,7 @@ def read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise WBCError(f"{path}: invalid YAML ({str(e).splitlines()[0]})") from None
+        raise WBCError(f"{path}: invalid YAML ({first_line(e)})") from None
     if not isinstance(data, dict):
         raise WBCError(f"{path}: a config must be a mapping")
     return data
@@ -55,7 +75,7 @@ def _chain(path: Path, seen: tuple = ()) -> dict:
     return deep_merge(base, data)
 
 
-STEP_SECTIONS = ("embed", "restorer", "shift")  # optional steps: each checks its own keys, with its own defaults
+STEP_SECTIONS = ("embed", "restorer", "shift", "ssl")  # optional steps: each checks its own keys, with its own defaults
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 1e-3: YAML 1.1 wants 1.0e-3
 
 
@@ -72,7 +92,7 @@ def parse_override(text: str, current=None) -> tuple[list[str], object]:
     try:
         value = yaml.safe_load(val) if val != "" else None
     except yaml.YAMLError as e:
-        raise WBCError(f"override '{text}': invalid YAML value ({str(e).splitlines()[0]})") from None
+        raise WBCError(f"override '{text}': invalid YAML value ({first_line(e)})") from None
     if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value):
         value = float(value)
     return key.strip().split("."), value
@@ -96,15 +116,6 @@ def leaves(cfg: dict, prefix: str = "") -> dict:
         else:
             out[prefix + k] = v
     return out
-
-
-def get_dotted(cfg: dict, dotted: str, default=None):
-    node = cfg
-    for k in dotted.split("."):
-        if not isinstance(node, dict) or k not in node:
-            return default
-        node = node[k]
-    return node
 
 
 def unknown_keys(cfg: dict, defaults: dict, prefix: str = "") -> list[str]:
@@ -131,9 +142,21 @@ def _refuse_unknown(cfg: dict, defaults: dict, where: str) -> None:
         raise WBCError(f"{where}: unknown config key(s) {', '.join(bad)} (configs/base.yaml lists every key)")
 
 
+def config_path(path=None) -> Path:
+    """A config file as given; one not found there but under the installed configs (`configs/recipes/x.yaml`
+    or `recipes/x.yaml`) is taken from them, so a wheel install runs the README's commands from any folder."""
+    if not path:
+        return CONFIG_DIR / "base.yaml"
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return p
+    inside = Path(*p.parts[1:]) if p.parts[:1] == ("configs",) else p
+    return CONFIG_DIR / inside if (CONFIG_DIR / inside).exists() else p
+
+
 def load_config(path=None, overrides: list[str] | tuple = ()) -> dict:
     """Resolve a config. `path=None` gives the defaults. The run name defaults to `run_name(<file stem>)`."""
-    path = Path(path) if path else CONFIG_DIR / "base.yaml"
+    path = config_path(path)
     cfg = _chain(path)
     defaults = read_yaml(CONFIG_DIR / "base.yaml")
     _refuse_unknown(cfg, defaults, str(path))
@@ -147,9 +170,7 @@ def load_config(path=None, overrides: list[str] | tuple = ()) -> dict:
         cfg.setdefault("data", {})["root"] = os.environ["WBC_DATA"]
     if not cfg.get("name"):
         cfg["name"] = run_name(cfg, path.stem)
-    from .validate import check_values
-
-    check_values(cfg, str(path))
+    check_values(cfg, str(path), defaults)
     return cfg
 
 

@@ -12,3 +12,9 @@ class TrainingDiverged(WBCError):
 def where(path, row=None) -> str:
     """`path` or `path:row` for error messages; row is the 1-based line in the file (header = 1)."""
     return f"{path}" if row is None else f"{path}:{row}"
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's first message line for a one-line error, or its type's name when the message is empty."""
+    lines = str(e).splitlines()
+    return lines[0] if lines else type(e).__name__

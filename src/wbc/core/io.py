@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .errors import WBCError
+from .errors import WBCError, first_line
 
 PROB_PREFIX = "prob_"
 _UMASK = os.umask(0)
@@ -40,6 +41,12 @@ def fingerprint(paths) -> str:
     return h.hexdigest()[:12]
 
 
+def file_digest(path) -> str:
+    """Short hash of one file's content alone (unlike `fingerprint`, its name left out: a copy has the same)."""
+    st = Path(path).stat()
+    return _digest(str(path), st.st_size, st.st_mtime_ns).hex()[:12]
+
+
 TEMP = re.compile(r"\..+\.tmp(\d+)-.*")  # a temporary file of atomic_path: `.<name>.tmp<writer pid>-<random>`
 
 
@@ -58,17 +65,25 @@ def _alive(pid: int) -> bool:
 
 
 def clean_stale_temps(folder) -> list[Path]:
-    """Remove the temporary files of writers that died before renaming them (a kill -9, a power cut): they would
-    otherwise stay forever and travel in bundles. A live writer's are kept."""
+    """Remove the temporary files (and folders: an unbundle's) of writers that died before renaming them (a kill -9,
+    a power cut): they would otherwise stay forever and travel in bundles. A live writer's are kept."""
     gone = []
     with contextlib.suppress(FileNotFoundError):
         for p in Path(folder).iterdir():
             m = TEMP.fullmatch(p.name)
             if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
                 with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
+                    if p.is_dir() and not p.is_symlink():
+                        shutil.rmtree(p)
+                    else:
+                        p.unlink()
                     gone.append(p)
     return gone
+
+
+def temp_name(path) -> str:
+    """A temporary name for `path` in its folder that `clean_stale_temps` removes once this process is dead."""
+    return f".{Path(path).name}.tmp{os.getpid()}-"
 
 
 @contextlib.contextmanager
@@ -78,7 +93,7 @@ def atomic_path(path, suffix: str | None = None):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp{os.getpid()}-", suffix=suffix or path.suffix)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_name(path), suffix=suffix or path.suffix)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -115,6 +130,30 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
+def read_json(path, what: str = "file", kind: type = dict):
+    """json.loads of `path`, with a missing, unreadable or malformed file, or one that does not hold a `kind` (an
+    object by default), as one WBCError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise WBCError(f"{path}: {what} not found")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:  # bad JSON or bad UTF-8
+        raise WBCError(f"{path}: not readable JSON ({first_line(e)[:160]}); it may be truncated or edited: "
+                       "delete it and run the step that writes it again") from None
+    if not isinstance(data, kind):
+        raise WBCError(f"{path}: holds a JSON {type(data).__name__}, not the {kind.__name__} it should")
+    return data
+
+
+def read_cache_key(path):
+    """A cache's key file (JSON), or None when it is missing or unreadable: then the cache is rebuilt."""
+    try:
+        return read_json(path)
+    except WBCError:
+        return None
+
+
 def read_csv(path, what: str = "file", **kwargs) -> pd.DataFrame:
     """pd.read_csv, with a missing file, a folder, an empty or malformed file as one WBCError line."""
     path = Path(path)
@@ -125,7 +164,7 @@ def read_csv(path, what: str = "file", **kwargs) -> pd.DataFrame:
     try:
         df = pd.read_csv(path, **kwargs)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        why = first_line(e)
         raise WBCError(f"{path}: not a readable CSV ({why})") from None
     if not isinstance(df.index, pd.RangeIndex):  # every row had one field too many: pandas made column 1 an index
         raise WBCError(f"{path}:2: more fields than the header")
@@ -175,7 +214,7 @@ def torch_load(path):
     except FileNotFoundError:
         raise WBCError(f"{path}: not found") from None
     except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
-        raise WBCError(f"{path}: unreadable checkpoint ({str(e).splitlines()[0][:160]}); it may be truncated (a full "
+        raise WBCError(f"{path}: unreadable checkpoint ({first_line(e)[:160]}); it may be truncated (a full "
                        "disk, a killed copy) or not a plain state_dict: delete it and train again") from None
 
 

@@ -3,7 +3,7 @@ training, prediction, the parallel trainer, bundles and the runs table agree on 
 
     <run>/config.yaml                 the resolved config
     <run>/fold<k>/                    best.pt last.pt state.pt metrics.jsonl env.json train_result.json
-                                      prediction.json oof.csv eval.csv test.csv confusion_oof.png
+                                      prediction.json oof.csv eval.csv test.csv confusion_oof.png fold.json
     <run>/{oof,eval,test}.csv         the fold-merged predictions (`make predict`), report.json
 """
 from __future__ import annotations
@@ -13,14 +13,16 @@ import json
 from pathlib import Path
 
 from .config import resolve_path
-from .errors import WBCError
-from .io import write_text
+from .console import console
+from .errors import WBCError, where
+from .io import file_digest, read_json, write_json, write_text
 
 # What training and prediction write into a fold folder; a fresh start of the fold removes them all, so that a
 # run killed before its first save leaves no older run's state to resume, nor its models to count as this run's.
 FOLD_RESULTS = ("state.pt", "best.pt", "last.pt", "train_result.json", "oof.csv", "eval.csv", "test.csv",
                 "prediction.json", "confusion_oof.png")
 METRICS = "metrics.jsonl"
+FOLD_RECORD = "fold.json"  # the fold's number, its folds file's digest and the digests of the checkpoints it wrote
 WRITING = "WRITING"  # present while a step rewrites its outputs in a folder; a killed step leaves it behind
 
 
@@ -55,11 +57,64 @@ def finished(fold: Path) -> bool:
 
 
 def read_metrics(folder: Path) -> list[dict]:
-    """The per-epoch records of `folder/metrics.jsonl` ([] when there is none yet)."""
+    """The per-epoch records of `folder/metrics.jsonl` ([] when there is none yet). A torn last line (a writer
+    killed mid-line) is dropped with a warning; an unreadable line before it is an error naming it."""
     path = Path(folder) / METRICS
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip().startswith("{")]
+    lines = [(i + 1, line) for i, line in enumerate(path.read_text(errors="replace").splitlines()) if line.strip()]
+    records = []
+    for n, (row, line) in enumerate(lines):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None
+        if isinstance(rec, dict):
+            records.append(rec)
+        elif n == len(lines) - 1:
+            console.print(f"[yellow]warning:[/] {where(path, row)}: a torn last record, dropped", highlight=False)
+        else:
+            raise WBCError(f"{where(path, row)}: not a JSON record; the file was edited or damaged: delete it and "
+                           "train the fold again")
+    return records
+
+
+def start_fold_record(fold: Path, folds_file: Path) -> None:
+    """A fresh start's record of what the fold trains: its number and its folds file's content."""
+    write_json(Path(fold) / FOLD_RECORD, {"fold": fold_index(fold), "folds": file_digest(folds_file), "weights": []})
+
+
+def record_weights(fold: Path, digest: str) -> None:
+    """Add the digest of a checkpoint about to be renamed into place (a kill in between leaves one never used). A
+    fold started before folds kept records gets none: its older checkpoints could not be told apart."""
+    path = Path(fold) / FOLD_RECORD
+    if path.exists():
+        rec = read_json(path)
+        write_json(path, {**rec, "weights": [*rec.get("weights", []), digest]})
+
+
+def check_fold_record(fold: Path, folds_file: Path | None = None, weights: Path | None = None) -> None:
+    """Refuse a fold folder whose record says it trained another fold or on another content of `folds_file`, or
+    whose `weights` another fold of the run wrote (copied in): either would predict images the model trained on.
+    Weights edited or brought in from elsewhere pass, as does a fold trained before folds kept records."""
+    fold = Path(fold)
+    if weights is not None:
+        digest = file_digest(weights)
+        for other in fold_dirs(fold.parent):
+            rec = other / FOLD_RECORD
+            if other != fold and rec.exists() and digest in read_json(rec).get("weights", []):
+                raise WBCError(f"{weights}: a checkpoint {other.name} wrote, so fold {fold_index(fold)}'s "
+                               "out-of-fold predictions would be leaked: train the fold again")
+    path = fold / FOLD_RECORD
+    if not path.exists():
+        return
+    rec, k = read_json(path), fold_index(fold)
+    if rec.get("fold") != k:
+        raise WBCError(f"{path}: records fold {rec.get('fold')}, not {k} (a fold folder copied or renamed?): train "
+                       f"fold {k} again")
+    if folds_file is not None and rec.get("folds") != file_digest(folds_file):
+        raise WBCError(f"{fold}: trained on another content of {folds_file} (its folds changed since), so its "
+                       f"out-of-fold predictions would be leaked: restore that folds file or train fold {k} again")
 
 
 def write_metrics(folder: Path, history: list[dict]) -> None:

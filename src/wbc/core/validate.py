@@ -79,14 +79,17 @@ RULES = {
     "predict.batch_size": lambda v: _int(v, 1),
     "predict.weights": lambda v: _one_of(v, ("best", "last")),
     "predict.adapt_bn": lambda v: _float(v, 0.0, 1.0),
+    "predict.adapt_bn_guard": lambda v: _one_of(v, ("balance", "none")),
+    "predict.color_tta": lambda v: _one_of(v, (1, 2, 4)),
 }
 
 
-def _get(cfg: dict, dotted: str):
+def get_dotted(cfg: dict, dotted: str, default=None):
+    """`cfg["a"]["b"]` for "a.b", or `default` where a level is missing."""
     node = cfg
     for k in dotted.split("."):
         if not isinstance(node, dict) or k not in node:
-            return _MISSING
+            return default
         node = node[k]
     return node
 
@@ -94,11 +97,29 @@ def _get(cfg: dict, dotted: str):
 _MISSING = object()
 
 
-def problems(cfg: dict) -> list[str]:
-    """`key: what is wrong` for every value a rule refuses."""
+def type_problems(cfg: dict, defaults: dict, prefix: str = "") -> list[str]:
+    """`key: what is wrong` for a value of another kind than its base.yaml default where that default is a number or
+    true / false (`augment.flip=abc`, `ensemble.tuning.n_trials=abc`); null is left to the key's user (often "off")."""
     out = []
+    for k, d in defaults.items():
+        key, v = prefix + str(k), cfg.get(k, _MISSING) if isinstance(cfg, dict) else _MISSING
+        if v is _MISSING or v is None or key in RULES:
+            continue
+        if isinstance(d, dict):
+            out += type_problems(v, d, key + ".") if isinstance(v, dict) else []
+        elif isinstance(d, bool):
+            if not isinstance(v, bool):
+                out.append(f"{key}: expected true or false, got {v!r}")
+        elif isinstance(d, (int, float)) and (isinstance(v, bool) or not isinstance(v, (int, float))):
+            out.append(f"{key}: expected a number, got {v!r}")
+    return out
+
+
+def problems(cfg: dict, defaults: dict | None = None) -> list[str]:
+    """`key: what is wrong` for every value a rule refuses (and, given base.yaml's `defaults`, of the wrong kind)."""
+    out = type_problems(cfg, defaults) if defaults else []
     for key, check in RULES.items():
-        v = _get(cfg, key)
+        v = get_dotted(cfg, key, _MISSING)
         if v is _MISSING:
             continue
         msg = check(v)
@@ -111,9 +132,9 @@ def problems(cfg: dict) -> list[str]:
     return out
 
 
-def check_values(cfg: dict, where: str) -> None:
+def check_values(cfg: dict, where: str, defaults: dict | None = None) -> None:
     """Raise one WBCError listing every refused value, one line each."""
-    bad = problems(cfg)
+    bad = problems(cfg, defaults)
     if len(bad) == 1:
         raise WBCError(f"{where}: {bad[0]}")
     if bad:

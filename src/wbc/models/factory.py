@@ -8,7 +8,7 @@ import torch
 
 from ..core.config import resolve_path
 from ..core.console import console
-from ..core.errors import WBCError
+from ..core.errors import WBCError, first_line
 from ..core.io import torch_load
 
 
@@ -68,6 +68,12 @@ def create_model(model_cfg: dict, num_classes: int, image_size: int | None = Non
             model = timm.create_model(model_cfg["arch"], pretrained=bool(model_cfg.get("pretrained")),
                                       num_classes=num_classes, **kwargs)
             break
+        except OSError as e:  # hub unreachable and no cached copy: say what to use offline
+            if not model_cfg.get("pretrained"):
+                raise
+            raise WBCError(f"model.pretrained: the hub's weights for {model_cfg['arch']} could not be fetched "
+                           f"({first_line(e)[:120]}); offline, train the recipe's *_scratch twin, or set "
+                           "model.pretrained=false with model.pretrained_file=<state_dict>") from None
         except RuntimeError as e:
             if "Unknown model" in str(e):
                 raise WBCError(f"model.arch: unknown timm model '{model_cfg['arch']}'") from None

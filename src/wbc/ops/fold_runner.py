@@ -16,7 +16,9 @@ from .tracker import EpochLogger
 
 
 def train_folds(cfg: dict, folds: list[int], resume: bool, deadline: Deadline) -> None:
-    """Train and predict `folds` in turn in this process (one start-up, one image load) under `deadline`."""
+    """Train and predict `folds` in turn in this process (one start-up, one image load) under `deadline`; under
+    torchrun, each fold over all its processes, rank 0 alone writing (s3_train/distributed.py)."""
+    from ..s3_train import distributed
     from ..s3_train.inputs import load_fold_data
     from ..s3_train.loop import train_fold
     from ..s4_predict.fold import predict_fold
@@ -27,31 +29,41 @@ def train_folds(cfg: dict, folds: list[int], resume: bool, deadline: Deadline) -
         if resume and finished(out):  # `RESUME=1 make train-all` skips the folds a killed call finished
             console.print(f"{out}: trained and predicted already; nothing to resume")
             continue
-        deadline.check_fold(fold, last_fold_s)
-        data = data or load_fold_data(cfg)
+        distributed.from_rank0(lambda: deadline.check_fold(fold, last_fold_s))
+        data = data or distributed.rank0_first(lambda: load_fold_data(cfg))
         t0 = time.monotonic()  # after the one image load: the next fold will not repeat it
-        log = EpochLogger(out) if cfg["train"]["tracker"] == "tensorboard" else None
+        log = EpochLogger(out) if cfg["train"]["tracker"] == "tensorboard" and distributed.is_main() else None
         try:
             train_fold(cfg, fold, on_epoch=log, resume=resume, data=data, deadline=deadline)
         finally:
             if log is not None:
                 log.close()
+        distributed.barrier()  # rank 0's checkpoints are on disk before any rank predicts with them
         predict_fold(cfg, fold, data)
+        distributed.barrier()
         last_fold_s = time.monotonic() - t0
 
 
 def run_folds(cfg: dict, config: str | None, overrides: list[str], folds: list[int], resume: bool,
               deadline: Deadline, gpus: list[str] | None) -> None:
-    """In this process, or with `gpus` a process per fold on each GPU slot (parallel.py)."""
+    """In this process (one of torchrun's when it started several), or with `gpus` a process per fold on each GPU
+    slot (parallel.py)."""
     if cfg["predict"]["checkpoints"]:
         raise WBCError(f"{cfg['name']}: predict.checkpoints is set, so this config only predicts "
                        f"with another run's models; use `make predict`")
+    from ..core.runtime import pick_device
+    from ..s3_train import distributed
+
+    if gpus and distributed.launched_world() > 1:
+        raise WBCError("GPUS= (a process per fold) and NPROC= (torchrun: one model over several processes) do not "
+                       "mix: give one of them")
     if gpus:
         from .parallel import train_folds_parallel
 
         train_folds_parallel(cfg, config, overrides, folds, gpus, resume, deadline)
     else:
-        train_folds(cfg, folds, resume, deadline)
+        with distributed.process_group(cfg, pick_device(cfg)):
+            train_folds(cfg, folds, resume, deadline)
 
 
 def train_bundle(configs: list[str], overrides: list[str], folds: list[int], resume: bool, deadline: Deadline,
@@ -59,8 +71,11 @@ def train_bundle(configs: list[str], overrides: list[str], folds: list[int], res
     """Each config's folds in turn under one deadline, then every run that has a folder bundled into `dest`, also
     when training stopped early or failed. A backstop alarm `kill_after_s` after the deadline interrupts a training
     that overran it (on a lent machine the call's own limit would take the bundles with it)."""
+    from ..s3_train.distributed import launched_world
     from .bundle import bundle_run
 
+    if launched_world() > 1:
+        raise WBCError("train-bundle runs in one process: NPROC= (torchrun) is for train-fold / train-all")
     cfgs = [load_config(c, overrides) for c in configs]  # every config checked before any training
 
     def overran(signum, frame):

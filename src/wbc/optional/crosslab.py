@@ -205,9 +205,11 @@ def register(sub) -> None:
     p.add_argument("--adapt-bn", type=float, default=None,
                    help="test-time BatchNorm adaptation to these images (predict.adapt_bn; 0-1)")
     p.add_argument("--out", default=None, help="output folder (default outputs/crosslab/<run>_<images>)")
+    p.add_argument("overrides", nargs="*", help="key=value over each run's config (predict.color_tta=4, "
+                                                "predict.adapt_bn_guard=none, ...)")
 
     def run(args):
-        over = [] if args.adapt_bn is None else [f"predict.adapt_bn={args.adapt_bn}"]
+        over = ([] if args.adapt_bn is None else [f"predict.adapt_bn={args.adapt_bn}"]) + list(args.overrides)
         crosslab(args.run, args.images, args.labels, args.map, over, args.out)
 
     p.set_defaults(func=run)

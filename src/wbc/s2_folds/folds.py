@@ -13,7 +13,7 @@ import pandas as pd
 
 from ..core.config import dataset_name, display_path
 from ..core.console import console, print_table
-from ..core.errors import WBCError, where
+from ..core.errors import WBCError, first_line, where
 from ..core.io import fingerprint, write_csv, write_json
 from ..s1_data.layout import (
     check_labels,
@@ -47,7 +47,7 @@ def make_folds(df: pd.DataFrame, n_folds: int, seed: int, groups: np.ndarray | N
             for k, (_, val) in enumerate(splits):
                 fold[val] = k
     except ValueError as e:  # e.g. every class rarer than K: sklearn's reason, as one line
-        raise WBCError(f"cannot split the training pool into {n_folds} folds: {str(e).splitlines()[0]}") from None
+        raise WBCError(f"cannot split the training pool into {n_folds} folds: {first_line(e)}") from None
     return fold
 
 

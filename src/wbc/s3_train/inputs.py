@@ -11,6 +11,7 @@ from ..core import hooks
 from ..core.config import display_path, resolve_path
 from ..core.console import console
 from ..core.errors import WBCError
+from ..core.io import read_csv
 from ..s1_data.cache import load_images
 from ..s1_data.layout import check_disjoint, check_labels, class_list, data_root, read_splits
 from ..s1_data.preprocess import build_preprocess
@@ -103,9 +104,7 @@ def check_test_labels(test: pd.DataFrame, classes: list[str]) -> None:
 def read_id_file(path, key: str, columns: tuple[str, ...]) -> tuple[Path, pd.DataFrame]:
     """The CSV that config key `key` names, as strings, with its required `columns`."""
     path = resolve_path(path)
-    if not path.is_file():
-        raise WBCError(f"{path}: not found ({key})")
-    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    df = read_csv(path, f"file ({key})", dtype=str, keep_default_na=False)
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise WBCError(f"{path}:1: missing column(s) {', '.join(missing)} (found: {', '.join(df.columns)}; "

@@ -9,7 +9,6 @@ statistically unless `train.deterministic` is set (slower).
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from pathlib import Path
 from typing import Callable
@@ -19,21 +18,34 @@ import torch
 
 from ..core import hooks
 from ..core.checkpoint import load_state, read_state, save_state
-from ..core.config import dump_config, leaves
+from ..core.config import dump_config, leaves, read_yaml
 from ..core.console import console
 from ..core.environment import describe, differences, kernel_mode
 from ..core.errors import WBCError
-from ..core.io import torch_save, write_json, write_text
+from ..core.io import atomic_path, file_digest, read_json, write_json, write_text
 from ..core.metrics import macro_f1
-from ..core.run_folder import FOLD_RESULTS, claim, fold_dir, read_metrics, run_dir, write_metrics
+from ..core.run_folder import (
+    FOLD_RESULTS,
+    METRICS,
+    check_fold_record,
+    claim,
+    fold_dir,
+    read_metrics,
+    record_weights,
+    run_dir,
+    start_fold_record,
+    write_metrics,
+)
 from ..core.runtime import device_precision, pick_device, seed_everything
 from ..models.factory import create_model, model_data_config
 from ..models.inference import predict_probs
 from ..s1_data.augment import build_transform
 from ..s1_data.cache import load_images
 from ..s1_data.dataset import CellDataset, StageBatches
+from ..s1_data.layout import folds_path
 from ..s1_data.preprocess import build_preprocess
 from ..s2_folds.folds import dataset_record
+from . import distributed
 from .guards import check_finite, collapse_warning
 from .inputs import Chain, FoldData, Rows, load_fold_data
 from .loader import check_shared_memory, make_loader, stage_iterator
@@ -49,7 +61,7 @@ class StopTraining(Exception):
 def _record_environment(path: Path, start: int) -> None:
     """env.json: one record per start of the fold; a resume on other kernels or libraries says what changed."""
     now = {"start_epoch": start, **describe()}
-    starts = json.loads(path.read_text()) if start > 0 and path.exists() else []
+    starts = read_json(path, kind=list) if start > 0 and path.exists() else []
     if starts:
         changed = differences(starts[-1], now)
         if changed:
@@ -100,12 +112,18 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
     device = pick_device(cfg)
     t = device_precision(cfg["train"], device)  # amp / channels_last as they apply here
     out = fold_dir(run_dir(cfg), fold)
-    claim(run_dir(cfg), dataset_record(cfg))  # one dataset per run folder
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(run_dir(cfg) / "config.yaml", dump_config(cfg))
+    state_path = out / "state.pt"
+    if resume and state_path.exists():  # before anything is written: a refused resume leaves the run as it was
+        check_same_training(out, cfg)
+        check_fold_record(out, folds_path(cfg))
+    main = distributed.is_main()  # with several processes (torchrun), only rank 0 writes files
+    if main:
+        claim(run_dir(cfg), dataset_record(cfg))  # one dataset per run folder
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(run_dir(cfg) / "config.yaml", dump_config(cfg))
     seed = int(cfg["seed"]) + fold
     seed_everything(seed)
-    data = data or load_fold_data(cfg)
+    data = data or distributed.rank0_first(lambda: load_fold_data(cfg))
     y_all, tr_idx, va_idx = split_rows(data, fold)
     classes, n_cls = data.classes, len(data.classes)
     extra = data.extra_rows()
@@ -121,8 +139,10 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
     norm = model_data_config(model)
     if t["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
+    model = distributed.sync_batchnorm(model, bool(t["sync_bn"]))
     ema = build_ema(model, t)
-    fwd = torch.compile(model) if t["compile"] else model
+    fwd = distributed.wrap(model, device)
+    fwd = torch.compile(fwd) if t["compile"] else fwd
     batch_hook = hooks.single("train_batch", cfg)  # Mixup / CutMix or damage consistency, when switched on
     batch_hook = batch_hook.build(cfg, counts, seed) if batch_hook else None
     transform = batch_hook.transform if batch_hook and batch_hook.transform else build_transform(cfg, train=True)
@@ -131,8 +151,14 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
     epochs1, epochs2 = int(t["epochs"]), int(t["stage2"]["epochs"] or 0)
     total_epochs = epochs1 + epochs2
     steps_per_epoch = n_tr // bs
-    stage_of = lambda k: build_stage(k, model, t, y_tr, counts, seed, steps_per_epoch, device, classes)  # noqa: E731
-    low = LowRes(cfg, data, epochs1, len(extra.labels))
+
+    def stage_of(k):
+        stage = build_stage(k, model, t, y_tr, counts, seed, steps_per_epoch, device, classes)
+        if k == 2:  # its fresh classifier trains outside the DDP wrapper
+            distributed.average_grads(model.get_classifier())
+        return stage
+
+    low = distributed.rank0_first(lambda: LowRes(cfg, data, epochs1, len(extra.labels)))
     datasets = {False: CellDataset(tr_images, y_tr, transform, seed)}
     if low.on:
         datasets[True] = CellDataset(Rows(low.pool_images, tr_idx), y_tr, transform, seed)
@@ -143,32 +169,39 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
         end = (low.switch if at_low else epochs1) if stage.number == 1 else total_epochs
         ds = datasets[at_low]
         item_bytes = np.asarray(ds.images[0]).nbytes * getattr(ds.transform, "n_views", 1)
-        check_shared_memory(int(t["num_workers"]), bs * item_bytes)
-        loader = make_loader(ds, StageBatches(stage.sampler, bs, first, end), int(t["num_workers"]), device)
+        check_shared_memory(int(t["num_workers"]), bs // distributed.world_size() * item_bytes)
+        batches = distributed.share(StageBatches(stage.sampler, bs, first, end), bs)  # this rank's share of each
+        loader = make_loader(ds, batches, int(t["num_workers"]), device)
         # a resume starts mid-stage (or mid-phase): no draw
         return stage_iterator(loader, draw_seed=first in (0, epochs1) or (low.on and first == low.switch))
 
     stage = stage_of(1 if epochs1 > 0 else 2)
     scaler = torch.amp.GradScaler("cuda", enabled=t["amp"] == "fp16")  # fp16 is CUDA-only
     start, best, history = 0, -1.0, []
-    state_path = out / "state.pt"
-    if resume and state_path.exists():
-        check_same_training(out, cfg)
-        st = read_state(state_path)
+    st = read_state(state_path) if resume and state_path.exists() else None
+    if st is not None:
+        history = read_metrics(out)[:int(st["epoch"]) + 1]
+        if len(history) <= int(st["epoch"]):  # a version that saved state.pt first, killed before the metrics
+            console.print(f"[yellow]warning:[/] {out / METRICS} holds {len(history)} of the {int(st['epoch']) + 1} "
+                          "epochs state.pt has trained: the fold starts afresh", highlight=False)
+            st, history = None, []
+    if st is not None:
         if st["stage"] == 2 and stage.number == 1:
             stage = stage_of(2)
         load_state(state_path, {"model": model, "ema": ema, "optimizer": stage.opt, "scheduler": stage.sched,
                                 "scaler": scaler}, state=st)
         start, best = int(st["epoch"]) + 1, float(st["best"])
-        history = read_metrics(out)[:start]
         console.print(f"resumed {out} at epoch {start}")
     else:
-        if resume:
+        if resume and not state_path.exists():
             console.print(f"nothing to resume in {out}; starting fresh")
-        for name in FOLD_RESULTS:  # a fresh start replaces the fold (run_folder.FOLD_RESULTS says why)
-            (out / name).unlink(missing_ok=True)
-        write_text(out / "config.yaml", dump_config(cfg))  # what this fold trains with (the run's may change)
-    _record_environment(out / "env.json", start)
+        if main:
+            for name in FOLD_RESULTS:  # a fresh start replaces the fold (run_folder.FOLD_RESULTS says why)
+                (out / name).unlink(missing_ok=True)
+            write_text(out / "config.yaml", dump_config(cfg))  # what this fold trains with (the run's may change)
+            start_fold_record(out, folds_path(cfg))
+    if main:
+        _record_environment(out / "env.json", start)
 
     eval_model = lambda: ema.module if ema is not None and stage.number == 1 else model  # noqa: E731
     batches = None
@@ -189,12 +222,15 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
         ctx = StepContext(fwd, model, ema if stage.number == 1 else None, stage.opt, stage.sched, scaler, stage.loss,
                           device, norm, t["amp"], t["channels_last"], t["grad_clip"], stage.number, rule)
         ep = train_epoch(ctx, itertools.islice(batches, steps_per_epoch), steps_per_epoch, f"fold {fold} ep {epoch}")
+        ep = distributed.epoch_totals(ep, device)  # over every process's share
         t_train = time.perf_counter() - t0
         check_finite(ep, scaler, f"{out}: epoch {epoch}", clipped=bool(t["grad_clip"]))
+        distributed.average_buffers(model, ema.module if ema is not None else None)
         val_images = low.pool_images if low.at(stage.number, epoch) else data.pool_images
-        val_probs = predict_probs(eval_model(), Rows(val_images, va_idx), device, norm["mean"], norm["std"],
-                                  tta=int(t["val_tta"]), batch_size=int(cfg["predict"]["batch_size"]),
-                                  amp=t["amp"], channels_last=t["channels_last"], desc="validate")
+        val_probs = distributed.predict_rows(
+            lambda rows: predict_probs(eval_model(), rows, device, norm["mean"], norm["std"], tta=int(t["val_tta"]),
+                                       batch_size=int(cfg["predict"]["batch_size"]), amp=t["amp"],
+                                       channels_last=t["channels_last"], desc="validate"), Rows(val_images, va_idx))
         val_s_per_view = (time.perf_counter() - t0 - t_train) / max(len(va_idx) * int(t["val_tta"]), 1)
         y_va = y_all[va_idx]
         f1 = macro_f1(y_va, val_probs.argmax(1), n_cls)
@@ -209,8 +245,8 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
             rec["warning"] = warning
         improved = f1 > best
         epoch_s.append(rec["epoch_s"])
-        need = None if deadline is None else deadline.must_stop(epoch_s, total_epochs - 1 - epoch, val_s_per_view,
-                                                                n_predict_views)
+        need = distributed.from_rank0(lambda: None if deadline is None else deadline.must_stop(
+            epoch_s, total_epochs - 1 - epoch, val_s_per_view, n_predict_views))
         # Checkpoints (about 450 MB for ConvNeXt-T with EMA and AdamW) every `checkpoint_every_s` and at each
         # stage's end; in between, new best weights wait in host memory and a kill loses at most that long.
         save = (every <= 0 or epoch in (epochs1 - 1, total_epochs - 1) or time.monotonic() - saved_at >= every
@@ -218,10 +254,12 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
         if improved:
             best = f1
             best_sd = eval_model().state_dict() if save else _host_copy(eval_model().state_dict())
+        if main:  # the epoch's record before its checkpoints: a kill in between repeats the epoch, losing nothing
+            write_metrics(out, history)
         if save:
-            _save_checkpoints(out, best_sd, eval_model(), model, ema, stage, scaler, epoch, best)
+            if main:
+                _save_checkpoints(out, best_sd, eval_model(), model, ema, stage, scaler, epoch, best)
             best_sd, saved_at = None, time.monotonic()
-        write_metrics(out, history)
         console.print(f"fold {fold} epoch {epoch} stage {stage.number}: loss {ep['loss']:.4f} val_loss {val_loss:.4f} "
                       f"val_macro_f1 {f1:.4f}{' *' if improved else ''} (grad norm {ep['grad_norm']:.3g}, max "
                       f"{ep['grad_norm_max']:.3g}; {rec['train_img_per_s']:.0f} img/s)", highlight=False)
@@ -233,16 +271,18 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
             raise deadline.reached(f"{out}: stopped after epoch {epoch}, state saved (RESUME=1 continues)", need,
                                    total_epochs - 1 - epoch)
 
-    write_json(out / "train_result.json", {"fold": fold, "best_macro_f1": best, "epochs": len(history),
-                                           "n_train": n_tr, "prior_correction": prior,
-                                           "extra_rows": len(extra.labels)})
+    if main:
+        write_json(out / "train_result.json", {"fold": fold, "best_macro_f1": best, "epochs": len(history),
+                                               "n_train": n_tr, "prior_correction": prior,
+                                               "extra_rows": len(extra.labels)})
     return {"fold": fold, "best_macro_f1": best, "history": history}
 
 
 # Keys that do not change what a fold learns: where things are, how fast, and the later steps' own sections.
+# train.sync_bn: how several processes share BatchNorm statistics, like their number, which a resume may change too.
 NOT_TRAINING = ("name", "output_dir", "device", "data.root", "data.cache_dir", "data.max_image_pixels",
                 "data.holdout_splits", "data.test_split", "train.num_workers", "train.checkpoint_every_s",
-                "predict", "ensemble", "morph", "refine", "embed", "restorer", "shift")
+                "train.sync_bn", "predict", "ensemble", "morph", "refine", "embed", "restorer", "shift", "ssl")
 
 
 def check_same_training(fold: Path, cfg: dict) -> None:
@@ -251,10 +291,8 @@ def check_same_training(fold: Path, cfg: dict) -> None:
     saved = fold / "config.yaml"
     if not saved.exists():  # a fold started before folds recorded their config
         return
-    import yaml
-
     skip = lambda k: any(k == s or k.startswith(s + ".") for s in NOT_TRAINING)  # noqa: E731
-    was = {k: v for k, v in leaves(yaml.safe_load(saved.read_text()) or {}).items() if not skip(k)}
+    was = {k: v for k, v in leaves(read_yaml(saved)).items() if not skip(k)}
     now = {k: v for k, v in leaves(cfg).items() if not skip(k)}
     changed = sorted(k for k in set(was) | set(now) if was.get(k, "<unset>") != now.get(k, "<unset>"))
     if changed:
@@ -293,10 +331,17 @@ class LowRes:
 def _save_checkpoints(out: Path, best_sd, eval_model, model, ema, stage, scaler, epoch: int, best: float) -> None:
     """best.pt (when a new best waits), last.pt (the weights predictions use: EMA in stage 1) and state.pt."""
     if best_sd is not None:
-        torch_save(out / "best.pt", best_sd)
-    torch_save(out / "last.pt", eval_model.state_dict())
+        _save_weights(out / "best.pt", best_sd)
+    _save_weights(out / "last.pt", eval_model.state_dict())
     save_state(out / "state.pt", {"model": model, "ema": ema, "optimizer": stage.opt, "scheduler": stage.sched,
                                   "scaler": scaler}, epoch=epoch, best=best, stage=stage.number)
+
+
+def _save_weights(path: Path, state_dict: dict) -> None:
+    """A weights file, its digest recorded as the fold's before it takes its name (`run_folder.check_fold_record`)."""
+    with atomic_path(path) as tmp:
+        torch.save(state_dict, tmp)
+        record_weights(path.parent, file_digest(tmp))
 
 
 def _host_copy(state_dict: dict) -> dict:

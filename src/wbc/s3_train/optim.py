@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..core.config import section
 from ..s1_data.dataset import EpochTagged
 from .losses import build_loss
 from .sampling import build_sampler
@@ -34,7 +35,7 @@ def optimizer(params, lr: float, weight_decay: float, model=None):
 def stage_loss(t: dict, counts, stage: int, device, classes: list[str] | None = None) -> torch.nn.Module:
     """The stage's loss on `device` (its class weights and prior offset are buffers): the recipe's loss in stage 1,
     smoothed plain cross-entropy for stage 2's classifier re-training (with the recipe's smoothing, lineage too)."""
-    loss = t["loss"]
+    loss = section("train.loss", t["loss"])
     cfg_loss = loss if stage == 1 else {"type": "ce", "label_smoothing": loss["label_smoothing"],
                                         "lineage": loss["lineage"], "lineage_share": loss["lineage_share"]}
     return build_loss(cfg_loss, counts, classes).to(device)

@@ -51,6 +51,14 @@ def class_sampling_weights(labels, n_classes: int, kind: str, power: float = 0.5
     return w / w.sum()
 
 
+def sampled_class_mix(labels, n_classes: int, cfg_sampler: dict) -> np.ndarray:
+    """The class mix (sum 1) the sampler `cfg_sampler` draws from training labels `labels`: what the training batches
+    looked like, hence what a BatchNorm layer's running statistics were averaged over."""
+    labels, c = np.asarray(labels), section("train.sampler", cfg_sampler)
+    w = class_sampling_weights(labels, n_classes, c["type"] or "none", power=c["power"], beta=c["beta"])
+    return np.bincount(labels, weights=w, minlength=n_classes)
+
+
 def epoch_seed(seed: int, epoch: int) -> int:
     """A 63-bit seed mixing (seed, epoch) so nearby pairs give unrelated streams."""
     return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1, np.uint64)[0] >> np.uint64(1))

@@ -16,12 +16,13 @@ from ..core.config import display_path
 from ..core.console import console, print_table
 from ..core.errors import WBCError
 from ..core.io import load_probs, write_csv
-from ..core.run_folder import fold_dirs, run_dir
+from ..core.run_folder import fold_dirs, fold_index, run_dir
 from ..core.runtime import pick_device
 from ..models.inference import predict_probs
 from ..s1_data.cache import crop_fraction, decode_all
 from ..s1_data.preprocess import build_preprocess
-from .fold import checkpoint_run, fold_weights, load_fold_model
+from ..s2_folds.folds import load_folds
+from .fold import checkpoint_run, fold_weights, load_fold_model, training_mix
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 
@@ -47,6 +48,15 @@ def list_images(paths) -> pd.DataFrame:
     return df
 
 
+def _folds_or_none(cfg: dict):
+    """The run's folds file (its training labels), or None with a warning when it is not here."""
+    try:
+        return load_folds(cfg)
+    except WBCError as e:
+        console.print(f"[yellow]warning:[/] {e}: the training class mix is unknown", highlight=False)
+        return None
+
+
 def classify(cfg: dict, paths, out: Path | None = None) -> pd.DataFrame:
     """`ID, prediction, prob_<class>...` for the images under `paths`, written to `out` (default
     outputs/<name>/classified.csv)."""
@@ -67,11 +77,13 @@ def classify(cfg: dict, paths, out: Path | None = None) -> pd.DataFrame:
         images = prep(images, "classify")
     device = pick_device(cfg)
     adapt = hooks.enabled("predict_adapt", cfg)  # as `make predict` adapts to each split: here, to these images
+    pool = _folds_or_none(cfg) if adapt else None
     probs = np.zeros((len(df), len(classes)))
     for d in folds:
         model, kw = load_fold_model(cfg, d / weights, len(classes), device)
+        prior = None if pool is None else training_mix(cfg, pool, fold_index(d), classes)
         for step in adapt:
-            model = step.adapt(model, images, cfg, int(cfg["seed"]), d.name, **kw)
+            model = step.adapt(model, images, cfg, int(cfg["seed"]), d.name, prior=prior, **kw)
         probs += predict_probs(model, images, desc=f"classify {d.name}", **kw) / len(folds)
     res = pd.DataFrame({"ID": df["ID"], "prediction": np.asarray(classes)[probs.argmax(1)]})
     res = pd.concat([res, pd.DataFrame(probs, columns=[f"prob_{c}" for c in classes])], axis=1)

@@ -22,10 +22,10 @@ def register(sub) -> None:
 
         cfg = config_from_args(args)
         run, source, weights = run_dir(cfg), checkpoint_run(cfg), fold_weights(cfg)
+        if source != run and not any((d / weights).exists() for d in fold_dirs(source)):
+            raise WBCError(f"predict.checkpoints: {source} has no fold*/{weights}")  # before any folder is made
         claim(run, dataset_record(cfg))  # the run's folds were trained on this dataset, or refuse
         if source != run:  # a prediction-only run (e.g. BN-adapted) of another run's fold models
-            if not any((d / weights).exists() for d in fold_dirs(source)):
-                raise WBCError(f"predict.checkpoints: {source} has no fold*/{weights}")
             write_text(run / "config.yaml", dump_config(cfg))
         data = None
         for d in fold_dirs(source):

@@ -9,7 +9,7 @@ from ..core.console import console, print_table
 from ..core.errors import WBCError
 from ..core.io import Probs, load_probs, save_probs, write_json
 from ..core.metrics import save_confusion_png, summary
-from ..core.run_folder import fold_dirs, outputs_together
+from ..core.run_folder import fold_dirs, fold_index, outputs_together
 
 
 def _load_folds(files: list[Path], ref=None, need=()) -> list[Probs]:
@@ -54,6 +54,10 @@ def merge_run(run: Path, expected_ids=None) -> dict:
     if not oof_files:
         raise WBCError(f"{run}: no fold has oof.csv yet")
     oofs = _load_folds(oof_files, need=("fold", "labels"))
+    for o, f in zip(oofs, oof_files):  # a row of another fold would be scored as this one's, or twice
+        wrong = np.flatnonzero(o.folds != fold_index(f.parent))
+        if len(wrong):
+            raise WBCError(f"{f}:{wrong[0] + 2}: fold {o.folds[wrong[0]]}, not {fold_index(f.parent)} (the folder's)")
     classes = oofs[0].classes
     oof = Probs(np.concatenate([o.ids for o in oofs]), np.concatenate([o.probs for o in oofs]), classes,
                 np.concatenate([o.folds for o in oofs]), np.concatenate([o.labels for o in oofs]))

@@ -5,12 +5,17 @@ Three steps, each optional, in this order:
    the tuner starts from);
 2. thresholds: a listed (rare) class wins whenever its raw probability reaches its threshold (several
    passing: the largest `p_c / threshold_c`);
-3. quota: a class predicted fewer than `floor(quota * prior_c * n)` times takes its most probable
+3. confusion pairs: for each listed pair (a, b) in turn, a row the steps above gave a or b (not by a threshold) is
+   decided again between the two alone, with a margin m_ab added to a's biased score: `a` when
+   `log p_a + bias_a + m_ab >= log p_b + bias_b`. Margin 0 changes nothing; unlike a class bias, it moves rows
+   only between neighbouring maturation stages (BNE / SNE, MY / MMY, PMY / MY), never from another class;
+4. quota: a class predicted fewer than `floor(quota * prior_c * n)` times takes its most probable
    candidates up to that count, rarest class first; each class then keeps its `target` most probable rows,
    so a later class only takes another's surplus and every class ends with at least its target.
 
 Rule parameters are a JSON-able dict (the `rule` entry of `decision.json`):
-`{"classes": [...], "bias": {c: b}, "thresholds": {c: t}, "quota": q, "prior": {c: p}}`.
+`{"classes": [...], "bias": {c: b}, "thresholds": {c: t}, "quota": q, "prior": {c: p}, "pairs": {"a|b": m}}`
+(`pairs` optional).
 """
 from __future__ import annotations
 
@@ -24,12 +29,19 @@ from ..core.errors import WBCError
 EPS = 1e-12
 
 
-def make_rule(classes: list[str], bias, thresholds: dict, quota: float, prior) -> dict:
-    return {"classes": list(classes),
+def make_rule(classes: list[str], bias, thresholds: dict, quota: float, prior, pairs: dict | None = None) -> dict:
+    rule = {"classes": list(classes),
             "bias": {c: float(b) for c, b in zip(classes, bias)},
             "thresholds": {c: float(t) for c, t in thresholds.items()},
             "quota": float(quota),
             "prior": {c: float(p) for c, p in zip(classes, prior)}}
+    if pairs:
+        rule["pairs"] = {k: float(m) for k, m in pairs.items()}
+    return rule
+
+
+def pair_key(a: str, b: str) -> str:
+    return f"{a}|{b}"
 
 
 def class_prior(y: np.ndarray, n_classes: int) -> np.ndarray:
@@ -43,7 +55,8 @@ def _check(probs: np.ndarray, params: dict) -> np.ndarray:
     classes = params["classes"]
     if probs.ndim != 2 or probs.shape[1] != len(classes):
         raise WBCError(f"decision rule is for {len(classes)} classes, probabilities have shape {probs.shape}")
-    unknown = (set(params["bias"]) | set(params["thresholds"]) | set(params["prior"])) - set(classes)
+    in_pairs = {c for k in params.get("pairs") or {} for c in k.split("|")}
+    unknown = (set(params["bias"]) | set(params["thresholds"]) | set(params["prior"]) | in_pairs) - set(classes)
     if unknown:
         raise WBCError(f"decision rule names unknown class(es) {', '.join(sorted(unknown))}")
     return probs
@@ -56,11 +69,13 @@ def apply_rule(probs: np.ndarray, params: dict) -> np.ndarray:
     classes = params["classes"]
     n, n_cls = probs.shape
     bias = np.array([params["bias"].get(c, 0.0) for c in classes])
-    pred = np.argmax(np.log(np.clip(probs, EPS, None)) + bias, axis=1)
+    score = np.log(np.clip(probs, EPS, None)) + bias
+    pred = np.argmax(score, axis=1)
     if n == 0:
         return pred
 
     thr = params["thresholds"]
+    hit = np.zeros(n, dtype=bool)
     if thr:
         idx = np.array([classes.index(c) for c in thr])
         t = np.array([thr[c] for c in thr])
@@ -69,6 +84,11 @@ def apply_rule(probs: np.ndarray, params: dict) -> np.ndarray:
         hit = passing.any(axis=1)
         best = np.argmax(np.where(passing, ratio, -np.inf), axis=1)
         pred = np.where(hit, idx[best], pred)
+
+    for key, margin in (params.get("pairs") or {}).items():
+        a, b = (classes.index(c) for c in key.split("|"))
+        rows = ((pred == a) | (pred == b)) & ~hit
+        pred[rows] = np.where(score[rows, a] + margin >= score[rows, b], a, b)
 
     q = params["quota"]
     if q > 0:

@@ -10,7 +10,7 @@ import pandas as pd
 from ..core.config import display_path, dump_config, resolve_path
 from ..core.console import console
 from ..core.errors import WBCError
-from ..core.io import Probs, save_probs, write_csv, write_json, write_text
+from ..core.io import Probs, read_csv, save_probs, write_csv, write_json, write_text
 from ..core.metrics import macro_f1, save_confusion_png
 from ..core.run_folder import outputs_together
 from .blend import SPACES, blend, check_members, load_member, resolve_weights
@@ -31,10 +31,12 @@ def _member_path(m):
 
 
 def rule_steps(rule: dict) -> list[tuple[str, dict]]:
-    """The tuned rule built up one part at a time: bias, then thresholds, then quota (those it uses)."""
-    steps = [("+bias", dict(rule, thresholds={}, quota=0.0))]
+    """The tuned rule built up one part at a time: bias, thresholds, confusion pairs, quota (those it uses)."""
+    steps = [("+bias", dict(rule, thresholds={}, quota=0.0, pairs={}))]
     if rule["thresholds"]:
-        steps.append(("+thresholds", dict(rule, quota=0.0)))
+        steps.append(("+thresholds", dict(rule, quota=0.0, pairs={})))
+    if rule.get("pairs"):
+        steps.append(("+pairs", dict(rule, quota=0.0)))
     if rule["quota"] > 0:
         steps.append(("+quota", rule))
     return steps
@@ -43,9 +45,7 @@ def rule_steps(rule: dict) -> list[tuple[str, dict]]:
 def load_shift_weights(path, ids) -> np.ndarray:
     """Per-image weights (`make shift`'s weights.csv: ID, weight) aligned to `ids`, scaled to mean 1."""
     path = resolve_path(path)
-    if not path.exists():
-        raise WBCError(f"{path}: shift weights not found (run `make shift` first)")
-    df = pd.read_csv(path, dtype={"ID": str})
+    df = read_csv(path, "shift weights file (run `make shift` first)", dtype={"ID": str})
     if not {"ID", "weight"} <= set(df.columns):
         raise WBCError(f"{path}:1: expected columns ID and weight, found {', '.join(df.columns)}")
     w = df.drop_duplicates("ID").set_index("ID")["weight"].reindex(list(ids))

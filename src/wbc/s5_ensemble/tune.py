@@ -25,7 +25,7 @@ from ..core.console import progress
 from ..core.errors import WBCError
 from ..core.metrics import macro_f1
 from .blend import combine, fit_weights
-from .decision import apply_rule, class_prior, make_rule
+from .decision import apply_rule, class_prior, make_rule, pair_key
 from .specialist import apply_specialists, fit_specialists
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -89,11 +89,17 @@ class RuleSpace:
     thresholds_k: int = 0        # per-class probability thresholds for the k rarest classes
     threshold_min: float = 0.05  # thresholds range [threshold_min, 1]; 1 = off
     quota: bool = False          # tune the quota fraction in [0, 1]; 0 = off
+    pairs: tuple = ()            # confusion pairs [[a, b], ...]: a margin each in [-pair_range, pair_range]
+    pair_range: float = 1.0
 
     @classmethod
     def from_cfg(cls, tuning: dict) -> "RuleSpace":
         known = set(cls.__dataclass_fields__)
         space = cls(**{k: v for k, v in tuning.items() if k in known})
+        space.pairs = tuple(tuple(p) for p in space.pairs or ())
+        bad = [p for p in space.pairs if len(p) != 2 or p[0] == p[1]]
+        if bad:
+            raise WBCError(f"ensemble.tuning.pairs: each pair is two different classes, got {list(bad[0])}")
         if not space.tau_min <= 0.0 <= space.tau_max:  # tau 0 (the plain argmax) must stay reachable
             raise WBCError(f"ensemble.tuning: need tau_min <= 0 <= tau_max, got [{space.tau_min}, {space.tau_max}]")
         return space
@@ -111,7 +117,8 @@ def rule_from_params(p: dict, classes: list[str], prior: np.ndarray, space: Rule
     """Decision rule from a trial's parameters (missing ones: off)."""
     bias = -p.get("tau", 0.0) * np.log(prior) + np.array([p.get(f"b_{c}", 0.0) for c in classes])
     thr = {c: p[f"t_{c}"] for c in classes if p.get(f"t_{c}", 1.0) < 1.0}
-    return make_rule(classes, bias, thr, p.get("quota", 0.0), prior)
+    pairs = {pair_key(a, b): p.get(f"m_{a}_{b}", 0.0) for a, b in space.pairs}
+    return make_rule(classes, bias, thr, p.get("quota", 0.0), prior, pairs)
 
 
 def _suggest(trial: optuna.Trial, classes: list[str], prior: np.ndarray, space: RuleSpace) -> dict:
@@ -125,6 +132,8 @@ def _suggest(trial: optuna.Trial, classes: list[str], prior: np.ndarray, space: 
         p[f"t_{classes[i]}"] = trial.suggest_float(f"t_{classes[i]}", space.threshold_min, 1.0)
     if space.quota:
         p["quota"] = trial.suggest_float("quota", 0.0, 1.0)
+    for a, b in space.pairs:
+        p[f"m_{a}_{b}"] = trial.suggest_float(f"m_{a}_{b}", -space.pair_range, space.pair_range)
     return p
 
 
@@ -136,6 +145,7 @@ def _start_points(classes: list[str], prior: np.ndarray, space: RuleSpace) -> li
     base.update({f"t_{classes[i]}": 1.0 for i in rare_classes(prior, space.thresholds_k)})
     if space.quota:
         base["quota"] = 0.0
+    base.update({f"m_{a}_{b}": 0.0 for a, b in space.pairs})
     if not space.tau_on:
         return [base]
     return [dict(base, tau=0.0)] + ([dict(base, tau=1.0)] if space.tau_max >= 1.0 else [])
@@ -151,7 +161,13 @@ def tune_rule(probs: np.ndarray, y: np.ndarray, classes: list[str], space: RuleS
     y = np.asarray(y)
     prior = class_prior(y, n_cls) if prior is None else np.asarray(prior)
     arrays = (probs, y, prior) + (() if sample_weight is None else (sample_weight,))
-    name = f"{study_prefix}-{fingerprint(*arrays, classes=classes, seed=seed, **asdict(space))}"
+    missing = sorted({c for pair in space.pairs for c in pair} - set(classes))
+    if missing:
+        raise WBCError(f"ensemble.tuning.pairs: {', '.join(missing)} not among the classes {', '.join(classes)}")
+    settings = asdict(space)
+    if not space.pairs:  # studies tuned before pairs existed keep their names (and resume)
+        settings.pop("pairs"), settings.pop("pair_range")
+    name = f"{study_prefix}-{fingerprint(*arrays, classes=classes, seed=seed, **settings)}"
     study = open_study(storage, name, seed)
     if not study.trials:
         for params in _start_points(classes, prior, space):

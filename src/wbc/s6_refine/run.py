@@ -84,6 +84,9 @@ def run_morph(cfg: dict) -> dict:
 
     mc = cfg["morph"]
     root = data_root(cfg)
+    unknown = [s for s in mc["splits"] if s not in SPLITS]
+    if unknown:
+        raise WBCError(f"morph.splits: unknown split(s) {', '.join(map(str, unknown))} (one of {', '.join(SPLITS)})")
     splits = [s for s in mc["splits"] if (root / SPLITS[s][0]).exists()]
     if not splits:
         raise WBCError(f"{root}: none of the splits {', '.join(mc['splits'])} exists")
@@ -174,10 +177,8 @@ def _feature_rows(feats: pd.DataFrame, ids, path) -> pd.DataFrame:
 
 def _load_features(cfg: dict, columns: list[str]) -> tuple[pd.DataFrame, Path]:
     path = morph_paths(cfg)["features"]
-    if not path.exists():
-        raise WBCError(f"{path}: no morphology features (run `make morph` first)")
-    feats = pd.read_csv(path, dtype={"ID": str, "labels": str, "seg_error": str}, keep_default_na=False,
-                        na_values=[""])
+    feats = read_csv(path, "morphology features file (run `make morph` first)",
+                     dtype={"ID": str, "labels": str, "seg_error": str}, keep_default_na=False, na_values=[""])
     unknown = sorted(set(columns) - set(feats.columns))
     if unknown:
         raise WBCError(f"{path}: no column(s) {', '.join(unknown)} (re-run `make morph`)")

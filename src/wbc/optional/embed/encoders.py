@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...core.config import resolve_path, run_name
-from ...core.errors import WBCError
+from ...core.errors import WBCError, first_line
 from ...core.run_folder import fold_dir
 from ...models.factory import create_model, load_pretrained_file, model_data_config
 
@@ -43,8 +43,10 @@ class TimmEncoder(Encoder):
 
 def timm_encoder(model_cfg: dict, weights=None) -> TimmEncoder:
     """Built with a 1-class head so a checkpoint's classifier (any class count) is skipped, then removed."""
-    model = create_model({**model_cfg, "pretrained_file": None}, num_classes=1)
     weights = weights or model_cfg.get("pretrained_file")
+    # weights to load replace the hub's: never fetch them (a run's config may say pretrained: true)
+    model = create_model({**model_cfg, "pretrained_file": None, "pretrained": bool(model_cfg.get("pretrained"))
+                          and not weights}, num_classes=1)
     if weights:
         load_pretrained_file(model, resolve_path(weights))
     model.reset_classifier(0)
@@ -79,7 +81,7 @@ def load_medsiglip(local_dir) -> MedSigLIPEncoder:
     try:
         model, info = SiglipVisionModel.from_pretrained(str(local_dir), output_loading_info=True)
     except (OSError, ValueError) as e:
-        raise WBCError(f"{local_dir}: cannot load a SigLIP vision model ({str(e).splitlines()[0]})") from None
+        raise WBCError(f"{local_dir}: cannot load a SigLIP vision model ({first_line(e)})") from None
     bad = sorted(map(str, info["missing_keys"])) + sorted(map(str, info["mismatched_keys"]))
     if bad:
         raise WBCError(f"{local_dir}: weights do not fit the SigLIP vision tower ({len(bad)} keys, e.g. {bad[0]})")

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from ...core.checkpoint import load_state, save_state
 from ...core.console import console, progress
-from ...core.errors import WBCError
+from ...core.errors import WBCError, first_line
 from ...core.io import torch_load, torch_save
 from ...core.run_folder import read_metrics, write_metrics
 from ...core.runtime import resolve_device
@@ -253,7 +253,7 @@ class Restorer:
         try:
             G.load_state_dict(torch_load(run_dir / "generator.pt"))
         except RuntimeError as e:
-            msg = str(e).splitlines()[0]
+            msg = first_line(e)
             raise WBCError(f"{run_dir / 'generator.pt'}: does not match config.yaml ({msg})") from None
         return cls(G, Gate.load(run_dir / "gate.json"), device, int(rcfg.get("batch_size", 16)),
                    rcfg.get("amp", "bf16"), rcfg.get("image_size"))

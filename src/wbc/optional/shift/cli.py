@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def register(sub) -> None:
-    from ...core.cli import add_config_args, config_from_args
+    from ...core.cli import add_config_args, config_from_args, positive_int
 
     p = add_config_args(sub.add_parser(
         "shift", help="runs' macro-F1 re-weighted to the target split's damage (covariate-shift weights)"))
@@ -28,13 +28,13 @@ def register(sub) -> None:
     m = add_config_args(sub.add_parser(
         "damage-match", help="fit the augmentation's damage mix to the target split's damage features"))
     m.add_argument("--target", default=None, help="split to match (default: data.test_split); labels are not used")
-    m.add_argument("--images", type=int, default=1200, help="pool images the proposals are made from")
-    m.add_argument("--per-image", type=int, default=2, help="proposal faults per image")
-    m.add_argument("--check", type=int, default=600, help="held-out pool images for the check")
+    m.add_argument("--images", type=positive_int, default=1200, help="pool images the proposals are made from")
+    m.add_argument("--per-image", type=positive_int, default=2, help="proposal faults per image")
+    m.add_argument("--check", type=positive_int, default=600, help="held-out pool images for the check")
     m.add_argument("--max-severity", type=int, default=None, help="default: the config's augment.damage.max_severity")
-    m.add_argument("--starts", type=int, default=4, help="optimiser starts (the config's mix, then jittered)")
-    m.add_argument("--steps", type=int, default=300, help="Adam steps per start")
-    m.add_argument("--workers", type=int, default=2, help="threads computing damage features")
+    m.add_argument("--starts", type=positive_int, default=4, help="optimiser starts (the config's mix, then jittered)")
+    m.add_argument("--steps", type=positive_int, default=300, help="Adam steps per start")
+    m.add_argument("--workers", type=positive_int, default=2, help="threads computing damage features")
     m.add_argument("--seed", type=int, default=0)
 
     def run_match(args):
