@@ -146,6 +146,11 @@ def test_override_values_keep_their_meaning():
     assert cfg["name"] == "2024-01-01" and cfg["data"]["root"] == "/mnt/my data #2"  # text keys stay text
     assert cfg["output_dir"] == "~/runs" and cfg["model"]["pretrained_file"] is None
     assert load_config(CONFIG_DIR / "recipes/tiny_cpu.yaml", ["data.restore_dir=null"])["data"]["restore_dir"] is None
+    weights = load_config(CONFIG_DIR / "ensemble/sample.yaml", ["ensemble.blend.weights=[0.3,0.7]"])
+    assert weights["ensemble"]["blend"]["weights"] == [0.3, 0.7]  # a key that holds a word takes a list too
+    for o in ("train=5", "data=null"):
+        with pytest.raises(WBCError, match=rf"override '{o}': {o.split('=')[0]} is a section"):
+            load_config(CONFIG_DIR / "recipes/tiny_cpu.yaml", [o])
     with pytest.raises(WBCError, match=r"override 'name=': empty value"):
         load_config(CONFIG_DIR / "recipes/tiny_cpu.yaml", ["name="])
     with pytest.raises(WBCError, match=r"override 'train.lr=\[1': invalid YAML value"):

@@ -606,7 +606,8 @@ def test_run_encoder_loads_fold_checkpoint_without_its_classifier(tmp_path):
     torch_save(run / "fold1" / "best.pt", fold_model.state_dict())
     (run / "config.yaml").write_text(yaml.safe_dump({"model": model_cfg}))
     cfg = {"output_dir": str(tmp_path / "outputs"), "model": {"arch": "resnet18"}, "data": {"name": "lab"},
-           "embed": {"encoder": "run", "init_from_run": "foldrun"}}  # the recipe's stem names the run
+           "embed": {"encoder": "run", "init_from_run": "foldrun"},  # the recipe's stem names the run
+           "predict": {"weights": "best"}}
     enc = build_encoder(cfg, fold=1).eval()  # arch comes from the run's config.yaml
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -615,6 +616,8 @@ def test_run_encoder_loads_fold_checkpoint_without_its_classifier(tmp_path):
     assert enc.feat_dim == 96
     with pytest.raises(WBCError, match="fold0/best.pt"):
         build_encoder(cfg, fold=0)
+    with pytest.raises(WBCError, match="fold1/last.pt"):  # the weights the run predicts with
+        build_encoder({**cfg, "predict": {"weights": "last"}}, fold=1)
 
 
 def test_labels_per_class_scores_only_labelled_eval_rows(tmp_path):
@@ -630,3 +633,14 @@ def test_labels_per_class_scores_only_labelled_eval_rows(tmp_path):
         save_embeddings(tmp_path / f"fold{k}" / "embeddings_eval.npz", ["e0", "e1", "e2"], [[1, 1], [2, 11], [3, 1]],
                         ["A", "B", ""], ["", "", ""])
     assert embed_run.labels_per_class(*args, seed=0)["eval_macro_f1"] == labelled_only
+
+
+def test_truncated_embeddings_are_one_line(tmp_path):
+    from wbc.optional.embed.run import load_embeddings, save_embeddings
+
+    save_embeddings(tmp_path / "embeddings_eval.npz", ["a"], np.zeros((1, 4)), ["LY"], [""])
+    assert load_embeddings(tmp_path, "eval")["embeddings"].shape == (1, 4)
+    p = tmp_path / "embeddings_eval.npz"
+    p.write_bytes(p.read_bytes()[:50])
+    with pytest.raises(WBCError, match=r"embeddings_eval.npz: unreadable embeddings"):
+        load_embeddings(tmp_path, "eval")

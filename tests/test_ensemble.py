@@ -696,3 +696,9 @@ def test_tuned_pair_margin_separates_two_neighbouring_stages():
                   storage=optuna.storages.InMemoryStorage(), study_prefix="p", n_trials=1, seed=0)
     with pytest.raises(WBCError, match="two different classes"):
         RuleSpace.from_cfg({"pairs": [["a", "a"]]})
+
+
+def test_a_garbage_journal_is_one_line(tmp_path):
+    (tmp_path / "study.journal").write_text("garbage\n{\"op_code\": \n")  # only a torn last line is skipped
+    with pytest.raises(WBCError, match=r"study.journal: not an Optuna journal"):
+        make_storage(f"journal:{tmp_path / 'study.journal'}")

@@ -161,6 +161,8 @@ def test_an_image_too_large_to_decode_is_refused_by_its_header(capsys, data_copy
     ("augment.flip=abc", "augment.flip: expected a number, got 'abc'"),  # any key by its base.yaml default's kind
     ("ensemble.tuning.n_trials=abc", "ensemble.tuning.n_trials: expected a number, got 'abc'"),
     ("train.compile=maybe", "train.compile: expected true or false, got 'maybe'"),
+    ("ensemble.members=outputs/a", "ensemble.members: expected a list of run folders"),
+    ("ensemble.blend.weights=[a,b]", "ensemble.blend.weights: expected fit, equal or a list of numbers, got ['a'"),
 ])
 def test_a_bad_value_is_one_line_before_any_work(capsys, sample_root, tmp_path, override, needle):
     code, text = run_cli(capsys, "train-fold", "-c", "configs/recipes/tiny_cpu.yaml", "--fold", "0",
@@ -366,3 +368,72 @@ def test_brackets_in_an_error_are_printed_not_read_as_markup(capsys, sample_root
     monkeypatch.setattr("wbc.core.cli.load_config", refused)
     code, text = run_cli(capsys, "folds")
     one_error(code, text, "ensemble.blend.weights: [a,b] is not fit")  # rich markup would have swallowed '[a,b]'
+
+
+def test_a_fold_outside_the_folds_is_refused_before_any_folder(capsys, sample_root, tmp_path):
+    code, text = run_cli(capsys, "train-fold", "--fold", "5", "-c", "configs/recipes/tiny_cpu.yaml",
+                         f"data.root={sample_root}", f"output_dir={tmp_path / 'out'}", "folds.n_folds=2")
+    one_error(code, text, "--fold 5: folds.n_folds is 2, so the folds are 0-1")
+    code, text = run_cli(capsys, "folds", "-c", "configs/recipes/tiny_cpu.yaml", f"data.root={sample_root}",
+                         f"output_dir={tmp_path / 'out'}", "data.name=../../esc")  # it names folds/ and cache/ files
+    assert code == 2 and "data.name: a name is one plain file name" in text
+    assert not (tmp_path / "out").exists()
+
+
+def test_optional_steps_refuse_a_killed_steps_folder_and_refine_finds_its_default_config(make_cfg, sample_root,
+                                                                                          tmp_path):
+    from wbc.__main__ import build_parser
+    from wbc.core.config import config_path
+    from wbc.core.run_folder import WRITING
+    from wbc.optional.label_issues import label_issues
+    from wbc.optional.pseudo.select import pseudo_label
+    from wbc.optional.shift.report import shift_report
+
+    cfg = make_cfg(sample_root)
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / WRITING).write_text("")
+    for step in (lambda: label_issues(cfg, killed), lambda: pseudo_label(cfg, killed),
+                 lambda: shift_report(cfg, [killed])):
+        with pytest.raises(WBCError, match=r"killed: its outputs are incomplete"):
+            step()
+    for cmd in ("morph", "refine"):  # the documented default, after the configs were regrouped
+        assert config_path(build_parser().parse_args([cmd]).config).is_file()
+
+
+def test_a_broken_cache_key_is_recomputed_and_a_decisions_file_without_labels_is_one_line(sample_root, tmp_path):
+    from wbc.core.io import Probs, save_probs
+    from wbc.optional.pseudo.select import _decisions
+    from wbc.s1_data.layout import read_split
+    from wbc.s6_refine.morphology import SegParams
+    from wbc.s6_refine.run import cached_features
+
+    df = read_split(sample_root, "phase1").head(3)[["ID", "labels", "split", "path"]]
+    paths = {"features": tmp_path / "f.csv", "meta": tmp_path / "f.json"}
+    first = cached_features(df, SegParams(), paths, 1, False)
+    paths["meta"].write_text("{not json")  # a torn key file: the cache is rebuilt, not a traceback
+    again = cached_features(df, SegParams(), paths, 1, False)
+    pd.testing.assert_frame_equal(first.reset_index(drop=True), again.reset_index(drop=True))
+
+    ids = ["a.png", "b.png"]
+    save_probs(tmp_path / "test.csv", Probs(np.array(ids), np.full((2, 2), 0.5), ["LY", "SNE"]))
+    (tmp_path / "test_pred.csv").write_text("ID,label\na.png,LY\nb.png,SNE\n")
+    with pytest.raises(WBCError, match=r"test_pred.csv:1: missing column\(s\) labels"):
+        _decisions(tmp_path, "test")
+
+
+def test_a_typo_in_a_steps_own_section_is_one_line(make_cfg, sample_root):
+    from wbc.optional.embed.run import with_defaults
+    from wbc.optional.shift.features import shift_dir
+
+    with pytest.raises(WBCError, match=r"embed.epoch: unknown key"):
+        with_defaults(make_cfg(sample_root, "embed={epoch: 1}"))
+    with pytest.raises(WBCError, match=r"shift.out_dri: unknown key \(known: out_dir, match_dir\)"):
+        shift_dir(make_cfg(sample_root, "shift={out_dri: x}"))
+
+
+def test_a_class_of_one_image_is_named_with_its_file_and_row(capsys, data_copy, make_cfg):
+    """Before the classes are declared, a one-row typo becomes a class: the warning says where it is."""
+    edit_csv(data_copy / "phase1_label.csv", lambda d: d.assign(labels=["LYY"] + list(d["labels"][1:])))
+    write_folds(make_cfg(data_copy))
+    assert "LYY (1: " in (out := capsys.readouterr().out) and "phase1_label.csv:2, a typo?)" in out

@@ -2,6 +2,7 @@
 import json
 import os
 
+import pytest
 import yaml
 
 from wbc.ops.runs import show_runs
@@ -63,3 +64,27 @@ def test_runs_lists_folds_scores_and_ensembles(tmp_path, capsys):
     assert "1 of 3 (0); 1: 2/4 ep" in out and "0.5000 part" in out and "ensemble/blend2" in out
     assert out.index("ensemble/blend2") < out.index("convnext")  # best OOF first
     assert json.loads((tmp_path / "runs.json").read_text())[0]["name"] == "convnext"
+
+
+def test_damaged_run_files_and_a_missing_folder(tmp_path):
+    """An ensemble report that is no object is left blank; a config.yaml that is no YAML, or a folder that is not
+    there, is one line naming it."""
+    from wbc.core.errors import WBCError
+
+    (tmp_path / "ensemble" / "odd").mkdir(parents=True)
+    (tmp_path / "ensemble" / "odd" / "report.json").write_text("[1, 2]")
+    assert show_runs(tmp_path) == []
+    _finished_fold(tmp_path / "broken" / "fold0")
+    (tmp_path / "broken" / "config.yaml").write_text("train: [1,")
+    with pytest.raises(WBCError, match=r"broken/config.yaml: invalid YAML"):
+        show_runs(tmp_path)
+    with pytest.raises(WBCError, match=r"nowhere: no such folder"):
+        show_runs(tmp_path / "nowhere")
+
+
+def test_a_config_with_a_bad_epoch_count_shows_unknown_epochs(tmp_path):
+    run = tmp_path / "edited"
+    (run / "fold0").mkdir(parents=True)
+    (run / "fold0" / "metrics.jsonl").write_text("{}\n")
+    (run / "config.yaml").write_text(yaml.safe_dump({"train": {"epochs": "abc"}}))
+    assert show_runs(tmp_path)[0]["unfinished"] == {0: "1/? epochs"}

@@ -81,11 +81,13 @@ _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")  # 1e-3: YAM
 
 def parse_override(text: str, current=None) -> tuple[list[str], object]:
     """`key=value`, the value read as YAML, except where the key holds text now (`name`, `data.root`,
-    `output_dir`, ...): there it stays the text given (`name=2024-01-01`, `data.root=/data #2`), or null."""
+    `output_dir`, ...): there it stays the text given (`name=2024-01-01`, `data.root=/data #2`), or null, unless
+    it is a YAML list or mapping (a key that takes a word or a list)."""
     if "=" not in text:
         raise WBCError(f"override '{text}' is not key=value")
     key, val = text.split("=", 1)
-    if isinstance(current, str):
+    listed = val.lstrip().startswith(("[", "{")) and key.strip() != "name"  # `blend.weights=[0.3,0.7]` for "fit"
+    if isinstance(current, str) and not listed:
         if val == "":
             raise WBCError(f"override '{text}': empty value")
         return key.strip().split("."), None if val == "null" else val
@@ -163,6 +165,8 @@ def load_config(path=None, overrides: list[str] | tuple = ()) -> dict:
     for o in overrides:
         key = o.split("=", 1)[0].strip()
         keys, val = parse_override(o, "" if key == "name" else get_dotted(cfg, key))  # a name is text
+        if isinstance(get_dotted(defaults, key), dict) and get_dotted(defaults, key) and not isinstance(val, dict):
+            raise WBCError(f"override '{o}': {key} is a section; set its keys ({key}.<key>=...)")
         set_dotted(cfg, keys, val)
         _refuse_unknown(cfg, defaults, f"override '{o}'")
     # The data root: explicit override > WBC_DATA > config.

@@ -47,6 +47,7 @@ def name_problem(v) -> str | None:
 RULES = {
     "name": name_problem,
     "seed": lambda v: _int(v, 0),
+    "data.name": lambda v: None if v is None else name_problem(v),  # names folds/ and cache/ files
     "data.image_size": lambda v: _int(v, 8, 4096),
     "data.center_crop": lambda v: _float(v, 0.0, 1.0, lo_open=True),
     "data.max_image_pixels": lambda v: _int(v, 1),
@@ -78,6 +79,10 @@ RULES = {
     "predict.tta": lambda v: _one_of(v, VIEWS),
     "predict.batch_size": lambda v: _int(v, 1),
     "predict.weights": lambda v: _one_of(v, ("best", "last")),
+    "ensemble.blend.weights": lambda v: None if v in ("fit", "equal") or (isinstance(v, list) and not any(
+        _float(w) for w in v)) else f"expected fit, equal or a list of numbers, got {v!r}",
+    "ensemble.members": lambda v: None if isinstance(v, list) else f"expected a list of run folders ([a, b]; a seed "
+                                                                   f"group as a list inside it), got {v!r}",
     "predict.adapt_bn": lambda v: _float(v, 0.0, 1.0),
     "predict.adapt_bn_guard": lambda v: _one_of(v, ("balance", "none")),
     "predict.color_tta": lambda v: _one_of(v, (1, 2, 4)),

@@ -51,6 +51,10 @@ def run_folds(cfg: dict, config: str | None, overrides: list[str], folds: list[i
     if cfg["predict"]["checkpoints"]:
         raise WBCError(f"{cfg['name']}: predict.checkpoints is set, so this config only predicts "
                        f"with another run's models; use `make predict`")
+    n = int(cfg["folds"]["n_folds"])
+    outside = [f for f in folds if not 0 <= f < n]
+    if outside:  # before any folder is made
+        raise WBCError(f"--fold {outside[0]}: folds.n_folds is {n}, so the folds are 0-{n - 1}")
     from ..core.runtime import pick_device
     from ..s3_train import distributed
 

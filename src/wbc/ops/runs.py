@@ -6,19 +6,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
-
-from ..core.config import display_path, resolve_path
+from ..core.config import display_path, read_yaml, resolve_path
 from ..core.console import print_table
+from ..core.errors import WBCError
 from ..core.io import write_json
 from ..core.run_folder import finished, fold_dirs, fold_index, read_metrics
 
 
 def _json(path: Path):
+    """A report's content, or None when it is missing, unreadable or not an object (the table shows it blank)."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def _fold_state(fold: Path, epochs: int | None) -> str:
@@ -34,9 +35,12 @@ def _fold_state(fold: Path, epochs: int | None) -> str:
 
 
 def run_row(run: Path) -> dict:
-    cfg = yaml.safe_load((run / "config.yaml").read_text()) or {}
+    cfg = read_yaml(run / "config.yaml")  # unreadable: one line naming it
     t = cfg.get("train") or {}
-    epochs = None if "epochs" not in t else int(t["epochs"]) + int((t.get("stage2") or {}).get("epochs") or 0)
+    try:
+        epochs = None if "epochs" not in t else int(t["epochs"]) + int((t.get("stage2") or {}).get("epochs") or 0)
+    except (TypeError, ValueError):  # an edited config: the table shows "?"
+        epochs = None
     if "embed" in cfg:  # an embedding run trains for its own epochs
         epochs = (cfg["embed"] or {}).get("epochs", epochs)
     n_folds = (cfg.get("folds") or {}).get("n_folds")
@@ -80,7 +84,9 @@ def _f1(v) -> str:
 def show_runs(root) -> list[dict]:
     """Print the table (best OOF first) and write `<root>/runs.json` (model, fold states, submission too)."""
     root = resolve_path(root)
-    rows = collect(root) if root.is_dir() else []
+    if not root.is_dir():
+        raise WBCError(f"{root}: no such folder (--dir: the runs' folder, outputs/ by default)")
+    rows = collect(root)
     table = []
     for r in sorted(rows, key=lambda r: -(r["oof_macro_f1"] or -1)):
         if r["kind"] == "run":
@@ -96,8 +102,7 @@ def show_runs(root) -> list[dict]:
         table.append([name, folds, oof, _f1(r["nested_macro_f1"]), _f1(r["eval_macro_f1"])])
     print_table(f"runs in {display_path(root)}: macro-F1 (part: OOF of the finished folds only)",
                 ["run", "folds done", "OOF", "nested", "eval"], table)
-    if root.is_dir():
-        write_json(root / "runs.json", rows)
+    write_json(root / "runs.json", rows)
     return rows
 
 

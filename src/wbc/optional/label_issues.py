@@ -23,6 +23,7 @@ from ..core.console import console, print_table
 from ..core.errors import WBCError
 from ..core.grid import caption, fit, in_rows, save_sheet
 from ..core.io import load_probs, write_csv, write_json
+from ..core.run_folder import require_complete
 from ..s1_data.cache import read_image
 
 TILE = 150  # QA sheet tile size in px
@@ -81,6 +82,7 @@ def label_issues(cfg: dict, pred_dir, top: int = 48, out=None, min_margin: float
     from ..s1_data.layout import data_root, read_splits
 
     pred_dir = resolve_path(pred_dir)
+    require_complete(pred_dir, "make ensemble / make predict")
     oof = load_probs(pred_dir / "oof.csv")
     if oof.labels is None or (oof.labels == "").any():
         raise WBCError(f"{pred_dir / 'oof.csv'}: every row needs its label (an out-of-fold file of the CV pool)")

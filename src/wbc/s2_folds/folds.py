@@ -75,8 +75,12 @@ def build_folds(cfg: dict) -> pd.DataFrame:
     counts = pool["labels"].value_counts()
     rare = counts[counts < k]
     if len(rare):  # after the split, which refuses a pool it cannot split: one error line, not a warning too
+        def named(c, n):  # a class of one image is often a typo: say where it is
+            row = pool[pool["labels"] == c].iloc[0]
+            return f"{c} ({n}" + (f": {where(row['csv'], row['row'])}, a typo?)" if n == 1 else ")")
+
         console.print(f"[yellow]warning:[/] classes rarer than {k} folds appear in only some folds: "
-                      + ", ".join(f"{c} ({n})" for c, n in rare.items()), highlight=False)
+                      + ", ".join(named(c, n) for c, n in rare.items()), highlight=False)
     return out
 
 

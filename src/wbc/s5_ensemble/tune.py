@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 
 from ..core.config import resolve_path
 from ..core.console import progress
-from ..core.errors import WBCError
+from ..core.errors import WBCError, first_line
 from ..core.metrics import macro_f1
 from .blend import combine, fit_weights
 from .decision import apply_rule, class_prior, make_rule, pair_key
@@ -38,7 +38,11 @@ def make_storage(spec: str, heartbeat_s: int | None = None) -> BaseStorage:
     if spec.startswith("journal:"):
         path = resolve_path(spec[len("journal:"):])
         path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
+        try:
+            return JournalStorage(JournalFileBackend(str(path)))
+        except ValueError as e:  # JSONDecodeError: a torn or foreign file; its trials cannot be trusted
+            raise WBCError(f"{path}: not an Optuna journal ({first_line(e)[:120]}): delete it to start the study "
+                           "afresh") from None
     if "://" not in spec:
         raise WBCError(f"storage '{spec}': use sqlite:///<path>, journal:<path> or an RDB URL")
     kwargs = {}

@@ -1,7 +1,6 @@
 """The `morph` (features + QA sheet + separation table) and `refine` (rare-class rescue) commands."""
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pandas as pd
 from ..core.config import display_path, resolve_path
 from ..core.console import console, print_table
 from ..core.errors import WBCError
-from ..core.io import Probs, load_probs, read_csv, save_probs, write_csv, write_json
+from ..core.io import Probs, load_probs, read_cache_key, read_csv, save_probs, write_csv, write_json
 from ..core.metrics import macro_f1, save_confusion_png, summary
 from ..core.run_folder import outputs_together, require_complete
 from .gaussian import FeatureScaler
@@ -59,7 +58,7 @@ def cached_features(df: pd.DataFrame, params: SegParams, paths: dict, workers: i
     old = None
     meta = paths["meta"]
     if not force and paths["features"].exists() and meta.exists():
-        if json.loads(meta.read_text()).get("key") == params.key():
+        if (read_cache_key(meta) or {}).get("key") == params.key():  # unreadable: recomputed
             old = pd.read_csv(paths["features"], dtype={"ID": str, "labels": str, "seg_error": str},
                               keep_default_na=False, na_values=[""])
             old = old[old["ID"].isin(df["ID"])]

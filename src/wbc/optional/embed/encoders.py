@@ -2,7 +2,7 @@
 
 - `timm`: any timm architecture (`model.arch`), random, hub or a local checkpoint (`model.pretrained_file`:
   any timm-keyed state_dict, e.g. an open-vision tower converted to timm keys).
-- `run`: a fold model of this repo (`outputs/<run>/fold<k>/best.pt`); arch from the run's config.yaml.
+- `run`: a fold model of this repo (`outputs/<run>/fold<k>/<predict.weights>.pt`); arch from the run's config.yaml.
 - `medsiglip`: the vision tower of a SigLIP checkpoint in the `google/medsiglip-448` layout, from a local
   folder (config.json + safetensors [+ preprocessor_config.json]); the pooled (attention-pooling head) output,
   1152-d for MedSigLIP. Inputs are resized to the tower's size (448) and normalised as its image processor.
@@ -116,7 +116,7 @@ def build_encoder(cfg: dict, fold: int | None = None) -> Encoder:
             raise WBCError("embed.encoder=run needs embed.init_from_run (a run name under output_dir)")
         name = run_name(cfg, ecfg["init_from_run"])  # a recipe's stem names its run on this dataset
         run_dir = resolve_path(cfg["output_dir"]) / name
-        ckpt = fold_dir(run_dir, fold) / "best.pt"
+        ckpt = fold_dir(run_dir, fold) / f"{cfg['predict']['weights']}.pt"  # best.pt's OOF is chosen on its fold
         if not ckpt.is_file():
             raise WBCError(f"{ckpt}: fold checkpoint not found (train run '{name}' first)")
         model_cfg, _ = run_dir_model_cfg(run_dir, cfg["model"])

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import copy
 import math
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from ...core.config import deep_merge, dump_config
+from ...core.config import deep_merge, dump_config, unknown_keys
 from ...core.console import console, print_table
-from ...core.errors import WBCError
+from ...core.errors import WBCError, first_line
 from ...core.io import Probs, atomic_path, save_probs, write_json, write_text
 from ...core.metrics import macro_f1
 from ...core.run_folder import fold_dir, fold_index, run_dir
@@ -30,7 +31,7 @@ from .classifiers import CLASSIFIERS, build_classifier, l2norm
 
 DEFAULTS = {
     "encoder": "timm",            # timm (model.*) | run (fold models of init_from_run) | medsiglip
-    "init_from_run": None,        # run name under output_dir: fold k starts from <run>/fold<k>/best.pt
+    "init_from_run": None,        # run name under output_dir: fold k starts from <run>/fold<k>/<predict.weights>.pt
     "medsiglip_dir": "weights/medsiglip-448",
     "freeze_backbone": False,     # medsiglip is always frozen
     "epochs": 10,                 # 0: no head, export the backbone's pooled features
@@ -66,6 +67,9 @@ SPLITS = ("train", "eval", "test")
 def with_defaults(cfg: dict) -> dict:
     if not cfg.get("embed"):  # else a fold model's config would write into that model's run folder
         raise WBCError(f"config '{cfg.get('name')}' has no embed: section (use configs/embed_*.yaml)")
+    unknown = unknown_keys(cfg["embed"], DEFAULTS, "embed.")  # a typo such as embed.epoch
+    if unknown:
+        raise WBCError(f"{unknown[0]}: unknown key (optional/embed/run.py DEFAULTS lists every embed key)")
     cfg = copy.deepcopy(cfg)
     cfg["embed"] = deep_merge(DEFAULTS, cfg["embed"])
     e = cfg["embed"]
@@ -92,8 +96,11 @@ def load_embeddings(run: Path, split: str, fold: int | None = None) -> dict:
         [run / f"embeddings_{split}.npz"]
     for p in cands:
         if p.is_file():
-            with np.load(p) as z:
-                return {k: z[k] for k in z.files}
+            try:
+                with np.load(p) as z:
+                    return {k: z[k] for k in z.files}
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:  # a killed copy, a full disk
+                raise WBCError(f"{p}: unreadable embeddings ({first_line(e)[:160]}): run `make embed` again") from None
     raise WBCError(f"{cands[0]}: embeddings not found (run `make embed` with this config first)")
 
 

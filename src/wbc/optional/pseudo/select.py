@@ -15,7 +15,8 @@ import pandas as pd
 from ...core.config import display_path, resolve_path
 from ...core.console import console, table
 from ...core.errors import WBCError
-from ...core.io import load_probs, write_csv, write_json
+from ...core.io import load_probs, read_csv, require_columns, write_csv, write_json
+from ...core.run_folder import require_complete
 from ...s1_data.layout import data_root, read_split
 
 PSEUDO_COLUMNS = ["ID", "labels", "split", "confidence"]
@@ -51,7 +52,9 @@ def _decisions(pred_dir: Path, part: str):
     probs = load_probs(pred_dir / f"{part}.csv")
     decided_file = pred_dir / f"{part}_pred.csv"
     if decided_file.exists():
-        df = pd.read_csv(decided_file, dtype=str, keep_default_na=False).set_index("ID")
+        df = read_csv(decided_file, "decisions file", dtype=str, keep_default_na=False)
+        require_columns(df, decided_file, ("ID", "labels"))
+        df = df.set_index("ID")
         missing = [i for i in probs.ids if i not in df.index]
         if missing:
             raise WBCError(f"{decided_file}: ID {missing[0]} of {part}.csv has no decision")
@@ -65,6 +68,7 @@ def pseudo_label(cfg: dict, pred_dir, splits: list[str] | None = None, min_confi
     pred_dir = resolve_path(pred_dir)
     if not pred_dir.is_dir():
         raise WBCError(f"{pred_dir}: predictions folder not found")
+    require_complete(pred_dir, "make ensemble / make predict")  # a killed step's half-written decisions
     d = cfg["data"]
     root = data_root(cfg)
     splits = splits or [d["test_split"]]

@@ -14,6 +14,7 @@ import pandas as pd
 
 from ...core.config import dataset_name, resolve_path
 from ...core.console import progress
+from ...core.errors import WBCError
 from ...core.io import fingerprint, write_csv, write_json
 from ...s1_data.cache import read_image
 from ..restore import score
@@ -23,8 +24,20 @@ from ..restore.score import FEATURES, damage_features
 SOURCE_HASH = fingerprint([score.__file__])
 
 
+SHIFT_DEFAULTS = {"out_dir": "outputs/shift", "match_dir": "outputs/damage_match"}  # the `shift:` section's keys
+
+
+def shift_section(cfg: dict) -> dict:
+    """The `shift:` section with its defaults; a key it does not know (`shift.out_dri`) is one error line."""
+    s = cfg.get("shift") or {}
+    unknown = sorted(set(s) - set(SHIFT_DEFAULTS))
+    if unknown:
+        raise WBCError(f"shift.{unknown[0]}: unknown key (known: {', '.join(SHIFT_DEFAULTS)})")
+    return {**SHIFT_DEFAULTS, **s}
+
+
 def shift_dir(cfg: dict) -> Path:
-    return resolve_path((cfg.get("shift") or {}).get("out_dir", "outputs/shift"))
+    return resolve_path(shift_section(cfg)["out_dir"])
 
 
 def features_path(cfg: dict) -> Path:

@@ -31,6 +31,7 @@ from ...s1_data.cache import read_image, resize
 from ...s1_data.damage import GROUPS, MAX_SEVERITY, damage
 from ...s1_data.layout import data_root, read_splits
 from ..restore.score import FEATURES, damage_features, fit_reference, score_features
+from .features import shift_section
 from .weights import domain_weights
 
 MATCH_GROUPS = ("blur", "lighting", "noise")  # the simulator's default composite
@@ -268,7 +269,7 @@ def damage_match(cfg: dict, target: str | None = None, n_images: int = 1200, per
     q = np.quantile(score_features(tgt, ref), [0.1, 0.5, 0.9])
     table["target"] = {"damage_score_q10_50_90": q.round(3).tolist()}
 
-    out = resolve_path((cfg.get("shift") or {}).get("match_dir", "outputs/damage_match")) / \
+    out = resolve_path(shift_section(cfg)["match_dir"]) / \
         f"{dataset_name(cfg)}_{size}_{target}"
     report = {"target": target, "image_size": size, "n_target": len(tgt), "n_fit_images": len(fit_rows),
               "per_image": per_image, "n_check_images": len(check_rows), "seed": seed, "config_mix": base,

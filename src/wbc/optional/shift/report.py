@@ -18,6 +18,7 @@ from ...core.console import console, print_table
 from ...core.errors import WBCError
 from ...core.io import atomic_path, load_probs, write_csv, write_json
 from ...core.metrics import macro_f1
+from ...core.run_folder import require_complete
 from ...s1_data.layout import check_labels, class_list, data_root, read_splits
 from ...s2_folds.folds import load_folds
 from ..restore.score import FEATURES, fit_reference, score_features
@@ -87,6 +88,8 @@ def _histogram_png(path: Path, groups: list[tuple[str, np.ndarray, np.ndarray | 
 def shift_report(cfg: dict, runs: list, target: str | None = None, quantile: float = 0.0, cap: float = 20.0,
                  clean_split: str = "phase1", workers: int = 2, bootstrap: int = 200, seed: int = 0) -> dict:
     d = cfg["data"]
+    for r in runs:  # before the feature work: a killed merge's folder is refused
+        require_complete(resolve_path(r), "make predict")
     target = target or d["test_split"]
     pool_splits, holdout = list(d["train_splits"]), (d.get("holdout_splits") or [None])[0]
     if target in pool_splits:
