@@ -32,7 +32,7 @@ def test_local_jobs_train_folds_as_in_process_a_failed_one_is_reported_and_a_res
     summary = json.loads(next((tmp_path / "outputs" / "jobs").glob("*/jobs.json")).read_text())
     assert [(s["run"], s["fold"], s["state"]) for s in summary] == [("jobs", 0, "done"), ("jobs", 1, "done"),
                                                                     ("jobs", 7, "failed")]
-    assert "fold 7 not in the folds file" in summary[2]["error"] and all(s["job_id"] for s in summary)
+    assert "--fold 7: folds.n_folds is" in summary[2]["error"] and all(s["job_id"] for s in summary)
 
     train_folds(make_cfg(sample_root, *TINY, "name=alone"), [0, 1], resume=False, deadline=Deadline())
     jobs, alone = tmp_path / "outputs" / "jobs", tmp_path / "outputs" / "alone"

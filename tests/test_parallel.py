@@ -72,7 +72,7 @@ def test_a_failed_fold_is_named_with_its_log_and_the_others_finish(folds3):
     r = wbc(folds3, "--fold", "0,7", "--gpus", "a,b")
     assert r.returncode == 2, r.stdout
     assert ("no CUDA GPU visible" in r.stdout) != torch.cuda.is_available()  # slots that select nothing: said
-    assert "fold(s) 7 failed" in r.stdout and "fold 7 not in the folds file" in r.stdout  # the log's tail, shown
+    assert "fold(s) 7 failed" in r.stdout and "--fold 7: folds.n_folds is 3" in r.stdout  # the log's tail, shown
     run = Path(folds3["output_dir"]) / "sample_tiny_cpu"
     assert [s["status"] for s in json.loads((run / "parallel_train.json").read_text())] == ["done", "failed"]
 

@@ -428,6 +428,8 @@ def test_a_typo_in_a_steps_own_section_is_one_line(make_cfg, sample_root):
 
     with pytest.raises(WBCError, match=r"embed.epoch: unknown key"):
         with_defaults(make_cfg(sample_root, "embed={epoch: 1}"))
+    with pytest.raises(WBCError, match=r"embed.epochs: expected a number, got 'abc'"):
+        with_defaults(make_cfg(sample_root, "embed={epochs: abc}"))
     with pytest.raises(WBCError, match=r"shift.out_dri: unknown key \(known: out_dir, match_dir\)"):
         shift_dir(make_cfg(sample_root, "shift={out_dri: x}"))
 
@@ -437,3 +439,9 @@ def test_a_class_of_one_image_is_named_with_its_file_and_row(capsys, data_copy, 
     edit_csv(data_copy / "phase1_label.csv", lambda d: d.assign(labels=["LYY"] + list(d["labels"][1:])))
     write_folds(make_cfg(data_copy))
     assert "LYY (1: " in (out := capsys.readouterr().out) and "phase1_label.csv:2, a typo?)" in out
+
+
+def test_an_unknown_training_split_is_named(capsys, data_copy, tmp_path):
+    code, text = run_cli(capsys, "folds", "-c", "configs/recipes/tiny_cpu.yaml", f"data.root={data_copy}",
+                         f"folds.file={tmp_path / 'f.csv'}", "data.train_splits=[nosuch]")  # no classes declared yet
+    one_error(code, text, "data.train_splits: unknown split 'nosuch' (known: phase1, ")

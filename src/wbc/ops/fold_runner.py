@@ -23,6 +23,10 @@ def train_folds(cfg: dict, folds: list[int], resume: bool, deadline: Deadline) -
     from ..s3_train.loop import train_fold
     from ..s4_predict.fold import predict_fold
 
+    n = int(cfg["folds"]["n_folds"])
+    outside = [f for f in folds if not 0 <= f < n]
+    if outside:  # before any folder is made
+        raise WBCError(f"--fold {outside[0]}: folds.n_folds is {n}, so the folds are 0-{n - 1}")
     data, last_fold_s = None, None
     for fold in folds:
         out = fold_dir(run_dir(cfg), fold)
@@ -51,10 +55,6 @@ def run_folds(cfg: dict, config: str | None, overrides: list[str], folds: list[i
     if cfg["predict"]["checkpoints"]:
         raise WBCError(f"{cfg['name']}: predict.checkpoints is set, so this config only predicts "
                        f"with another run's models; use `make predict`")
-    n = int(cfg["folds"]["n_folds"])
-    outside = [f for f in folds if not 0 <= f < n]
-    if outside:  # before any folder is made
-        raise WBCError(f"--fold {outside[0]}: folds.n_folds is {n}, so the folds are 0-{n - 1}")
     from ..core.runtime import pick_device
     from ..s3_train import distributed
 

@@ -184,6 +184,9 @@ def _check_learnable(df: pd.DataFrame, train_splits) -> None:
     """A class labelled only outside the training pool is one no model can learn."""
     if not train_splits:
         return
+    unknown = [s for s in train_splits if s not in SPLITS]
+    if unknown:
+        raise WBCError(f"data.train_splits: unknown split '{unknown[0]}' (known: {', '.join(SPLITS)})")
     pool = df["split"].isin(train_splits)
     unseen = ~pool & ~df["labels"].isin(set(df.loc[pool, "labels"]))
     if unseen.any():

@@ -27,6 +27,7 @@ from ...core.errors import WBCError, first_line
 from ...core.io import Probs, atomic_path, save_probs, write_json, write_text
 from ...core.metrics import macro_f1
 from ...core.run_folder import fold_dir, fold_index, run_dir
+from ...core.validate import type_problems
 from .classifiers import CLASSIFIERS, build_classifier, l2norm
 
 DEFAULTS = {
@@ -70,6 +71,9 @@ def with_defaults(cfg: dict) -> dict:
     unknown = unknown_keys(cfg["embed"], DEFAULTS, "embed.")  # a typo such as embed.epoch
     if unknown:
         raise WBCError(f"{unknown[0]}: unknown key (optional/embed/run.py DEFAULTS lists every embed key)")
+    wrong = type_problems(cfg["embed"], DEFAULTS, "embed.")  # embed.epochs=abc
+    if wrong:
+        raise WBCError(wrong[0])
     cfg = copy.deepcopy(cfg)
     cfg["embed"] = deep_merge(DEFAULTS, cfg["embed"])
     e = cfg["embed"]
