@@ -75,6 +75,14 @@ def test_a_bundle_that_escapes_its_folder_or_holds_two_runs_is_refused(tmp_path)
     with pytest.raises(WBCError, match="not a readable bundle"):
         unbundle(tmp_path / "junk.tar.gz", tmp_path / "outputs")
     assert list((tmp_path / "outputs").iterdir()) == []  # nothing half-extracted left behind
+    for top in ("./fold0/oof.csv", "/fold0/oof.csv"):  # `tar -C run .`, absolute names: no run folder to fill
+        with pytest.raises(WBCError, match="is no run name"):
+            unbundle(tar_with(top), tmp_path / "outputs")
+    assert list((tmp_path / "outputs").iterdir()) == []
+    dead = tmp_path / "outputs" / ".run.tmp999999999-abc"  # a killed unbundle's folder (no such process)
+    (dead / "run").mkdir(parents=True)
+    unbundle(tar_with("run/fold0/oof.csv"), tmp_path / "outputs")
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == ["run"]
 
 
 def test_an_unfinished_bundle_fold_never_replaces_a_local_one(tmp_path):

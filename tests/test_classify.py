@@ -79,3 +79,5 @@ def test_classify_refuses_bad_inputs(tmp_path, sample_root, make_cfg):
     cfg = make_cfg(sample_root, "name=untrained")
     with pytest.raises(WBCError, match="no fold\\*/best.pt to classify with"):
         classify(cfg, [tmp_path / "a"])
+    with pytest.raises(WBCError, match=r"--out .*/b: a folder; give the CSV file to write"):
+        classify(cfg, [tmp_path / "a"], tmp_path / "b")

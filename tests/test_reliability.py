@@ -84,6 +84,16 @@ def test_a_resume_with_another_training_config_is_refused(cfg2):
         train_fold(cfg, 0, on_epoch=kill)
     with pytest.raises(WBCError, match=r"fold0: RESUME with another training config \(train\.lr 0\.003 -> 0\.3\)"):
         train_fold(cfg2("train.epochs=2", "train.lr=0.3", "name=r"), 0, resume=True)
+    # a fold started before a key existed (here augment.lab) trained as the key's default says
+    import yaml
+
+    from wbc.core.run_folder import run_dir
+    saved = run_dir(cfg) / "fold0" / "config.yaml"
+    old = yaml.safe_load(saved.read_text())
+    del old["augment"]["lab"]
+    saved.write_text(yaml.safe_dump(old))
+    with pytest.raises(WBCError, match=r"augment\.lab\.gray_p 0\.0 -> 0\.5"):  # but not as another value
+        train_fold(cfg2("train.epochs=2", "train.lr=0.003", "name=r", "augment.lab.gray_p=0.5"), 0, resume=True)
     # where things are and how fast they load do not change what is learnt
     res = train_fold(cfg2("train.epochs=2", "train.lr=0.003", "name=r", "train.num_workers=1"), 0, resume=True)
     assert len(res["history"]) == 2

@@ -197,6 +197,11 @@ def _base_defaults() -> dict:
     return read_yaml(CONFIG_DIR / "base.yaml")
 
 
+def base_defaults() -> dict:
+    """configs/base.yaml: every key with its default."""
+    return copy.deepcopy(_base_defaults())
+
+
 def section(name: str, given: dict | None = None) -> dict:
     """Config section `name` (dotted, e.g. `train.loss`): `given` (all or part of it) over its base.yaml defaults,
     the one place defaults live. Library functions take their section through this, so a partial dict works."""

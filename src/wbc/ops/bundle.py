@@ -12,9 +12,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..core import validate
 from ..core.config import resolve_path
 from ..core.errors import WBCError
-from ..core.io import atomic_path, is_temp
+from ..core.io import atomic_path, clean_stale_temps, is_temp, temp_name
 from ..core.run_folder import finished, fold_index
 
 LEFT_OUT = ".pt"  # checkpoints: hundreds of MB, and the predictions already hold what blending needs
@@ -81,8 +82,11 @@ def unbundle(path: Path, into: Path) -> dict:
         if len(tops) != 1:
             raise WBCError(f"{path}: a bundle holds one run folder, found {sorted(tops)}")
         name = tops.pop()
+        if validate.name_problem(name):  # `tar -C run .` or absolute members: no run folder to put them in
+            raise WBCError(f"{path}: its top folder {name!r} is no run name (make one with `make bundle`)")
         into.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=into, prefix=f".unbundle-{name}-"))
+        clean_stale_temps(into)  # a killed unbundle's folder
+        tmp = Path(tempfile.mkdtemp(dir=into, prefix=temp_name(into / name)))
         try:
             try:
                 tar.extractall(tmp, filter=lambda m, dest: _plain(path, m, dest))

@@ -18,7 +18,7 @@ import torch
 
 from ..core import hooks
 from ..core.checkpoint import load_state, read_state, save_state
-from ..core.config import dump_config, leaves, read_yaml
+from ..core.config import base_defaults, dump_config, leaves, read_yaml
 from ..core.console import console
 from ..core.environment import describe, differences, kernel_mode
 from ..core.errors import WBCError
@@ -294,6 +294,9 @@ def check_same_training(fold: Path, cfg: dict) -> None:
     skip = lambda k: any(k == s or k.startswith(s + ".") for s in NOT_TRAINING)  # noqa: E731
     was = {k: v for k, v in leaves(read_yaml(saved)).items() if not skip(k)}
     now = {k: v for k, v in leaves(cfg).items() if not skip(k)}
+    # a key added to base.yaml since the fold started trained as its default says (the code before it)
+    default = {k: v for k, v in leaves(base_defaults()).items() if k not in was}
+    was.update({k: default[k] for k in now if k in default})
     changed = sorted(k for k in set(was) | set(now) if was.get(k, "<unset>") != now.get(k, "<unset>"))
     if changed:
         shown = ", ".join(f"{k} {was.get(k, '<unset>')!r} -> {now.get(k, '<unset>')!r}" for k in changed[:6])

@@ -60,6 +60,8 @@ def _folds_or_none(cfg: dict):
 def classify(cfg: dict, paths, out: Path | None = None) -> pd.DataFrame:
     """`ID, prediction, prob_<class>...` for the images under `paths`, written to `out` (default
     outputs/<name>/classified.csv)."""
+    if out is not None and Path(out).is_dir():  # before the models run, not after
+        raise WBCError(f"--out {out}: a folder; give the CSV file to write (e.g. {Path(out) / 'classified.csv'})")
     source, weights = checkpoint_run(cfg), fold_weights(cfg)
     folds = [d for d in fold_dirs(source) if (d / weights).exists()]
     if not folds:
