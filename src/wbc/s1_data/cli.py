@@ -19,6 +19,27 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true", help="replace --out even if it is not an earlier sample dataset")
     p.set_defaults(func=cmd_sample_data)
 
+    from ..core.cli import add_config_args
+
+    s = add_config_args(sub.add_parser("split-labels", help="one combined label file (ID,labels,split[,img_dir]) "
+                                                            "-> the layout's per-split files in the data root"))
+    s.add_argument("--labels", required=True, type=Path, help="the combined file, e.g. combined_train.csv")
+    s.add_argument("--map", action="append", default=[], metavar="VALUE=SPLIT",
+                   help="another split value, e.g. holdout=phase2_eval; repeat for more (known: empty = phase1, "
+                        "train, eval / val, test)")
+    s.set_defaults(func=cmd_split_labels)
+
+
+def cmd_split_labels(args: argparse.Namespace) -> None:
+    from ..core.cli import config_from_args
+    from .combined import parse_map, split_label_file
+    from .layout import SPLITS, data_root
+
+    root = data_root(config_from_args(args))
+    counts = split_label_file(args.labels, root, parse_map(args.map))
+    print_table(f"{args.labels} -> {root}", ["split", "file", "rows"],
+                [[s, SPLITS[s][0], n] for s, n in counts.items()])
+
 
 def cmd_sample_data(args: argparse.Namespace) -> None:
     from .sample import DEFAULT_COUNTS, make_sample_dataset

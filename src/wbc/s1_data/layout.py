@@ -51,13 +51,14 @@ def read_table(csv) -> pd.DataFrame:
     return df
 
 
-def read_split(root, split: str, check_images: bool = True) -> pd.DataFrame:
-    """One split as a DataFrame: ID, labels, split, path, plus optional columns. Labels '' when unknown."""
+def read_split(root, split: str, check_images: bool = True, csv=None) -> pd.DataFrame:
+    """One split as a DataFrame: ID, labels, split, path, plus optional columns. Labels '' when unknown. `csv`: its
+    label file when not the layout's `root/<split file>`."""
     if split not in SPLITS:
         raise WBCError(f"unknown split '{split}' (known: {', '.join(SPLITS)})")
     root = Path(root)
     csv_name, folder = SPLITS[split]
-    csv = root / csv_name
+    csv = Path(csv) if csv is not None else root / csv_name
     if not csv.exists():
         raise WBCError(f"{csv}: split file not found")
     df = read_table(csv)
