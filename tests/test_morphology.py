@@ -391,3 +391,18 @@ def test_leak_rule_retries_a_ragged_cell(monkeypatch, retry, error):
     assert strengths == [1.0, M.SegParams().leak_retry]
     assert (error in seg.error) if error else seg.ok, seg.error
     assert (seg.cell == second).mean() > 0.99
+
+
+def test_an_unreadable_image_is_counted_and_named(tmp_path, capsys):
+    from wbc.core.config import load_config
+    from wbc.s6_refine import run as R
+
+    make_dataset(tmp_path / "tiny")
+    test = pd.read_csv(tmp_path / "tiny" / "phase2_test.csv", dtype=str)
+    (tmp_path / "tiny" / "phase2" / "test" / test["ID"][0]).write_bytes(b"")  # a zero-byte file
+    cfg = load_config("configs/steps/refine.yaml", [f"data.root={tmp_path / 'tiny'}",
+                                                    f"morph.out_dir={tmp_path / 'morph'}", "morph.workers=1",
+                                                    "morph.qa_per_class=2"])
+    R.run_morph(cfg)
+    assert f"1  unreadable image (first: {test['ID'][0]}, " in (out := capsys.readouterr().out)
+    assert "phase2_test.csv:2)" in out

@@ -199,6 +199,9 @@ def test_nested_estimate_scores_held_out_folds():
     assert len(res["per_fold"]) == 5 and res["hard"].shape == y.shape
     base = macro_f1(y, probs.argmax(1), 3)
     assert macro_f1(y, res["hard"], 3) > base and macro_f1(y, res["soft"], 3) > base
+    two = folds % 2  # two folds leave one to cross-fit the distances in: said, not a misleading fit error
+    with pytest.raises(WBCError, match=r"refine.nested needs predictions over at least 3 folds, these cover 2"):
+        nested(x, y, two, probs, probs.argmax(1), shape, ["nuc_lobes"], lambda p: p.argmax(1), s)
 
 
 def write_case(root, seed=0):

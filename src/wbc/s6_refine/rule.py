@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 from scipy.special import softmax
 
+from ..core.errors import WBCError
 from ..core.metrics import macro_f1
 from .gaussian import ClassGaussians, crossfit
 
@@ -214,6 +215,9 @@ def fit_gaussians(x, y, s: Settings) -> ClassGaussians:
 def nested(x, y, folds, probs, base, shape, shape_names, decide: Decide, s: Settings) -> dict:
     """Tune on K-1 folds (distances cross-fitted inside them), predict the held-out fold; returns the
     held-out predictions of both rules and the per-fold parameters."""
+    if len(np.unique(folds)) < 3:  # the distances are cross-fitted inside the K-1 tuning folds: two at least
+        raise WBCError(f"refine.nested needs predictions over at least 3 folds, these cover {len(np.unique(folds))}: "
+                       "set refine.nested=false (or predict more folds)")
     hard = base.copy()
     soft_p = probs.copy()
     per_fold = []

@@ -9,7 +9,7 @@ import pandas as pd
 
 from ..core.config import display_path, resolve_path
 from ..core.console import console, print_table
-from ..core.errors import WBCError
+from ..core.errors import WBCError, where
 from ..core.io import Probs, load_probs, read_cache_key, read_csv, save_probs, write_csv, write_json
 from ..core.metrics import macro_f1, save_confusion_png, summary
 from ..core.run_folder import outputs_together, require_complete
@@ -98,8 +98,10 @@ def run_morph(cfg: dict) -> dict:
     print_table("segmentation failures", ["split", "images", "failed"],
                 [[s, int((feats["split"] == s).sum()), f"{fail[s]:.1%}"] for s in splits])
     errors = feats.loc[~feats["seg_ok"], "seg_error"].str.replace(r"\(.*\)", "", regex=True).str.strip()
+    failed = feats.loc[~feats["seg_ok"]].merge(df[["ID", "csv", "row"]], on="ID", how="left")
     for err, n in errors.value_counts().items():
-        console.print(f"  {n:5d}  {err}")
+        first = failed[errors.to_numpy() == err].iloc[0]  # where to look: the first such image's file and row
+        console.print(f"  {n:5d}  {err} (first: {first['ID']}, {where(first['csv'], first['row'])})", highlight=False)
 
     qa_df = df.merge(feats[["ID", "seg_ok"]], on="ID")
     qa_sheet(qa_df, paths["qa"], int(mc["qa_per_class"]), int(mc["qa_tile"]), params, int(cfg["seed"]))
