@@ -36,3 +36,21 @@ def make(*args) -> subprocess.CompletedProcess:
     """`make -s <args>` in the repository, without the caller's data root or make state."""
     env = {k: v for k, v in os.environ.items() if k not in ("WBC_DATA", "MAKEFLAGS", "MAKELEVEL")}
     return subprocess.run(["make", "-s", "-C", str(ROOT), *args], capture_output=True, text=True, env=env)
+
+
+def kill_at_save(monkeypatch, n: int, name: str | None = None):
+    """Make the n-th state save through `core.checkpoint` (of files called `name`, or any) raise KeyboardInterrupt, as
+    a kill there would; returns the real saver to put back."""
+    from wbc.core import checkpoint
+
+    real, saves = checkpoint.torch_save, []
+
+    def killed(path, obj):
+        if name is None or Path(path).name == name:
+            saves.append(path)
+            if len(saves) == n:
+                raise KeyboardInterrupt
+        real(path, obj)
+
+    monkeypatch.setattr(checkpoint, "torch_save", killed)
+    return real

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import write_folds
+from helpers import kill_at_save, write_folds
 from wbc.core.errors import WBCError
 from wbc.optional.embed.classifiers import KNNClassifier, PrototypeClassifier, SklearnClassifier
 from wbc.optional.embed.fewshot import mean_ci, run_episodes, sample_episode, subsample_per_class
@@ -461,16 +461,7 @@ def test_embed_resumes_exactly_after_a_kill(sample_root, make_cfg, monkeypatch):
                   for n in ("full", "part"))
     write_folds(full)
     embed_run.run_embed(full)
-    real_save, saves = checkpoint.torch_save, []
-
-    def killed(path, obj):
-        if path.name == "embed_state.pt":
-            saves.append(path)
-            if len(saves) == 2:
-                raise KeyboardInterrupt
-        real_save(path, obj)
-
-    monkeypatch.setattr(checkpoint, "torch_save", killed)
+    real_save = kill_at_save(monkeypatch, 2, "embed_state.pt")
     with pytest.raises(KeyboardInterrupt):
         embed_run.run_embed(part)
     monkeypatch.setattr(checkpoint, "torch_save", real_save)

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+from helpers import kill_at_save
 from wbc.core.config import CONFIG_DIR
 from wbc.core.errors import WBCError
 from wbc.optional.ssl import select as S
@@ -306,15 +307,7 @@ def test_resume_after_a_kill_ends_with_the_uninterrupted_weights(sample_root, tm
     over = ["ssl.epochs=3", "model.drop_path_rate=0.2"]  # stochastic depth: the RNG state must come back too
     full, part = (tiny_cfg(sample_root, tmp_path, *over, f"name={n}", n_images=32) for n in ("full", "part"))
     run_pretrain(full)
-    real, saves = checkpoint.torch_save, []
-
-    def killed(path, obj):
-        saves.append(path)
-        if len(saves) == 2:
-            raise KeyboardInterrupt
-        real(path, obj)
-
-    monkeypatch.setattr(checkpoint, "torch_save", killed)
+    real = kill_at_save(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         run_pretrain(part)
     monkeypatch.setattr(checkpoint, "torch_save", real)
