@@ -86,7 +86,7 @@ setup: ## create .venv and install everything (torch 2.14.1 / torchvision 0.29.1
 	$(PY) -m pip install -q -r requirements.txt -r requirements-extra.txt -c requirements.lock
 	$(PY) -m pip install -q --no-deps -e .
 
-test: lint ## lint, then the whole test suite (CPU, synthetic data; about 5 minutes on 2 free cores)
+test: lint ## lint, then the whole test suite (CPU, synthetic data; about 6 minutes on 2 free cores)
 	$(PY) -m pytest tests
 
 test-fast: lint ## lint, then the quick tier (no test that trains for long; about a minute)
