@@ -165,7 +165,8 @@ def load_config(path=None, overrides: list[str] | tuple = ()) -> dict:
     for o in overrides:
         key = o.split("=", 1)[0].strip()
         keys, val = parse_override(o, "" if key == "name" else get_dotted(cfg, key))  # a name is text
-        if isinstance(get_dotted(defaults, key), dict) and get_dotted(defaults, key) and not isinstance(val, dict):
+        default = get_dotted(defaults, key)
+        if isinstance(default, dict) and default and not isinstance(val, dict):
             raise WBCError(f"override '{o}': {key} is a section; set its keys ({key}.<key>=...)")
         set_dotted(cfg, keys, val)
         _refuse_unknown(cfg, defaults, f"override '{o}'")

@@ -146,8 +146,9 @@ def read_json(path, what: str = "file", kind: type = dict):
     return data
 
 
-def read_cache_key(path):
-    """A cache's key file (JSON), or None when it is missing or unreadable: then the cache is rebuilt."""
+def read_json_or_none(path):
+    """A JSON object file, or None when it is missing, unreadable or holds no object (a cache key to rebuild, a
+    record to report as unknown)."""
     try:
         return read_json(path)
     except WBCError:

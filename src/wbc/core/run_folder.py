@@ -15,7 +15,7 @@ from pathlib import Path
 from .config import resolve_path
 from .console import console
 from .errors import WBCError, where
-from .io import file_digest, read_json, write_json, write_text
+from .io import file_digest, read_json, read_json_or_none, write_json, write_text
 
 # What training and prediction write into a fold folder; a fresh start of the fold removes them all, so that a
 # run killed before its first save leaves no older run's state to resume, nor its models to count as this run's.
@@ -154,10 +154,7 @@ def claim(run: Path, record: dict) -> None:
     never mix fold models or predictions under one name."""
     path = Path(run) / DATASET
     if path.exists():
-        try:
-            old = json.loads(path.read_text())
-        except ValueError:
-            old = None
+        old = read_json_or_none(path)
         if old != record:
             was = (f"{old.get('dataset')} (folds {old.get('folds')})" if isinstance(old, dict)
                    else "an unreadable record")

@@ -20,7 +20,7 @@ import pandas as pd
 from ..core.config import dataset_name, resolve_path
 from ..core.console import progress
 from ..core.errors import WBCError, where
-from ..core.io import atomic_path, fingerprint, read_cache_key, write_json
+from ..core.io import atomic_path, fingerprint, read_json_or_none, write_json
 from .preprocess import cache_tag
 
 cv2.setNumThreads(1)  # threads come from the pool below; nested OpenCV threads only contend
@@ -153,7 +153,7 @@ def split_images(cfg: dict, df: pd.DataFrame, split: str, transform=None) -> np.
     ids = sub["ID"].tolist()
     key = {"ids": ids, "sources": _sources(sub["path"]), "code": CODE_HASH}
     whole = arr_path.exists() and arr_path.stat().st_size == len(ids) * size * size * 3  # a truncated one is rebuilt
-    if whole and ids_path.exists() and read_cache_key(ids_path) == key:
+    if whole and ids_path.exists() and read_json_or_none(ids_path) == key:
         return np.memmap(arr_path, np.uint8, "r", shape=(len(ids), size, size, 3))
     images = decode_all(sub.reset_index(drop=True), size, desc=f"cache {split}", crop=crop_fraction(cfg),
                         max_pixels=int(cfg["data"]["max_image_pixels"]))

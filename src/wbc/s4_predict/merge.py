@@ -7,9 +7,9 @@ import numpy as np
 
 from ..core.console import console, print_table
 from ..core.errors import WBCError
-from ..core.io import Probs, load_probs, save_probs, write_json
+from ..core.io import Probs, load_probs, read_json_or_none, save_probs, write_json
 from ..core.metrics import save_confusion_png, summary
-from ..core.run_folder import fold_dirs, fold_index, outputs_together
+from ..core.run_folder import DATASET, fold_dirs, fold_index, outputs_together
 
 
 def _load_folds(files: list[Path], ref=None, need=()) -> list[Probs]:
@@ -35,13 +35,8 @@ def mean_probs(parts: list[Probs], files: list[Path]) -> Probs:
 
 def _dataset(run: Path) -> str:
     """' on <dataset>' from the run folder's record (run_folder.claim), or ''."""
-    import json
-
-    rec = run / "dataset.json"
-    try:
-        return f" on {json.loads(rec.read_text())['dataset']}" if rec.exists() else ""
-    except (ValueError, KeyError, TypeError):
-        return ""
+    rec = read_json_or_none(run / DATASET) or {}
+    return f" on {rec['dataset']}" if "dataset" in rec else ""
 
 
 def merge_run(run: Path, expected_ids=None) -> dict:

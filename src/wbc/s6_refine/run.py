@@ -10,7 +10,7 @@ import pandas as pd
 from ..core.config import display_path, resolve_path
 from ..core.console import console, print_table
 from ..core.errors import WBCError, where
-from ..core.io import Probs, load_probs, read_cache_key, read_csv, save_probs, write_csv, write_json
+from ..core.io import Probs, load_probs, read_csv, read_json_or_none, save_probs, write_csv, write_json
 from ..core.metrics import macro_f1, save_confusion_png, summary
 from ..core.run_folder import outputs_together, require_complete
 from .gaussian import FeatureScaler
@@ -58,7 +58,7 @@ def cached_features(df: pd.DataFrame, params: SegParams, paths: dict, workers: i
     old = None
     meta = paths["meta"]
     if not force and paths["features"].exists() and meta.exists():
-        if (read_cache_key(meta) or {}).get("key") == params.key():  # unreadable: recomputed
+        if (read_json_or_none(meta) or {}).get("key") == params.key():  # unreadable: recomputed
             old = pd.read_csv(paths["features"], dtype={"ID": str, "labels": str, "seg_error": str},
                               keep_default_na=False, na_values=[""])
             old = old[old["ID"].isin(df["ID"])]
