@@ -12,7 +12,13 @@ import torch.nn.functional as F
 
 from helpers import kill_at_save, write_folds
 from wbc.core.errors import WBCError
-from wbc.optional.embed.classifiers import KNNClassifier, PrototypeClassifier, SklearnClassifier
+from wbc.optional.embed.classifiers import (
+    HierarchicalClassifier,
+    KNNClassifier,
+    PrototypeClassifier,
+    SklearnClassifier,
+    build_classifier,
+)
 from wbc.optional.embed.fewshot import mean_ci, run_episodes, sample_episode, subsample_per_class
 from wbc.optional.embed.losses import SigLIPLoss, SupConLoss
 from wbc.optional.embed.sampler import ClassBalancedBatchSampler
@@ -214,6 +220,33 @@ def test_knn_and_linear_classifiers_on_separable_embeddings():
     # k-NN votes: one neighbour -> a one-hot probability of the nearest training image's class
     p1 = KNNClassifier(4, k=1).fit(x, y).predict_proba(x[:5])
     np.testing.assert_array_equal(p1, np.eye(4)[y[:5]])
+
+
+def test_hierarchical_classifier_decides_the_group_then_its_stages():
+    # Uninformative features: each level predicts its weighted class mix. Classes 1-3 form the group (10 images
+    # each), class 0 is outside (10): the coarse level weights every stage like any class, so the group holds 3/4.
+    x, y = np.zeros((40, 4), np.float32), np.repeat([0, 1, 2, 3], 10)
+    p = HierarchicalClassifier(5, [1, 2, 3], lambda: SklearnClassifier(5, "logreg")).fit(x, y).predict_proba(x[:1])[0]
+    np.testing.assert_allclose(p, [0.25, 0.25, 0.25, 0.25, 0.0], atol=1e-3)
+    # Separable stages: the group's mass goes to the right stage, and the outsider class stays itself.
+    xb, yb = blobs()
+    xt, yt = blobs(seed=1)
+    p = HierarchicalClassifier(5, [1, 2, 3], lambda: SklearnClassifier(5, "logreg")).fit(xb, yb).predict_proba(xt)
+    np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-6)
+    assert (p.argmax(1) == yt).mean() == 1.0 and (p[:, 4] == 0).all()
+    # A training part with one stage of the group: that stage takes the group's whole mass.
+    keep = yb != 2
+    keep &= yb != 3
+    one = HierarchicalClassifier(5, [1, 2, 3], lambda: SklearnClassifier(5, "logreg")).fit(xb[keep], yb[keep])
+    p = one.predict_proba(xt)
+    assert (p[:, [2, 3]] == 0).all() and (p.argmax(1)[yt == 1] == 1).all()
+
+
+def test_hierarchy_names_the_missing_classes():
+    e = {"hierarchy": ["PMY", "MY", "MMY"], "linear_C": 1.0}
+    assert build_classifier("hier", 3, e, 0, ["LY", "MY", "PMY"]).group == [1, 2]
+    with pytest.raises(WBCError, match="fewer than two"):
+        build_classifier("hier", 3, e, 0, ["LY", "MY", "SNE"])
 
 
 # ---- MedSigLIP loader ---------------------------------------------------------------------------------
@@ -429,8 +462,8 @@ def test_labels_per_class_fits_on_the_folds_training_part(tmp_path, monkeypatch)
     fitted = []
     real = embed_run.build_classifier
 
-    def spy(name, n, e, seed=0):
-        clf = real(name, n, e, seed)
+    def spy(name, n, e, seed=0, classes=None):
+        clf = real(name, n, e, seed, classes)
         fit = clf.fit
         clf.fit = lambda emb, y: (fitted.append(np.array(emb)), fit(emb, y))[1]
         return clf
@@ -485,14 +518,14 @@ def test_embed_end_to_end_writes_fold_safe_members(sample_root, make_cfg, monkey
     from wbc.s2_folds.folds import folds_path
 
     cfg = make_cfg(sample_root, "folds.n_folds=2", "embed.epochs=1", "embed.steps_per_epoch=2",
-                   "embed.classifiers=[proto,knn,logreg]", "name=emb", "data.image_size=32",
+                   "embed.classifiers=[proto,knn,logreg,hier]", "name=emb", "data.image_size=32",
                    config="steps/embed_tiny_cpu.yaml")
     write_folds(cfg)
     fits = []
     real = embed_run.build_classifier
 
-    def spy(name, n, e, seed=0):
-        clf = real(name, n, e, seed)
+    def spy(name, n, e, seed=0, classes=None):
+        clf = real(name, n, e, seed, classes)
         fit = clf.fit
         clf.fit = lambda emb, y: (fits.append((name, np.array(emb))), fit(emb, y))[1]
         return clf
@@ -501,10 +534,10 @@ def test_embed_end_to_end_writes_fold_safe_members(sample_root, make_cfg, monkey
     report = embed_run.run_embed(cfg)
     out = embed_run.run_dir(cfg)
     folds = pd.read_csv(folds_path(cfg))
-    assert [name for name, _ in fits] == ["proto", "knn", "logreg"] * 2  # folds in order
+    assert [name for name, _ in fits] == ["proto", "knn", "logreg", "hier"] * 2  # folds in order
     for i, (_, fitted) in enumerate(fits):  # fold k's classifiers see exactly fold k's training rows
-        tr = embed_run.load_embeddings(out, "train", i // 3)
-        np.testing.assert_array_equal(fitted, tr["embeddings"][tr["folds"] != i // 3])
+        tr = embed_run.load_embeddings(out, "train", i // 4)
+        np.testing.assert_array_equal(fitted, tr["embeddings"][tr["folds"] != i // 4])
     for k in (0, 1):
         tr = embed_run.load_embeddings(out, "train", k)
         assert (out / f"fold{k}" / "embed.pt").is_file()
@@ -515,7 +548,7 @@ def test_embed_end_to_end_writes_fold_safe_members(sample_root, make_cfg, monkey
         assert all(ids_fold[i] == f for i, f in zip(tr["ids"], tr["folds"]))
     e0, e1 = (embed_run.load_embeddings(out, "eval", k)["embeddings"] for k in (0, 1))
     assert not np.allclose(e0, e1)  # each fold trains its own encoder
-    for clf in ("proto", "knn", "logreg"):
+    for clf in ("proto", "knn", "logreg", "hier"):
         d = out.parent / f"emb_{clf}"
         oof = load_probs(d / "oof.csv")
         assert sorted(oof.ids) == sorted(folds["ID"]) and oof.folds is not None

@@ -35,6 +35,7 @@ HOOKS: dict[str, list[tuple[str, Callable[[dict], bool], str]]] = {
     "preprocess": [
         ("data.restore", lambda c: bool(c["data"].get("restore")), "wbc.optional.restore.preprocess"),
         ("data.stain_norm", lambda c: bool(c["data"].get("stain_norm")), "wbc.optional.stain"),
+        ("data.hematoxylin", lambda c: bool(c["data"].get("hematoxylin")), "wbc.optional.hematoxylin"),
     ],
     "train_rows": [
         ("data.pseudo_labels", lambda c: bool(c["data"].get("pseudo_labels")), "wbc.optional.pseudo.rows"),

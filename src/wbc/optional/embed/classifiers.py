@@ -123,10 +123,12 @@ class SklearnClassifier:
             raise WBCError(f"unknown sklearn classifier '{kind}' (logreg | mlp)")
         self.model = make_pipeline(StandardScaler(), est)
 
-    def fit(self, emb, y):
+    def fit(self, emb, y, sample_weight=None):
+        """Class-balanced unless `sample_weight` says otherwise."""
         y = np.asarray(y, dtype=int)
         step = self.model.steps[-1][0]
-        self.model.fit(l2norm(emb), y, **{f"{step}__sample_weight": balanced_weights(y)})
+        w = balanced_weights(y) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+        self.model.fit(l2norm(emb), y, **{f"{step}__sample_weight": w})
         return self
 
     def predict_proba(self, emb) -> np.ndarray:
@@ -135,10 +137,54 @@ class SklearnClassifier:
         return out
 
 
-CLASSIFIERS = ("proto", "knn", "logreg", "mlp")
+class HierarchicalClassifier:
+    """Lineage, then stage: p(c) = p(lineage) p(c | lineage) for the classes of `group` (e.g. PMY MY MMY BNE SNE),
+    p(c) itself for the others. The coarse level sees the group merged into one label, weighted so that every fine
+    class keeps the same total weight (macro-F1 counts the group's stages, not the group); the fine level is fitted
+    on the group's images alone, class-balanced. Both levels are `make_base()` classifiers."""
+
+    def __init__(self, n_classes: int, group: list[int], make_base):
+        if len(set(group)) < 2:
+            raise WBCError(f"a hierarchy needs at least two classes in its group, got {len(set(group))}")
+        self.n_classes, self.group, self.make_base = n_classes, sorted(set(group)), make_base
+
+    def fit(self, emb, y):
+        y = np.asarray(y, dtype=int)
+        inside = np.isin(y, self.group)
+        self.coarse_label = self.group[0]
+        merged = np.where(inside, self.coarse_label, y)
+        self.coarse = self.make_base().fit(emb, merged, sample_weight=balanced_weights(y))
+        self.fine = self.make_base().fit(emb[inside], y[inside]) if len(set(y[inside])) > 1 else None
+        self.only = y[inside][0] if self.fine is None and inside.any() else None
+        return self
+
+    def predict_proba(self, emb) -> np.ndarray:
+        p = self.coarse.predict_proba(emb)
+        p_group = p[:, self.coarse_label].copy()
+        p[:, self.group] = 0.0
+        if self.fine is not None:
+            p[:, self.group] = p_group[:, None] * self.fine.predict_proba(emb)[:, self.group]
+        elif self.only is not None:  # the training part held one stage of the group: it takes the group's mass
+            p[:, self.only] = p_group
+        return p
 
 
-def build_classifier(name: str, n_classes: int, ecfg: dict, seed: int = 0):
+CLASSIFIERS = ("proto", "knn", "logreg", "mlp", "hier")
+
+
+def hierarchy_group(ecfg: dict, classes) -> list[int]:
+    """Indices of `embed.hierarchy`'s classes that the dataset has (another dataset may lack some)."""
+    if classes is None:
+        raise WBCError("embed.classifiers: hier needs the dataset's class names")
+    codes = ecfg["hierarchy"] or []
+    group = [list(classes).index(c) for c in codes if c in classes]
+    if len(group) < 2:
+        raise WBCError(f"embed.hierarchy {codes}: fewer than two of these classes are in the data "
+                       f"({', '.join(classes)})")
+    return group
+
+
+def build_classifier(name: str, n_classes: int, ecfg: dict, seed: int = 0, classes=None):
     if name == "proto":
         return PrototypeClassifier(n_classes, ecfg["proto_temperature"], bool(ecfg["proto_per_class_temperature"]))
     if name == "knn":
@@ -146,4 +192,8 @@ def build_classifier(name: str, n_classes: int, ecfg: dict, seed: int = 0):
     if name in ("logreg", "mlp"):
         return SklearnClassifier(n_classes, name, C=float(ecfg["linear_C"]), hidden=int(ecfg["mlp_hidden"]),
                                  seed=seed)
+    if name == "hier":
+        return HierarchicalClassifier(n_classes, hierarchy_group(ecfg, classes),
+                                      lambda: SklearnClassifier(n_classes, "logreg", C=float(ecfg["linear_C"]),
+                                                                seed=seed))
     raise WBCError(f"embed.classifiers: unknown classifier '{name}' ({' | '.join(CLASSIFIERS)})")

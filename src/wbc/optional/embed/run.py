@@ -59,6 +59,7 @@ DEFAULTS = {
     "proto_per_class_temperature": True,
     "linear_C": 1.0,
     "mlp_hidden": 256,
+    "hierarchy": ["PMY", "MY", "MMY", "BNE", "SNE"],  # hier: the group decided first as one class, then its stages
     "fewshot": {"ks": [1, 5, 10, 50], "episodes": 600, "n_query": 15, "n_way": None,
                 "labels_per_class": 50, "repeats": 5, "classifier": "logreg"},
 }
@@ -203,7 +204,7 @@ def run_embed(cfg: dict, resume: bool = False) -> dict:
                 emb = {s: embed_array(model, feats[s], desc=f"embed {s}", **kw) for s in present}
             write(fdir, emb)
         for name in e["classifiers"]:
-            clf = build_classifier(name, n_cls, e, seed + k).fit(emb["train"][tr], y_pool[tr])
+            clf = build_classifier(name, n_cls, e, seed + k, classes).fit(emb["train"][tr], y_pool[tr])
             clf_parts[name][k] = {s: clf.predict_proba(emb[s] if s != "train" else emb[s][pool_fold == k])
                                   for s in present}
     report = {"name": cfg["name"], "encoder": e["encoder"], "loss": e["loss"] if epochs else None,
@@ -289,7 +290,7 @@ def labels_per_class(run: Path, folds: list[int], lut: dict, classes: list[str],
             y = np.array([lut.get(c, -1) for c in tr["labels"]])
             idx = np.flatnonzero((tr["folds"] != k) & (y >= 0))
             pick = idx[subsample_per_class(y[idx], int(fs["labels_per_class"]), rng)]
-            clf = build_classifier(fs["classifier"], n_cls, e, seed + r).fit(tr["embeddings"][pick], y[pick])
+            clf = build_classifier(fs["classifier"], n_cls, e, seed + r, classes).fit(tr["embeddings"][pick], y[pick])
             held = np.flatnonzero((tr["folds"] == k) & (y >= 0))
             yt_all.append(y[held])
             yp_all.append(clf.predict_proba(tr["embeddings"][held]).argmax(1))
