@@ -138,6 +138,21 @@ def test_sidecar_writes_nan_as_null(tmp_path):
     assert side["cv_macro_f1"] is None and side["report"]["oof"]["macro_f1"] is None
 
 
+def test_sidecar_config_names_no_local_data_root(tmp_path):
+    import yaml
+
+    from wbc.s7_submit.submit import submit_from_predictions
+
+    pred = _pred_dir(tmp_path)
+    (pred / "test_pred.csv").write_text("ID,labels\n1,A\n2,B\n3,C\n")
+    (pred / "config.yaml").write_text(f"name: x\ndata:\n  root: {tmp_path}/lab/data\n  image_size: 128\n")
+    submit_from_predictions(pred, tmp_path, "x", CLASSES, out_dir=tmp_path / "subs")
+    text = (tmp_path / "subs" / "x.json").read_text()
+    assert f"{tmp_path}/lab" not in text
+    cfg = yaml.safe_load(json.loads(text)["config"])
+    assert cfg["data"] == {"root": "<DATA>", "image_size": 128}
+
+
 def test_a_failed_write_keeps_the_old_csv_and_sidecar_together(tmp_path):
     (tmp_path / "phase2_test.csv").write_text("ID,labels\n1,\n2,\n3,\n")
     subs = tmp_path / "subs"
