@@ -235,8 +235,7 @@ def test_hierarchical_classifier_decides_the_group_then_its_stages():
     np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-6)
     assert (p.argmax(1) == yt).mean() == 1.0 and (p[:, 4] == 0).all()
     # A training part with one stage of the group: that stage takes the group's whole mass.
-    keep = yb != 2
-    keep &= yb != 3
+    keep = ~np.isin(yb, [2, 3])
     one = HierarchicalClassifier(5, [1, 2, 3], lambda: SklearnClassifier(5, "logreg")).fit(xb[keep], yb[keep])
     p = one.predict_proba(xt)
     assert (p[:, [2, 3]] == 0).all() and (p.argmax(1)[yt == 1] == 1).all()

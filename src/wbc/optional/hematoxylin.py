@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from skimage.color import rgb2hed
 
 from ..core.errors import WBCError
 from ..core.io import fingerprint
@@ -21,8 +22,6 @@ LOW, HIGH = 1.0, 99.0  # percentiles of an image's haematoxylin density mapped t
 
 def hematoxylin(img: np.ndarray, low: float = LOW, high: float = HIGH) -> np.ndarray:
     """(H, W, 3) uint8 RGB -> (H, W, 3) uint8 grey haematoxylin map (dark = much stain)."""
-    from skimage.color import rgb2hed
-
     img = np.asarray(img)
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
         raise WBCError(f"hematoxylin input needs HxWx3 uint8 RGB images, got {img.dtype} {img.shape}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.config import display_path, dump_config
+from ..core.config import display_path, dump_config, read_yaml
 from ..core.errors import WBCError
 from ..core.io import read_csv, require_columns
 from ..core.run_folder import require_complete, run_dir
@@ -56,12 +56,10 @@ def submit_from_predictions(pred_dir, data_root, name: str, classes, extra: dict
 
 def _portable_config(cfg_file: Path) -> str:
     """The run's config without this machine's data root (`DATA=` sets it): a committed sidecar names no local path."""
-    import yaml
-
-    cfg = yaml.safe_load(cfg_file.read_text())
-    if isinstance(cfg, dict) and isinstance(cfg.get("data"), dict) and cfg["data"].get("root"):
+    cfg = read_yaml(cfg_file)
+    if isinstance(cfg.get("data"), dict) and cfg["data"].get("root"):
         cfg["data"]["root"] = "<DATA>"
-    return dump_config(cfg) if isinstance(cfg, dict) else cfg_file.read_text()
+    return dump_config(cfg)
 
 
 def _macro_f1(rep: dict, part: str):
