@@ -106,7 +106,7 @@ def test_no_import_cycles():
 @pytest.mark.parametrize("point", sorted(hooks.HOOKS))
 def test_every_hook_resolves_to_a_module_that_provides_its_point(point):
     provides = {"preprocess": ("cache_tag", "build"), "train_rows": ("load",), "train_batch": ("build",),
-                "predict_adapt": ("adapt",)}[point]
+                "predict_adapt": ("adapt",), "augment": ("ops",), "model_build": ("convert",)}[point]
     for switch, _, module in hooks.HOOKS[point]:
         mod = importlib.import_module(module)
         assert layer(module)[0] == "optional", module

@@ -8,6 +8,9 @@ it, and `tests/test_architecture.py` checks that no main-path module imports an 
 Hook points and what a module must provide there:
 - `preprocess` (image cache, `s1_data/preprocess.py`): `cache_tag(cfg) -> str` (a suffix of the cache folder: images
   made another way live elsewhere) and `build(cfg, pool_images_fn) -> f(images, split) -> images`.
+- `augment` (training transform, `s1_data/augment.py`): `ops(augment_cfg, strength) -> list` of albumentations
+  transforms, applied after the geometry and before the colour ops.
+- `model_build` (`models/factory.py`): `convert(model, model_cfg) -> model`, applied after any pretrained weights.
 - `train_rows` (`s3_train/inputs.py`): `load(cfg, classes, pool, holdout, test) -> ExtraRows | None`, extra labelled
   training rows drawn from the unlabelled splits.
 - `train_batch` (`s3_train/step.py`): `build(cfg, counts, seed) -> BatchHook`, which may replace the training
@@ -36,6 +39,13 @@ HOOKS: dict[str, list[tuple[str, Callable[[dict], bool], str]]] = {
         ("data.restore", lambda c: bool(c["data"].get("restore")), "wbc.optional.restore.preprocess"),
         ("data.stain_norm", lambda c: bool(c["data"].get("stain_norm")), "wbc.optional.stain"),
         ("data.hematoxylin", lambda c: bool(c["data"].get("hematoxylin")), "wbc.optional.hematoxylin"),
+    ],
+    "augment": [
+        ("augment.background", lambda c: float((c["augment"].get("background") or {}).get("p") or 0) != 0,
+         "wbc.optional.background"),
+    ],
+    "model_build": [
+        ("model.norm", lambda c: bool(c["model"].get("norm")), "wbc.optional.norm"),
     ],
     "train_rows": [
         ("data.pseudo_labels", lambda c: bool(c["data"].get("pseudo_labels")), "wbc.optional.pseudo.rows"),

@@ -6,6 +6,7 @@ from pathlib import Path
 import timm
 import torch
 
+from ..core import hooks
 from ..core.config import resolve_path
 from ..core.console import console
 from ..core.errors import WBCError, first_line
@@ -88,6 +89,8 @@ def create_model(model_cfg: dict, num_classes: int, image_size: int | None = Non
         check_input_size(model, model_cfg["arch"], int(image_size))
     if model_cfg.get("pretrained_file"):
         load_pretrained_file(model, resolve_path(model_cfg["pretrained_file"]))
+    for step in hooks.enabled("model_build", {"model": model_cfg}):  # optional changes (GroupNorm for BatchNorm)
+        model = step.convert(model, model_cfg)
     return model
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import albumentations as A
 import cv2
 
+from ..core import hooks
+
 
 def _scaled(v: float, s: float, cap: float = 1.0) -> float:
     return float(min(cap, v * s))
@@ -28,6 +30,8 @@ def base_ops(a: dict, s: float) -> list:
                             translate_percent=(-af["translate"] * s, af["translate"] * s),
                             rotate=(-af["rotate"], af["rotate"]), border_mode=cv2.BORDER_REFLECT_101,
                             p=_scaled(af["p"], s)))
+    for step in hooks.enabled("augment", {"augment": a}):  # optional ops (random background)
+        ops += step.ops(a, s)
     lab = a.get("lab") or {}
     if lab.get("stain_p"):
         ops.append(A.HEStain(method="random_preset", intensity_scale_range=tuple(lab["stain_range"]),
