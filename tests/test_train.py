@@ -643,3 +643,20 @@ def test_a_low_resolution_phase_trains_on_its_own_cache_and_resumes_exactly(cfg2
     assert plain[2:] != full[2:]
     with pytest.raises(WBCError, match="train.low_res: size 64 must be in"):
         train_fold(cfg2(*over, "train.low_res.size=64", "name=bad"), 0)
+
+
+def test_two_epochs_of_one_predicted_class_are_a_collapse():
+    """Validation predicting a single class two stage-1 epochs running is flagged even while the loss falls (a
+    GroupNorm Lite0 sat there for 16 epochs unflagged); one such epoch, or two in stage 2, are not."""
+    from wbc.s3_train.guards import collapse_warning
+
+    def rec(loss, k, stage=1):
+        return {"stage": stage, "train_loss": loss, "val_classes_predicted": k}
+
+    assert collapse_warning([rec(2.7, 1), rec(2.2, 1)], "f0: epoch 1") == (
+        "f0: epoch 1: every validation image was predicted as one class in the last two epochs; the run has "
+        "collapsed: lower train.lr, lengthen train.warmup_epochs or set train.grad_clip")
+    assert collapse_warning([rec(2.7, 1), rec(2.2, 4)], "f0") is None
+    assert collapse_warning([rec(2.7, 3), rec(2.2, 1)], "f0") is None
+    assert collapse_warning([rec(2.7, 5), rec(2.2, 1), rec(2.0, 1, stage=2), rec(1.9, 1, stage=2)], "f0") is None
+    assert collapse_warning([{"stage": 1, "train_loss": 2.0}, {"stage": 1, "train_loss": 1.0}], "f0") is None

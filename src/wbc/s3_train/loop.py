@@ -236,7 +236,8 @@ def _train_fold(cfg: dict, fold: int, on_epoch, resume: bool, data: FoldData | N
         f1 = macro_f1(y_va, val_probs.argmax(1), n_cls)
         val_loss = float(-np.log(np.clip(val_probs[np.arange(len(y_va)), y_va], 1e-12, None)).mean())
         rec = {"epoch": epoch, "stage": stage.number, "train_loss": ep["loss"], "val_loss": val_loss,
-               "val_macro_f1": f1, "lr": stage.opt.param_groups[0]["lr"], "grad_norm": ep["grad_norm"],
+               "val_macro_f1": f1, "val_classes_predicted": int(np.unique(val_probs.argmax(1)).size),
+               "lr": stage.opt.param_groups[0]["lr"], "grad_norm": ep["grad_norm"],
                "grad_norm_max": ep["grad_norm_max"], "nonfinite_steps": ep["nonfinite_steps"],
                "train_img_per_s": ep["n"] / t_train, "epoch_s": time.perf_counter() - t0}
         history.append(rec)
