@@ -29,10 +29,10 @@ def replace_background(img: np.ndarray, rng: np.random.Generator, shift: float, 
     # alpha 1 on the cell, 0 in the background, a soft ramp of about `grow` pixels between
     alpha = cv2.GaussianBlur(cell.astype(np.float32), (0, 0), grow / 2 + 0.5)[..., None]
     alpha = np.maximum(alpha, seg.cell[..., None].astype(np.float32))
-    lab = cv2.cvtColor(img, cv2.COLOR_RGB2LAB).astype(np.float32)
     bg = cell == 0
     if bg.sum() < 16:
         return img, False
+    lab = cv2.cvtColor(img, cv2.COLOR_RGB2LAB).astype(np.float32)
     mean = lab[bg].mean(0)
     k = rng.uniform(*texture)
     new = (mean + rng.uniform(-shift, shift, 3)) + k * (lab - mean)
